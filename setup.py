@@ -1,0 +1,20 @@
+from setuptools import setup
+
+setup(
+    name="tinytensor-gpt",
+    version="0.1.0",
+    description="A from-scratch reverse-mode autograd library on NumPy/CuPy and the GPT of "
+                "Karpathy's 'Let's build GPT' lecture, checked against PyTorch",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=["tinytensor", "tinytensor.nn", "tinytensor.kernels", "gpt"],
+    python_requires=">=3.10",
+    install_requires=["numpy>=1.24", "tqdm", "matplotlib"],
+    extras_require={
+        # torch is a test-only dependency: the CPU build is enough (see README)
+        "test": ["pytest", "hypothesis", "torch"],
+        "mpi": ["mpi4py", "mpich"],
+        # CUDA 12 drivers; for CUDA 13 drivers install cupy-cuda13x instead
+        "gpu": ["cupy-cuda12x"],
+    },
+)

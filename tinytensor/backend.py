@@ -1,0 +1,93 @@
+"""Array backends: NumPy on the CPU, CuPy on an NVIDIA GPU.
+
+This is the only module that imports cupy. Importing it never fails where cupy is
+absent (or present but without a usable GPU): `cuda_available()` then returns False
+and asking for 'cuda' raises a clear error.
+"""
+import numpy as np
+
+try:  # pragma: no cover - exercised only where cupy is installed
+    import cupy as cp
+except Exception:  # ImportError, or a broken CUDA install
+    cp = None
+
+_cuda_ok = None
+
+
+def cuda_available():
+    """True when cupy imports and at least one GPU is visible."""
+    global _cuda_ok
+    if _cuda_ok is None:
+        _cuda_ok = False
+        if cp is not None:
+            try:
+                _cuda_ok = cp.cuda.runtime.getDeviceCount() > 0
+            except Exception:
+                _cuda_ok = False
+    return _cuda_ok
+
+
+def get_array_module(*arrays):
+    """numpy or cupy, whichever the arrays live in (numpy for Python scalars)."""
+    if cp is not None:
+        for a in arrays:
+            if isinstance(a, cp.ndarray):
+                return cp
+    return np
+
+
+def is_cuda(a):
+    return cp is not None and isinstance(a, cp.ndarray)
+
+
+def device_of(a):
+    return "cuda" if is_cuda(a) else "cpu"
+
+
+def check_device(device):
+    """Validate a device string; 'auto' picks cuda when available."""
+    if device == "auto":
+        return "cuda" if cuda_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}: expected 'cpu', 'cuda' or 'auto'")
+    if device == "cuda" and not cuda_available():
+        raise RuntimeError(
+            "device 'cuda' requested but no GPU is usable: install cupy for your CUDA "
+            "version (pip install cupy-cuda12x or cupy-cuda13x) on a machine with an NVIDIA GPU")
+    return device
+
+
+def to_device(a, device):
+    """Move an array to 'cpu' (numpy) or 'cuda' (cupy); no copy when already there."""
+    device = check_device(device)
+    if device == "cpu":
+        return cp.asnumpy(a) if is_cuda(a) else a
+    return a if is_cuda(a) else cp.asarray(a)
+
+
+def to_numpy(a):
+    return cp.asnumpy(a) if is_cuda(a) else np.asarray(a)
+
+
+def synchronize():
+    """Wait for queued GPU work (a no-op on the CPU)."""
+    if cp is not None and cuda_available():
+        cp.cuda.get_current_stream().synchronize()
+
+
+def scatter_add(target, index, values):
+    """target[index] += values, accumulating repeated indices (numpy.add.at semantics)."""
+    if is_cuda(target):
+        import cupyx
+        cupyx.scatter_add(target, index, values)
+    else:
+        np.add.at(target, index, values)
+
+
+def index_to_device(idx, device):
+    """Move the array parts of an index expression to `device`."""
+    def move(i):
+        if isinstance(i, np.ndarray) or is_cuda(i):
+            return to_device(i, device)
+        return i
+    return tuple(move(i) for i in idx) if isinstance(idx, tuple) else move(idx)

@@ -1,0 +1,695 @@
+"""Primitive operations: one Function subclass per op, forward and backward side by side,
+the lowercase wrapper right below. Composite ops (sub-graphs of primitives) come last, then
+the Tensor methods and operators are attached.
+
+forward/backward work on raw arrays; `xp` (numpy or cupy) is taken from the inputs.
+Gradients returned here may have a broadcast shape: the engine un-broadcasts them.
+"""
+import builtins
+import math
+import numbers
+
+import numpy as np
+
+from . import backend
+from .tensor import Function, Tensor, _as_array
+
+
+def _xp(*a):
+    return backend.get_array_module(*a)
+
+
+def _lift(other, like):
+    """The other operand of a binary op: a Tensor, or a Python scalar (weakly typed, so a
+    float32 tensor stays float32), or an array wrapped as a constant Tensor."""
+    if isinstance(other, Tensor):
+        return other
+    if isinstance(other, np.generic):
+        other = other.item()
+    if isinstance(other, numbers.Number):
+        return other
+    xp = _xp(like.data)
+    dtype = like.dtype if like.dtype.kind in "fc" else None
+    return Tensor(xp.asarray(other, dtype=dtype))
+
+
+# ---------------------------------------------------------------- elementwise, binary
+class Add(Function):
+    def forward(self, a, b):
+        return a + b
+
+    def backward(self, gy):
+        return gy, gy
+
+
+def add(a, b):
+    return Add.apply(a, b)
+
+
+class Sub(Function):
+    def forward(self, a, b):
+        return a - b
+
+    def backward(self, gy):
+        return gy, (-gy if self.needs_grad[1] else None)
+
+
+def sub(a, b):
+    return Sub.apply(a, b)
+
+
+class Mul(Function):
+    def forward(self, a, b):
+        self.a, self.b = a, b
+        return a * b
+
+    def backward(self, gy):
+        ga = gy * self.b if self.needs_grad[0] else None
+        gb = gy * self.a if self.needs_grad[1] else None
+        return ga, gb
+
+
+def mul(a, b):
+    return Mul.apply(a, b)
+
+
+class Div(Function):
+    def forward(self, a, b):
+        self.a, self.b = a, b
+        return a / b
+
+    def backward(self, gy):
+        ga = gy / self.b if self.needs_grad[0] else None
+        gb = -gy * self.a / (self.b * self.b) if self.needs_grad[1] else None
+        return ga, gb
+
+
+def div(a, b):
+    return Div.apply(a, b)
+
+
+# ---------------------------------------------------------------- elementwise, unary
+class Neg(Function):
+    def forward(self, x):
+        return -x
+
+    def backward(self, gy):
+        return -gy
+
+
+def neg(x):
+    return Neg.apply(x)
+
+
+class Pow(Function):
+    """x ** c for a scalar exponent c."""
+
+    def forward(self, x, c):
+        self.x, self.c = x, c
+        return x ** c
+
+    def backward(self, gy):
+        c = self.c
+        return gy * (c * self.x ** (c - 1)), None
+
+
+def pow(x, c):  # noqa: A001 - mirrors torch.pow
+    if isinstance(c, Tensor) or not isinstance(c, numbers.Number):
+        raise TypeError(f"pow supports a scalar exponent only, got {type(c).__name__}")
+    return Pow.apply(x, c)
+
+
+class Exp(Function):
+    def forward(self, x):
+        self.y = _xp(x).exp(x)
+        return self.y
+
+    def backward(self, gy):
+        return gy * self.y
+
+
+def exp(x):
+    return Exp.apply(x)
+
+
+class Log(Function):
+    def forward(self, x):
+        self.x = x
+        return _xp(x).log(x)
+
+    def backward(self, gy):
+        return gy / self.x
+
+
+def log(x):
+    return Log.apply(x)
+
+
+class Tanh(Function):
+    def forward(self, x):
+        self.y = _xp(x).tanh(x)
+        return self.y
+
+    def backward(self, gy):
+        return gy * (1 - self.y * self.y)
+
+
+def tanh(x):
+    return Tanh.apply(x)
+
+
+class ReLU(Function):
+    def forward(self, x):
+        self.mask = x > 0
+        return x * self.mask
+
+    def backward(self, gy):
+        return gy * self.mask
+
+
+def relu(x):
+    return ReLU.apply(x)
+
+
+class GELU(Function):
+    """GELU, exact (erf, torch's default) or with approximate='tanh'."""
+
+    def forward(self, x, approximate="none"):
+        xp = _xp(x)
+        self.x, self.approximate = x, approximate
+        if approximate == "tanh":
+            k = math.sqrt(2.0 / math.pi)
+            self.t = xp.tanh(k * (x + 0.044715 * x ** 3))
+            return 0.5 * x * (1 + self.t)
+        self.cdf = 0.5 * (1 + backend_erf(x / math.sqrt(2.0)))
+        return x * self.cdf
+
+    def backward(self, gy):
+        xp, x = _xp(self.x), self.x
+        if self.approximate == "tanh":
+            k = math.sqrt(2.0 / math.pi)
+            t = self.t
+            d = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * k * (1 + 3 * 0.044715 * x * x)
+            return gy * d
+        pdf = xp.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+        return gy * (self.cdf + x * pdf)
+
+
+def backend_erf(x):
+    """erf on numpy or cupy arrays, exact to double precision."""
+    if backend.is_cuda(x):
+        import cupyx.scipy.special as cs  # only reached with cupy present
+        return cs.erf(x)
+    try:
+        from scipy.special import erf
+        return erf(x).astype(x.dtype, copy=False)
+    except ImportError:
+        return np.frompyfunc(math.erf, 1, 1)(x).astype(x.dtype)
+
+
+def gelu(x, approximate="none"):
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu approximate must be 'none' or 'tanh', got {approximate!r}")
+    return GELU.apply(x, approximate=approximate)
+
+
+class Cast(Function):
+    def forward(self, x, dtype):
+        self.src = x.dtype
+        return x.astype(dtype)
+
+    def backward(self, gy):
+        return gy.astype(self.src)
+
+
+# ---------------------------------------------------------------- matmul
+class MatMul(Function):
+    """a @ b with numpy.matmul semantics (1-D operands, broadcast batch dimensions)."""
+
+    def forward(self, a, b):
+        self.a, self.b = a, b
+        return a @ b
+
+    def backward(self, gy):
+        xp = _xp(gy)
+        a, b = self.a, self.b
+        a2 = a[None, :] if a.ndim == 1 else a           # (.., m, k)
+        b2 = b[:, None] if b.ndim == 1 else b           # (.., k, n)
+        g2 = gy
+        if a.ndim == 1:
+            g2 = xp.expand_dims(g2, -2)
+        if b.ndim == 1:
+            g2 = xp.expand_dims(g2, -1)                 # (.., m, n)
+        ga = gb = None
+        if self.needs_grad[0]:
+            ga = g2 @ xp.swapaxes(b2, -1, -2)           # (.., m, k)
+            if a.ndim == 1:
+                ga = ga.reshape(ga.shape[:-2] + (ga.shape[-1],))
+            ga = _sum_to_ndim(ga, a.ndim, keep=2 if a.ndim > 1 else 1)
+        if self.needs_grad[1]:
+            gb = xp.swapaxes(a2, -1, -2) @ g2           # (.., k, n)
+            if b.ndim == 1:
+                gb = gb[..., 0]
+            gb = _sum_to_ndim(gb, b.ndim, keep=2 if b.ndim > 1 else 1)
+        return ga, gb
+
+
+def _sum_to_ndim(g, ndim, keep):
+    """Sum leading batch dims that a lower-rank operand was broadcast over."""
+    if g.ndim > ndim:
+        g = g.sum(axis=tuple(range(g.ndim - ndim)))
+    return g
+
+
+def matmul(a, b):
+    return MatMul.apply(a, b)
+
+
+class Linear(Function):
+    """y = x @ W.T + b, x (..., in), W (out, in): one GEMM over all leading dimensions."""
+
+    def forward(self, x, w, b=None):
+        self.x, self.w = x, w
+        x2 = x.reshape(-1, x.shape[-1])                 # (N, in)
+        y = x2 @ w.T                                    # (N, out)
+        if b is not None:
+            y += b
+        return y.reshape(x.shape[:-1] + (w.shape[0],))
+
+    def backward(self, gy):
+        x, w = self.x, self.w
+        g2 = gy.reshape(-1, gy.shape[-1])               # (N, out)
+        gx = (g2 @ w).reshape(x.shape) if self.needs_grad[0] else None
+        gw = g2.T @ x.reshape(-1, x.shape[-1]) if self.needs_grad[1] else None
+        gb = g2.sum(axis=0) if len(self.needs_grad) > 2 and self.needs_grad[2] else None
+        return gx, gw, gb
+
+
+def linear(x, weight, bias=None):
+    if bias is None:
+        return Linear.apply(x, weight)
+    return Linear.apply(x, weight, bias)
+
+
+# ---------------------------------------------------------------- reductions
+def _norm_axis(axis, ndim):
+    if axis is None:
+        return None
+    axes = (axis,) if isinstance(axis, numbers.Integral) else tuple(axis)
+    out = []
+    for a in axes:
+        if not -ndim <= a < builtins.max(ndim, 1):
+            raise IndexError(f"dim {a} is out of range for a tensor with {ndim} dimensions")
+        out.append(a % builtins.max(ndim, 1))
+    return tuple(out)
+
+
+class Sum(Function):
+    def forward(self, x, axis=None, keepdims=False):
+        self.shape, self.axis, self.keepdims = x.shape, axis, keepdims
+        return x.sum(axis=axis, keepdims=keepdims)
+
+    def backward(self, gy):
+        xp = _xp(gy)
+        if not self.keepdims and self.axis is not None:
+            gy = xp.expand_dims(gy, self.axis)
+        return xp.broadcast_to(gy, self.shape)
+
+
+def sum(x, dim=None, keepdim=False):  # noqa: A001
+    return Sum.apply(x, axis=_norm_axis(dim, x.ndim), keepdims=keepdim)
+
+
+class Max(Function):
+    """max over dims; the gradient is shared equally among tied maxima (like torch.amax)."""
+
+    def forward(self, x, axis=None, keepdims=False):
+        self.x, self.axis, self.keepdims = x, axis, keepdims
+        self.y = x.max(axis=axis, keepdims=True)
+        return self.y if keepdims else (self.y.reshape(()) if axis is None else self.y.squeeze(axis))
+
+    def backward(self, gy):
+        xp = _xp(gy)
+        if not self.keepdims:
+            gy = gy.reshape(self.y.shape)
+        mask = (self.x == self.y)
+        count = mask.sum(axis=self.axis, keepdims=True)
+        return mask * (gy / count).astype(gy.dtype, copy=False)
+
+
+def max(x, dim=None, keepdim=False):  # noqa: A001
+    return Max.apply(x, axis=_norm_axis(dim, x.ndim), keepdims=keepdim)
+
+
+# ---------------------------------------------------------------- shape
+class Reshape(Function):
+    def forward(self, x, shape):
+        self.shape = x.shape
+        return x.reshape(shape)
+
+    def backward(self, gy):
+        return gy.reshape(self.shape)
+
+
+def reshape(x, *shape):
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    return Reshape.apply(x, shape=shape)
+
+
+class Permute(Function):
+    def forward(self, x, dims):
+        self.dims = dims
+        return x.transpose(dims)
+
+    def backward(self, gy):
+        return gy.transpose(np.argsort(self.dims))
+
+
+def permute(x, *dims):
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = tuple(dims[0])
+    if sorted(d % x.ndim for d in dims) != list(range(x.ndim)):
+        raise ValueError(f"permute dims {dims} are not a permutation of {x.ndim} dimensions")
+    return Permute.apply(x, dims=tuple(d % x.ndim for d in dims))
+
+
+def transpose(x, dim0, dim1):
+    dims = list(range(x.ndim))
+    dims[dim0], dims[dim1] = dims[dim1], dims[dim0]
+    return Permute.apply(x, dims=tuple(dims))
+
+
+def _unwrap_index(idx):
+    if isinstance(idx, Tensor):
+        return idx.data
+    if isinstance(idx, tuple):
+        return tuple(i.data if isinstance(i, Tensor) else i for i in idx)
+    if isinstance(idx, list):
+        return np.asarray(idx)
+    return idx
+
+
+def _is_advanced(idx):
+    items = idx if isinstance(idx, tuple) else (idx,)
+    return any(hasattr(i, "shape") and getattr(i, "ndim", 0) > 0 for i in items)
+
+
+class GetItem(Function):
+    """x[idx] with slices, ints and integer/bool arrays; repeated indices accumulate."""
+
+    def forward(self, x, idx):
+        self.shape, self.dtype, self.idx = x.shape, x.dtype, idx
+        return x[idx]
+
+    def backward(self, gy):
+        xp = _xp(gy)
+        gx = xp.zeros(self.shape, dtype=gy.dtype)
+        if _is_advanced(self.idx):
+            backend.scatter_add(gx, self.idx, gy)
+        else:
+            gx[self.idx] = gy
+        return gx
+
+
+def getitem(x, idx):
+    idx = _unwrap_index(idx)
+    if backend.is_cuda(x.data):
+        idx = backend.index_to_device(idx, "cuda")
+    return GetItem.apply(x, idx=idx)
+
+
+class MaskedFill(Function):
+    def forward(self, x, mask, value):
+        self.mask = mask
+        xp = _xp(x)
+        return xp.where(mask, xp.asarray(value, dtype=x.dtype), x)
+
+    def backward(self, gy):
+        xp = _xp(gy)
+        return xp.where(self.mask, xp.zeros((), dtype=gy.dtype), gy)
+
+
+def masked_fill(x, mask, value):
+    mask = mask.data if isinstance(mask, Tensor) else mask
+    xp = _xp(x.data)
+    mask = xp.asarray(mask)
+    if mask.dtype != bool:
+        raise TypeError(f"masked_fill needs a bool mask, got dtype {mask.dtype}")
+    try:
+        np.broadcast_shapes(mask.shape, x.shape)
+    except ValueError:
+        raise ValueError(f"masked_fill mask of shape {mask.shape} does not broadcast to {x.shape}") from None
+    return MaskedFill.apply(x, mask, value=value)
+
+
+class Where(Function):
+    def forward(self, cond, a, b):
+        self.cond = cond
+        return _xp(a, b).where(cond, a, b)
+
+    def backward(self, gy):
+        xp = _xp(gy)
+        z = xp.zeros((), dtype=gy.dtype)
+        return None, xp.where(self.cond, gy, z), xp.where(self.cond, z, gy)
+
+
+def where(cond, a, b):
+    cond = cond.data if isinstance(cond, Tensor) else cond
+    return Where.apply(cond, a, b)
+
+
+class Cat(Function):
+    def forward(self, *xs, axis=0):
+        self.axis = axis
+        self.sizes = [x.shape[axis] for x in xs]
+        return _xp(*xs).concatenate(xs, axis=axis)
+
+    def backward(self, gy):
+        xp = _xp(gy)
+        splits = np.cumsum(self.sizes)[:-1].tolist()
+        return tuple(xp.split(gy, splits, axis=self.axis))
+
+
+def cat(tensors, dim=0):
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("cat needs at least one tensor")
+    tensors = [t if isinstance(t, Tensor) else Tensor(t) for t in tensors]
+    return Cat.apply(*tensors, axis=dim % tensors[0].ndim)
+
+
+class Stack(Function):
+    def forward(self, *xs, axis=0):
+        self.axis = axis
+        return _xp(*xs).stack(xs, axis=axis)
+
+    def backward(self, gy):
+        xp = _xp(gy)
+        return tuple(xp.moveaxis(gy, self.axis, 0))
+
+
+def stack(tensors, dim=0):
+    tensors = [t if isinstance(t, Tensor) else Tensor(t) for t in tensors]
+    if not tensors:
+        raise ValueError("stack needs at least one tensor")
+    return Stack.apply(*tensors, axis=dim % (tensors[0].ndim + 1))
+
+
+# ---------------------------------------------------------------- fused, numerically stable
+class Softmax(Function):
+    def forward(self, x, axis=-1):
+        xp = _xp(x)
+        self.axis = axis
+        y = x - x.max(axis=axis, keepdims=True)
+        xp.exp(y, out=y)
+        y /= y.sum(axis=axis, keepdims=True)
+        self.y = y
+        return y
+
+    def backward(self, gy):
+        y = self.y
+        gx = gy * y
+        gx -= y * gx.sum(axis=self.axis, keepdims=True)
+        return gx
+
+
+def softmax(x, dim=-1):
+    return Softmax.apply(x, axis=dim)
+
+
+class LogSoftmax(Function):
+    def forward(self, x, axis=-1):
+        xp = _xp(x)
+        self.axis = axis
+        y = x - x.max(axis=axis, keepdims=True)
+        y -= xp.log(xp.exp(y).sum(axis=axis, keepdims=True))
+        self.y = y
+        return y
+
+    def backward(self, gy):
+        xp = _xp(gy)
+        return gy - xp.exp(self.y) * gy.sum(axis=self.axis, keepdims=True)
+
+
+def log_softmax(x, dim=-1):
+    return LogSoftmax.apply(x, axis=dim)
+
+
+class CrossEntropy(Function):
+    """Softmax cross-entropy of logits (N, C) against integer targets (N,), fused."""
+
+    def forward(self, x, t, reduction="mean", ignore_index=-100):
+        xp = _xp(x)
+        n = x.shape[0]
+        valid = t != ignore_index
+        tt = xp.where(valid, t, 0)
+        z = x - x.max(axis=1, keepdims=True)            # (N, C)
+        e = xp.exp(z)
+        s = e.sum(axis=1, keepdims=True)                # (N, 1)
+        rows = xp.arange(n)
+        nll = (xp.log(s[:, 0]) - z[rows, tt]) * valid   # (N,)
+        self.p, self.tt, self.rows, self.valid, self.reduction = e / s, tt, rows, valid, reduction
+        if reduction == "none":
+            return nll
+        if reduction == "sum":
+            return nll.sum()
+        self.count = valid.sum()
+        return nll.sum() / self.count.astype(x.dtype)
+
+    def backward(self, gy):
+        gx = self.p
+        gx[self.rows, self.tt] -= 1
+        gx *= self.valid[:, None]
+        if self.reduction == "none":
+            gx *= gy[:, None]
+        elif self.reduction == "sum":
+            gx *= gy
+        else:
+            gx *= gy / self.count.astype(gx.dtype)
+        return gx, None
+
+
+class LayerNorm(Function):
+    """Layer normalisation over the last `nd` dimensions, with optional affine weight/bias."""
+
+    def forward(self, x, w=None, b=None, nd=1, eps=1e-5):
+        xp = _xp(x)
+        axes = tuple(range(x.ndim - nd, x.ndim))
+        mu = x.mean(axis=axes, keepdims=True)
+        xc = x - mu
+        var = (xc * xc).mean(axis=axes, keepdims=True)
+        rstd = 1.0 / xp.sqrt(var + eps)
+        xhat = xc
+        xhat *= rstd
+        self.xhat, self.rstd, self.w, self.axes = xhat, rstd, w, axes
+        if w is None:
+            return xhat.copy() if b is None else xhat + b
+        y = xhat * w
+        if b is not None:
+            y += b
+        return y
+
+    def backward(self, gy):
+        xhat, rstd, w, axes = self.xhat, self.rstd, self.w, self.axes
+        lead = tuple(range(gy.ndim - len(axes)))
+        needs = self.needs_grad + [False] * (3 - len(self.needs_grad))
+        gw = (gy * xhat).sum(axis=lead) if needs[1] else None
+        gb = gy.sum(axis=lead) if needs[2] else None
+        gx = None
+        if needs[0]:
+            g = gy * w if w is not None else gy
+            gx = g - g.mean(axis=axes, keepdims=True)
+            gx -= xhat * (g * xhat).mean(axis=axes, keepdims=True)
+            gx *= rstd
+        return gx, gw, gb
+
+
+# ---------------------------------------------------------------- composites (no backward)
+def mean(x, dim=None, keepdim=False):
+    axes = _norm_axis(dim, x.ndim)
+    n = x.size if axes is None else int(np.prod([x.shape[a] for a in axes]))
+    return sum(x, dim, keepdim) / n
+
+
+def unsqueeze(x, dim):
+    dim = dim % (x.ndim + 1)
+    return reshape(x, x.shape[:dim] + (1,) + x.shape[dim:])
+
+
+def squeeze(x, dim=None):
+    if dim is None:
+        return reshape(x, tuple(n for n in x.shape if n != 1))
+    dim = dim % x.ndim
+    if x.shape[dim] != 1:
+        return x
+    return reshape(x, x.shape[:dim] + x.shape[dim + 1:])
+
+
+def flatten(x, start_dim=0, end_dim=-1):
+    s, e = start_dim % x.ndim, end_dim % x.ndim
+    n = int(np.prod(x.shape[s:e + 1]))
+    return reshape(x, x.shape[:s] + (n,) + x.shape[e + 1:])
+
+
+def sqrt(x):
+    return x ** 0.5
+
+
+def _view(x, *shape):
+    return reshape(x, *shape)
+
+
+# ---------------------------------------------------------------- Tensor methods/operators
+def _binary(fn, reverse=False):
+    def op(self, other):
+        other = _lift(other, self)
+        return fn(other, self) if reverse else fn(self, other)
+    return op
+
+
+def _compare(name):
+    def op(self, other):
+        other = other.data if isinstance(other, Tensor) else other
+        return Tensor(getattr(self.data, name)(other))
+    return op
+
+
+Tensor.__add__ = _binary(add)
+Tensor.__radd__ = _binary(add, reverse=True)
+Tensor.__sub__ = _binary(sub)
+Tensor.__rsub__ = _binary(sub, reverse=True)
+Tensor.__mul__ = _binary(mul)
+Tensor.__rmul__ = _binary(mul, reverse=True)
+Tensor.__truediv__ = _binary(div)
+Tensor.__rtruediv__ = _binary(div, reverse=True)
+Tensor.__matmul__ = _binary(matmul)
+Tensor.__rmatmul__ = _binary(matmul, reverse=True)
+Tensor.__neg__ = neg
+Tensor.__pow__ = pow
+Tensor.__rpow__ = lambda self, base: exp(self * math.log(base))
+Tensor.__getitem__ = getitem
+Tensor.__lt__ = _compare("__lt__")
+Tensor.__le__ = _compare("__le__")
+Tensor.__gt__ = _compare("__gt__")
+Tensor.__ge__ = _compare("__ge__")
+Tensor.__hash__ = object.__hash__
+Tensor.sum = sum
+Tensor.mean = mean
+Tensor.max = max
+Tensor.exp = exp
+Tensor.log = log
+Tensor.tanh = tanh
+Tensor.relu = relu
+Tensor.sqrt = sqrt
+Tensor.reshape = reshape
+Tensor.view = _view
+Tensor.permute = permute
+Tensor.transpose = transpose
+Tensor.masked_fill = masked_fill
+Tensor.unsqueeze = unsqueeze
+Tensor.squeeze = squeeze
+Tensor.flatten = flatten
+Tensor.softmax = softmax
+Tensor.log_softmax = log_softmax
+Tensor.matmul = matmul

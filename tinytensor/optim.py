@@ -1,0 +1,164 @@
+"""Optimisers (AdamW, SGD), gradient clipping and the learning-rate schedule.
+
+AdamW performs exactly torch.optim.AdamW's update (decoupled weight decay, bias-corrected
+moments). Parameter groups work as in PyTorch: pass a list of dicts with "params" and any
+per-group overrides, e.g. weight_decay=0.0 for 1-D parameters.
+"""
+import math
+
+import numpy as np
+
+from . import backend
+from .tensor import Tensor
+
+
+class Optimizer:
+    defaults = {}
+
+    def __init__(self, params, **defaults):
+        params = list(params)
+        if not params:
+            raise ValueError("optimizer got an empty parameter list")
+        if not isinstance(params[0], dict):
+            params = [{"params": params}]
+        self.param_groups = []
+        for g in params:
+            g = dict(g)
+            g["params"] = list(g["params"])
+            for k, v in defaults.items():
+                g.setdefault(k, v)
+            for p in g["params"]:
+                if not isinstance(p, Tensor) or not p.requires_grad:
+                    raise TypeError("optimizer params must be Tensors with requires_grad=True")
+            self.param_groups.append(g)
+        self.state = {}  # id(param) -> dict of state arrays
+
+    def _params(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                yield g, p
+
+    def zero_grad(self):
+        for _, p in self._params():
+            p.grad = None
+
+    # state_dict keyed by parameter position, as torch does
+    def state_dict(self):
+        index = {id(p): i for i, (_, p) in enumerate(self._params())}
+        state = {}
+        for pid, st in self.state.items():
+            state[index[pid]] = {k: (backend.to_numpy(v).copy() if hasattr(v, "shape") else v)
+                                 for k, v in st.items()}
+        groups = []
+        for g in self.param_groups:
+            d = {k: v for k, v in g.items() if k != "params"}
+            d["params"] = [index[id(p)] for p in g["params"]]
+            groups.append(d)
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, sd):
+        groups = sd["param_groups"]
+        if len(groups) != len(self.param_groups) or any(
+                len(a["params"]) != len(b["params"]) for a, b in zip(groups, self.param_groups)):
+            raise ValueError("optimizer state_dict does not match this optimizer's parameter groups")
+        params = [p for _, p in self._params()]
+        for g, saved in zip(self.param_groups, groups):
+            for k, v in saved.items():
+                if k != "params":
+                    g[k] = tuple(v) if k == "betas" else v
+        self.state = {}
+        for i, st in sd["state"].items():
+            p = params[int(i)]
+            new = {}
+            for k, v in st.items():
+                if hasattr(v, "shape") and np.ndim(v) > 0:
+                    if tuple(v.shape) != p.shape:
+                        raise ValueError(f"optimizer state {k} for parameter {i} has shape "
+                                         f"{tuple(v.shape)}, expected {p.shape}")
+                    xp = backend.get_array_module(p.data)
+                    v = xp.asarray(backend.to_device(np.asarray(v), p.device), dtype=p.dtype)
+                elif hasattr(v, "shape"):
+                    v = v.item()
+                new[k] = v
+            self.state[id(p)] = new
+
+
+class AdamW(Optimizer):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"invalid AdamW hyperparameters: lr={lr}, betas={betas}, eps={eps}, "
+                             f"weight_decay={weight_decay}")
+        super().__init__(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+
+    def step(self):
+        for g, p in self._params():
+            if p.grad is None:
+                continue
+            lr, (b1, b2), eps, wd = g["lr"], g["betas"], g["eps"], g["weight_decay"]
+            xp = backend.get_array_module(p.data)
+            st = self.state.get(id(p))
+            if st is None:
+                st = self.state[id(p)] = {"step": 0, "exp_avg": xp.zeros_like(p.data),
+                                          "exp_avg_sq": xp.zeros_like(p.data)}
+            st["step"] += 1
+            t, m, v, grad = st["step"], st["exp_avg"], st["exp_avg_sq"], p.grad
+            if wd != 0:
+                p.data *= 1 - lr * wd
+            m += (1 - b1) * (grad - m)                  # lerp, as torch
+            v *= b2
+            v += (1 - b2) * grad * grad
+            step_size = lr / (1 - b1 ** t)
+            denom = xp.sqrt(v) / math.sqrt(1 - b2 ** t)
+            denom += eps
+            p.data -= step_size * (m / denom)
+
+
+class SGD(Optimizer):
+    def __init__(self, params, lr=1e-3, momentum=0.0, weight_decay=0.0):
+        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+    def step(self):
+        for g, p in self._params():
+            if p.grad is None:
+                continue
+            d = p.grad
+            if g["weight_decay"]:
+                d = d + g["weight_decay"] * p.data
+            if g["momentum"]:
+                st = self.state.setdefault(id(p), {})
+                buf = st.get("momentum_buffer")
+                if buf is None:
+                    buf = st["momentum_buffer"] = d.copy()
+                else:
+                    buf *= g["momentum"]
+                    buf += d
+                d = buf
+            p.data -= g["lr"] * d
+
+
+def clip_grad_norm_(params, max_norm, error_if_nonfinite=False):
+    """Scale gradients in place so their global L2 norm is at most max_norm.
+
+    Returns the total norm before clipping as a 0-d Tensor (no host sync on the GPU).
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return Tensor(np.zeros((), dtype=np.float32))
+    xp = backend.get_array_module(grads[0])
+    total = xp.sqrt(sum(xp.vdot(g.ravel(), g.ravel()).real for g in grads))
+    if error_if_nonfinite and not bool(xp.isfinite(total)):
+        raise RuntimeError(f"the total gradient norm is non-finite ({float(total)})")
+    coef = xp.minimum(max_norm / (total + 1e-6), 1.0)
+    for g in grads:
+        g *= coef.astype(g.dtype)
+    return Tensor(xp.asarray(total))
+
+
+def cosine_lr(it, lr, min_lr, warmup_iters, decay_iters):
+    """Linear warmup for warmup_iters, then cosine decay from lr to min_lr at decay_iters."""
+    if warmup_iters > 0 and it < warmup_iters:
+        return lr * (it + 1) / (warmup_iters + 1)
+    if it >= decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)

@@ -1,0 +1,43 @@
+"""The library's random streams: parameter initialisation and dropout draw from here.
+
+`manual_seed(n)` reseeds every stream, so a seeded program is reproducible.
+`get_state()` / `set_state()` capture the CPU stream as plain JSON-able data (checkpoints
+store it without pickle).
+"""
+import json
+
+import numpy as np
+
+from . import backend
+
+_rng = np.random.default_rng(0)
+_cuda_rng = None
+_seed = 0
+
+
+def manual_seed(seed):
+    """Seed every random stream the library draws from (initialisation, dropout)."""
+    global _rng, _cuda_rng, _seed
+    _seed = int(seed)
+    _rng = np.random.default_rng(_seed)
+    _cuda_rng = None  # re-created lazily from the same seed
+
+
+def rng(xp=np):
+    """The generator for arrays of module xp (numpy.random.Generator or cupy's)."""
+    global _cuda_rng
+    if xp is np:
+        return _rng
+    if _cuda_rng is None:
+        _cuda_rng = backend.cp.random.default_rng(_seed)
+    return _cuda_rng
+
+
+def get_state():
+    """The CPU generator's state as a JSON string (the GPU stream is not included)."""
+    return json.dumps(_rng.bit_generator.state)
+
+
+def set_state(state):
+    st = json.loads(state) if isinstance(state, str) else state
+    _rng.bit_generator.state = st

@@ -1,0 +1,280 @@
+"""Tensor, the Function base class and the reverse-mode engine.
+
+A Tensor wraps an ndarray (numpy or cupy). Every differentiable operation is a Function
+subclass (see ops.py) with `forward` on raw arrays and `backward` right below it. Calling
+`Function.apply(*inputs)` runs forward and, when gradients are wanted, records the Function
+as the output's creator. `Tensor.backward()` sorts the graph topologically (iteratively, so
+deep graphs never hit the recursion limit), walks it in reverse, un-broadcasts each gradient
+to its input's shape (the only place that happens) and accumulates it.
+"""
+import numpy as np
+
+from . import backend
+
+_default_dtype = np.float32
+_grad_enabled = True
+
+
+def set_default_dtype(dtype):
+    """Set the float dtype for Python scalars/lists and new parameters (float32 or float64)."""
+    global _default_dtype
+    dtype = np.dtype(dtype).type
+    if dtype not in (np.float16, np.float32, np.float64):
+        raise ValueError(f"default dtype must be a float type (float32 or float64), got {dtype}")
+    _default_dtype = dtype
+
+
+def get_default_dtype():
+    return _default_dtype
+
+
+def is_grad_enabled():
+    return _grad_enabled
+
+
+class no_grad:
+    """Context manager (and decorator) that turns graph recording off."""
+
+    def __enter__(self):
+        global _grad_enabled
+        self._prev = _grad_enabled
+        _grad_enabled = False
+
+    def __exit__(self, *exc):
+        global _grad_enabled
+        _grad_enabled = self._prev
+        return False
+
+    def __call__(self, fn):
+        def wrapper(*args, **kwargs):
+            with no_grad():
+                return fn(*args, **kwargs)
+        wrapper.__name__ = getattr(fn, "__name__", "wrapper")
+        wrapper.__doc__ = getattr(fn, "__doc__", None)
+        return wrapper
+
+
+def _as_array(data, dtype=None):
+    """Turn data into an ndarray. Arrays keep their dtype; Python data gets the default float."""
+    if isinstance(data, Tensor):
+        data = data.data
+    if isinstance(data, np.ndarray) or backend.is_cuda(data):
+        return data if dtype is None else data.astype(dtype, copy=False)
+    if isinstance(data, np.generic):
+        return np.asarray(data, dtype=dtype)
+    return np.asarray(data, dtype=dtype or _default_dtype)
+
+
+class Tensor:
+    """An n-dimensional array with reverse-mode automatic differentiation."""
+
+    __slots__ = ("data", "grad", "requires_grad", "_ctx", "__weakref__")
+    __array_priority__ = 1000  # so ndarray + Tensor defers to Tensor.__radd__
+
+    def __init__(self, data, requires_grad=False, dtype=None):
+        self.data = _as_array(data, dtype)
+        self.grad = None
+        self.requires_grad = bool(requires_grad)
+        self._ctx = None  # the Function that produced this tensor (None for leaves)
+        if self.requires_grad and self.data.dtype.kind not in "fc":
+            raise TypeError(f"only floating point tensors can require gradients, got {self.data.dtype}")
+
+    # ----- properties -----------------------------------------------------------------
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def ndim(self):
+        return self.data.ndim
+
+    @property
+    def size(self):
+        return self.data.size
+
+    @property
+    def device(self):
+        return backend.device_of(self.data)
+
+    @property
+    def is_leaf(self):
+        return self._ctx is None
+
+    @property
+    def T(self):
+        return self.permute(*reversed(range(self.ndim)))
+
+    def __len__(self):
+        return len(self.data)
+
+    def __repr__(self):
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        dev = ", device='cuda'" if self.device == "cuda" else ""
+        body = np.array2string(backend.to_numpy(self.data), separator=", ", prefix="tensor(")
+        return f"tensor({body}{dev}{grad})"
+
+    # ----- conversion -----------------------------------------------------------------
+    def numpy(self):
+        """The data as a NumPy array on the host (a copy when it lives on the GPU)."""
+        return backend.to_numpy(self.data)
+
+    def item(self):
+        if self.data.size != 1:
+            raise ValueError(f"item() needs a tensor with one element, this one has shape {self.shape}")
+        return self.data.reshape(()).item()
+
+    def tolist(self):
+        return self.numpy().tolist()
+
+    def detach(self):
+        """A new leaf tensor sharing this tensor's data, cut from the graph."""
+        return Tensor(self.data)
+
+    def to(self, device):
+        """This tensor on `device` ('cpu' or 'cuda'): itself when already there, else a copy."""
+        data = backend.to_device(self.data, device)
+        if data is self.data:
+            return self
+        out = Tensor(data, requires_grad=self.requires_grad)
+        return out
+
+    def cpu(self):
+        return self.to("cpu")
+
+    def cuda(self):
+        return self.to("cuda")
+
+    def astype(self, dtype):
+        from .ops import Cast
+        return Cast.apply(self, dtype=np.dtype(dtype))
+
+    float = lambda self: self.astype(np.float32)  # noqa: E731
+    double = lambda self: self.astype(np.float64)  # noqa: E731
+
+    # ----- the engine -----------------------------------------------------------------
+    def backward(self, grad=None):
+        """Accumulate d(self)/d(leaf) into every leaf's .grad, then free the graph.
+
+        grad defaults to 1 for a single-element tensor; otherwise pass an array (or Tensor)
+        of this tensor's shape.
+        """
+        if not self.requires_grad:
+            raise RuntimeError("backward() on a tensor that does not require grad: no input "
+                               "has requires_grad=True, or it was computed under no_grad()")
+        xp = backend.get_array_module(self.data)
+        if grad is None:
+            if self.data.size != 1:
+                raise RuntimeError(f"backward() without a gradient needs a single-element tensor, "
+                                   f"got shape {self.shape}: pass grad= of that shape")
+            grad = xp.ones_like(self.data)
+        else:
+            grad = _as_array(grad, self.dtype)
+            if grad.shape != self.shape:
+                raise ValueError(f"backward(grad) shape {grad.shape} does not match tensor shape {self.shape}")
+
+        order = _topo_order(self)
+        grads = {id(self): grad}
+        for t in reversed(order):
+            g = grads.pop(id(t), None)
+            if g is None:
+                continue
+            ctx = t._ctx
+            if ctx is None:  # a leaf: accumulate
+                if t.grad is None:  # a copy: g may be shared with other inputs' gradients
+                    t.grad = g.astype(t.dtype, copy=True)
+                else:
+                    t.grad += g
+                continue
+            in_grads = ctx.backward(g)
+            if not isinstance(in_grads, tuple):
+                in_grads = (in_grads,)
+            for parent, pg in zip(ctx.parents, in_grads):
+                if pg is None or parent is None or not parent.requires_grad:
+                    continue
+                if pg.shape != parent.shape:
+                    pg = _unbroadcast(pg, parent.shape)
+                prev = grads.get(id(parent))
+                grads[id(parent)] = pg if prev is None else prev + pg
+            # free the graph as we go: saved arrays and links are released
+            t._ctx = None
+            ctx.parents = None
+            ctx.release()
+
+
+def _topo_order(root):
+    """Tensors reachable from root, parents before children (iterative DFS)."""
+    order, visited = [], set()
+    stack = [(root, False)]
+    while stack:
+        t, done = stack.pop()
+        if done:
+            order.append(t)
+            continue
+        if id(t) in visited:
+            continue
+        visited.add(id(t))
+        stack.append((t, True))
+        if t._ctx is not None:
+            for p in t._ctx.parents:
+                if p is not None and p.requires_grad and id(p) not in visited:
+                    stack.append((p, False))
+    return order
+
+
+def _unbroadcast(g, shape):
+    """Sum a broadcast gradient back down to `shape`."""
+    extra = g.ndim - len(shape)
+    if extra > 0:
+        g = g.sum(axis=tuple(range(extra)))
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
+    if axes:
+        g = g.sum(axis=axes, keepdims=True)
+    return g.reshape(shape)
+
+
+class Function:
+    """One differentiable primitive: subclass, define forward(*arrays) and backward(gy).
+
+    forward receives raw arrays (Tensor inputs unwrapped) plus keyword arguments and
+    returns an array; it may store what backward needs on self. backward receives the
+    output gradient and returns one gradient (or None) per positional input.
+    `self.needs_grad[i]` says whether input i wants a gradient.
+    """
+
+    __slots__ = ("parents", "needs_grad", "__dict__")
+
+    @classmethod
+    def apply(cls, *inputs, **kwargs):
+        ctx = cls()
+        arrays = [x.data if isinstance(x, Tensor) else x for x in inputs]
+        out = ctx.forward(*arrays, **kwargs)
+        record = _grad_enabled and any(isinstance(x, Tensor) and x.requires_grad for x in inputs)
+        result = Tensor.__new__(Tensor)
+        result.data = out
+        result.grad = None
+        result.requires_grad = record
+        result._ctx = None
+        if record:
+            ctx.parents = [x if isinstance(x, Tensor) else None for x in inputs]
+            ctx.needs_grad = [isinstance(x, Tensor) and x.requires_grad for x in inputs]
+            result._ctx = ctx
+        return result
+
+    def forward(self, *arrays, **kwargs):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def backward(self, gy):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def release(self):
+        """Drop saved arrays once backward has run."""
+        self.__dict__.clear()
+
+
+def tensor(data, requires_grad=False, dtype=None):
+    """Create a Tensor (like torch.tensor)."""
+    return Tensor(data, requires_grad=requires_grad, dtype=dtype)
