@@ -75,6 +75,43 @@ def synchronize():
         cp.cuda.get_current_stream().synchronize()
 
 
+# ----- for tinytensor.distributed: one GPU per rank, optional NCCL ---------------------------
+
+def device_count():
+    """Number of visible GPUs (0 without cupy or a GPU)."""
+    return cp.cuda.runtime.getDeviceCount() if cuda_available() else 0
+
+
+def use_device(index):
+    """Make GPU `index` this process's current device."""
+    cp.cuda.Device(index).use()
+
+
+def current_stream_ptr():
+    return cp.cuda.get_current_stream().ptr
+
+
+def nccl():
+    """cupy's NCCL bindings (cupy.cuda.nccl), or a clear error where they are missing."""
+    try:
+        from cupy.cuda import nccl as _nccl
+        ok = _nccl.available
+    except Exception:
+        ok = False
+    if not ok:
+        raise RuntimeError("TT_DIST_BACKEND=nccl but this cupy has no NCCL (cupy.cuda.nccl.available "
+                           "is False): pip install nvidia-nccl-cu12 (cu13 for CUDA 13), or unset "
+                           "TT_DIST_BACKEND to sum GPU gradients through host memory over MPI")
+    return _nccl
+
+
+def nccl_dtype(dtype):
+    """The NCCL data type constant for a float dtype."""
+    n = nccl()
+    return {"float16": n.NCCL_FLOAT16, "float32": n.NCCL_FLOAT32,
+            "float64": n.NCCL_FLOAT64}[dtype.name]
+
+
 def scatter_add(target, index, values):
     """target[index] += values, accumulating repeated indices (numpy.add.at semantics)."""
     if is_cuda(target):
@@ -91,3 +128,24 @@ def index_to_device(idx, device):
             return to_device(i, device)
         return i
     return tuple(move(i) for i in idx) if isinstance(idx, tuple) else move(idx)
+
+
+def tf32_enabled():
+    """Whether cupy runs float32 matmuls on TF32 tensor cores (CUPY_TF32=1, read by cupy at
+    its first float32 matmul, so set it before that — best before the process starts)."""
+    import os
+    try:
+        return int(os.environ.get("CUPY_TF32", "0")) > 0
+    except ValueError:
+        return False
+
+
+def memory_pool_bytes():
+    """(bytes in use by live arrays, bytes the cupy pool holds from the driver); (0, 0) on CPU.
+
+    The pool keeps freed blocks for reuse, so `held` stays at the high-water mark;
+    `cupy.get_default_memory_pool().free_all_blocks()` returns the unused part to the driver."""
+    if cp is None or not cuda_available():
+        return 0, 0
+    pool = cp.get_default_memory_pool()
+    return pool.used_bytes(), pool.total_bytes()

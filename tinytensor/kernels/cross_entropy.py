@@ -1,0 +1,204 @@
+"""Softmax cross-entropy of logits against integer targets, forward and backward.
+
+    forward:  lse_n  = log(sum_c exp(x_nc))                     (saved for the backward)
+              loss_n = lse_n - x_n,t_n     (0 where t_n == ignore_index)
+    backward: gx_nc  = (exp(x_nc - lse_n) - [c == t_n]) * scale_n   (0 where ignored)
+
+logits x (N, C), targets t (N,) integers, loss and lse (N,). `scale` is the gradient of
+each row's loss: a number (e.g. 1 / number of counted rows for a mean) or an (N,) array (the
+incoming gradient of reduction='none'); on the GPU it may also be a 0-d device array, so a
+mean's 1/count never has to visit the host. The backward recomputes the softmax from lse
+instead of keeping an (N, C) probability array alive between forward and backward.
+
+Targets outside [0, C) other than ignore_index raise in the NumPy reference; the CUDA
+kernel cannot raise without a host round-trip, so it returns a NaN loss for such rows.
+
+Each CuPy kernel sits beside its NumPy reference with the same signature; the unsuffixed
+functions dispatch on the array type.
+"""
+import numpy as np
+
+from .. import backend
+from . import _cuda
+
+SOURCE = r"""
+// One warp per row of logits (N, C).
+template <typename T>
+__global__ void cross_entropy_fwd(const T* __restrict__ x, const long long* __restrict__ t,
+                                  T* __restrict__ loss, T* __restrict__ lse,
+                                  long long rows, int C, long long ignore_index) {
+    const long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= rows) return;
+    const int lane = threadIdx.x % 32;
+    const T* xr = x + row * C;
+
+    T m = tt_neg_inf(T(0));
+    for (int j = lane; j < C; j += 32) m = tt_max(m, xr[j]);
+    m = warp_max(m);
+    T s = 0;
+    for (int j = lane; j < C; j += 32) s += tt_exp(xr[j] - m);
+    const T l = m + tt_log(warp_sum(s));
+    if (lane == 0) {
+        const long long target = t[row];
+        lse[row] = l;
+        if (target == ignore_index) loss[row] = T(0);
+        else if (target < 0 || target >= C) loss[row] = tt_nan(l);
+        else loss[row] = l - xr[target];
+    }
+}
+
+// One thread per logit. scale_mode 0: every row's scale is `scale`; 1: scale_ptr[0] (a
+// device scalar); 2: scale_ptr[row].
+template <typename T>
+__global__ void cross_entropy_bwd(const T* __restrict__ x, const long long* __restrict__ t,
+                                  const T* __restrict__ lse, T* __restrict__ gx,
+                                  long long n, int C, long long ignore_index,
+                                  T scale, const T* __restrict__ scale_ptr, int scale_mode) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long row = i / C;
+        const long long target = t[row];
+        if (target == ignore_index) { gx[i] = T(0); continue; }
+        const T s = scale_mode == 0 ? scale : scale_ptr[scale_mode == 1 ? 0 : row];
+        const T onehot = (i - row * C) == target ? T(1) : T(0);
+        gx[i] = (tt_exp(x[i] - lse[row]) - onehot) * s;
+    }
+}
+"""
+
+_FWD, _BWD = "cross_entropy_fwd", "cross_entropy_bwd"
+FAMILY = _cuda.KernelFamily(
+    "cross_entropy", SOURCE,
+    [_cuda.instantiate(k, t) for k in (_FWD, _BWD) for t in ("float", "double")])
+
+
+def _check(logits, targets):
+    if logits.ndim != 2 or logits.shape[1] == 0:
+        raise ValueError(f"cross_entropy logits must have shape (N, C) with C > 0, "
+                         f"got {logits.shape}")
+    if logits.dtype.kind != "f":
+        raise TypeError(f"cross_entropy logits must be floating point, got dtype {logits.dtype}")
+    if targets.shape != (logits.shape[0],):
+        raise ValueError(f"cross_entropy targets must have shape ({logits.shape[0]},), "
+                         f"got {targets.shape}")
+    if targets.dtype.kind not in "iu":
+        raise TypeError(f"cross_entropy targets must be integers, got dtype {targets.dtype}")
+
+
+def _check_lse(logits, lse):
+    if lse.shape != (logits.shape[0],):
+        raise ValueError(f"cross_entropy lse must have shape ({logits.shape[0]},), got {lse.shape}")
+
+
+def _valid_targets(targets, C, ignore_index):
+    """(valid rows mask, targets with ignored rows pointed at class 0), after a range check."""
+    valid = targets != ignore_index
+    bad = valid & ((targets < 0) | (targets >= C))
+    if bad.any():
+        t = int(targets[np.argmax(bad)])
+        raise IndexError(f"cross_entropy target {t} is out of range for {C} classes "
+                         f"(and is not ignore_index={ignore_index})")
+    return valid, np.where(valid, targets, 0)
+
+
+# ------------------------------------------------------------------ NumPy references
+def cross_entropy_forward_ref(logits, targets, ignore_index=-100):
+    """(loss (N,), lse (N,)): per-row negative log-likelihood and the log-sum-exp."""
+    _check(logits, targets)
+    N, C = logits.shape
+    valid, t = _valid_targets(targets, C, ignore_index)
+    m = logits.max(axis=1)                        # (N,)
+    e = logits - m[:, None]                       # (N, C)
+    np.exp(e, out=e)
+    lse = np.log(e.sum(axis=1))
+    lse += m
+    loss = lse - logits[np.arange(N), t]
+    loss[~valid] = 0
+    return loss, lse
+
+
+def cross_entropy_backward_ref(logits, targets, lse, scale, ignore_index=-100):
+    """gx (N, C) = (softmax(logits) - onehot(targets)) * scale per row; ignored rows 0."""
+    _check(logits, targets)
+    _check_lse(logits, lse)
+    N, C = logits.shape
+    valid, t = _valid_targets(targets, C, ignore_index)
+    row_scale = _row_scale(np.asarray(scale, dtype=logits.dtype), N)   # (N,)
+    gx = logits - lse[:, None]                    # (N, C)
+    np.exp(gx, out=gx)
+    gx[np.arange(N), t] -= 1
+    gx *= np.where(valid, row_scale, 0)[:, None]
+    return gx
+
+
+def _row_scale(scale, N):
+    if scale.ndim == 0:
+        return np.broadcast_to(scale, (N,))
+    if scale.shape != (N,):
+        raise ValueError(f"cross_entropy scale must be a number or have shape ({N},), "
+                         f"got {scale.shape}")
+    return scale
+
+
+# ------------------------------------------------------------------ CuPy kernels
+def _forward_cuda(logits, targets, ignore_index):
+    cp = backend.cp
+    x = _cuda.contiguous(logits)
+    t = _cuda.contiguous(targets, np.int64)
+    N, C = x.shape
+    loss = cp.empty(N, dtype=x.dtype)
+    lse = cp.empty(N, dtype=x.dtype)
+    if N:
+        kernel = FAMILY.function(_cuda.instantiate(_FWD, _cuda.ctype(x.dtype)))
+        grid, block = _cuda.row_grid(N)
+        kernel(grid, block, (x, t, loss, lse, np.int64(N), np.int32(C), np.int64(ignore_index)))
+    return loss, lse
+
+
+def _backward_cuda(logits, targets, lse, scale, ignore_index):
+    cp = backend.cp
+    x = _cuda.contiguous(logits)
+    t = _cuda.contiguous(targets, np.int64)
+    lse = _cuda.contiguous(lse, x.dtype)
+    N, C = x.shape
+    gx = cp.empty_like(x)
+    if backend.is_cuda(scale):
+        scale_ptr = _cuda.contiguous(scale, x.dtype)
+        if scale_ptr.ndim == 0 or scale_ptr.shape == (1,):
+            mode = 1
+        elif scale_ptr.shape == (N,):
+            mode = 2
+        else:
+            raise ValueError(f"cross_entropy scale must be a number or have shape ({N},), "
+                             f"got {scale_ptr.shape}")
+        value = 0.0
+    elif np.ndim(scale) == 0:
+        scale_ptr, mode, value = lse, 0, float(scale)   # lse: any valid pointer, unread
+    else:
+        _row_scale(np.asarray(scale), N)              # raises on a wrong shape
+        scale_ptr, mode, value = cp.asarray(scale, dtype=x.dtype), 2, 0.0
+    if x.size:
+        kernel = FAMILY.function(_cuda.instantiate(_BWD, _cuda.ctype(x.dtype)))
+        grid, block = _cuda.flat_grid(x.size)
+        kernel(grid, block, (x, t, lse, gx, np.int64(x.size), np.int32(C),
+                             np.int64(ignore_index), _cuda.scalar(value, x.dtype), scale_ptr,
+                             np.int32(mode)))
+    return gx
+
+
+# ------------------------------------------------------------------ dispatch
+def cross_entropy_forward(logits, targets, ignore_index=-100):
+    """(loss (N,), lse (N,)): the CUDA kernel for cupy logits, else the NumPy reference."""
+    if backend.is_cuda(logits):
+        _check(logits, targets)
+        return _forward_cuda(logits, targets, ignore_index)
+    return cross_entropy_forward_ref(logits, targets, ignore_index)
+
+
+def cross_entropy_backward(logits, targets, lse, scale, ignore_index=-100):
+    """gx (N, C) on the device of the logits."""
+    if backend.is_cuda(logits):
+        _check(logits, targets)
+        _check_lse(logits, lse)
+        return _backward_cuda(logits, targets, lse, scale, ignore_index)
+    return cross_entropy_backward_ref(logits, targets, lse, scale, ignore_index)
