@@ -13,7 +13,9 @@ setup(
     extras_require={
         # torch is a test-only dependency: the CPU build is enough (see README)
         "test": ["pytest", "hypothesis", "torch"],
-        "mpi": ["mpi4py", "mpich"],
+        # mpich: the MPICH wheel, which gives mpirun (leave it out to use a cluster's own MPI);
+        # threadpoolctl: BLAS threads per rank
+        "mpi": ["mpi4py", "mpich", "threadpoolctl"],
         # CUDA 12 drivers; for CUDA 13 drivers install cupy-cuda13x instead
         "gpu": ["cupy-cuda12x"],
     },

@@ -1,13 +1,70 @@
 """Data-parallel training over MPI (mpi4py), imported only when used.
 
-SKELETON: single-process semantics only; the MPI implementation is being written.
-Without mpirun none of this touches MPI: world_size() is 1 and every collective is the
-identity, so train.py can call these unconditionally.
+Run `mpirun -n 4 python train.py`: every rank holds a full copy of the model, draws the same
+global batch and takes its own slice of it; after backward the gradients are averaged over the
+ranks, so every rank takes the same optimizer step and the parameters stay identical.
+
+    from tinytensor import distributed as dist
+    dist.init()                             # first thing: MPI, fail-fast hooks, BLAS threads
+    dist.broadcast_parameters(model)        # every rank starts from rank 0's weights
+    dist.check_consistent(config, params)   # same config and weights everywhere, or a clear error
+    for step ...:
+        loss.backward()
+        dist.allreduce_gradients(params)    # p.grad = mean over ranks
+        optimizer.step()
+
+Without mpirun nothing here touches MPI (mpi4py is not even imported): world_size() is 1 and
+every collective is the identity, so a training script calls these unconditionally.
+
+Fail-fast: after init() an uncaught exception on any rank prints its traceback and the line
+"rank R: ErrorType: message" once, from that rank, and calls MPI Abort, which ends every rank
+with a non-zero exit. A rank killed by a signal is noticed by mpirun (MPICH's hydra kills the
+other ranks at once). Call init() before anything that can fail on one rank only, and end a
+single rank with abort(message), never sys.exit(): MPI cannot tell that exit from a clean one,
+and the other ranks would wait for it in their next collective.
+
+Environment variables:
+  TT_THREADS_PER_RANK  BLAS threads per rank (default: cores on the node // ranks on the node;
+                       OMP_NUM_THREADS, OPENBLAS_NUM_THREADS or MKL_NUM_THREADS, when set, are
+                       left to the BLAS library)
+  TT_DIST_BACKEND      'mpi' (default) or 'nccl': how CuPy gradients are summed; 'mpi' copies them
+                       through host memory (the MPI wheels on PyPI are not CUDA-aware)
+  TT_BUCKET_MB         gradient bucket size in MB (default 25, as PyTorch DDP)
 """
+import contextlib
+import hashlib
+import json
 import os
+import sys
+import threading
+import time
+import traceback
 
-_comm = None
+import numpy as np
 
+from . import backend
+
+MPI = None            # the mpi4py.MPI module, once init() has imported it
+_comm = None          # MPI.COMM_WORLD while running under MPI, else None
+_local_rank = 0       # rank among the ranks on this node
+_local_size = 1       # number of ranks on this node
+_threads = None       # BLAS threads per rank that init() chose (None: left to the library)
+_nccl_comm = None     # a cupy NcclCommunicator when TT_DIST_BACKEND=nccl
+_aborting = False     # the excepthook runs once, even when threads fail together
+
+DEFAULT_BUCKET_MB = 25
+
+
+class DistributedError(RuntimeError):
+    """An error that every rank raises alike (a bad setting, ranks that disagree): when it is
+    not caught, rank 0 alone prints it."""
+
+
+class RankMismatchError(DistributedError):
+    """Ranks disagree on the config or the parameters (raised on every rank)."""
+
+
+# ----- start-up ------------------------------------------------------------------------------
 
 def launched_under_mpi():
     """True when this process was started by mpirun/mpiexec (checked from the environment,
@@ -16,45 +73,430 @@ def launched_under_mpi():
     return any(k in os.environ for k in keys)
 
 
-def init():
-    """Start MPI when launched under mpirun; a no-op in a single process."""
-    return None
+def init(force=False):
+    """Start MPI when launched under mpirun (or when force=True); a no-op in a single process.
+
+    Under MPI this also installs the fail-fast exception hooks, sets the BLAS threads per rank,
+    and on a GPU machine makes local rank r use GPU r % n_gpus. Calling it again does nothing.
+    """
+    global MPI, _comm, _local_rank, _local_size, _threads, _nccl_comm
+    if _comm is not None or not (force or launched_under_mpi()):
+        return
+    try:
+        from mpi4py import MPI as _MPI
+    except ImportError:
+        raise ImportError("this process was started by mpirun but mpi4py is not installed: "
+                          "pip install -e \".[mpi]\" (or see the README for a cluster's own MPI)") \
+            from None
+    MPI = _MPI
+    _comm = MPI.COMM_WORLD
+    _install_fail_fast()
+    node = _comm.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks sharing this node's memory
+    _local_rank, _local_size = node.Get_rank(), node.Get_size()
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        list(range(os.cpu_count() or 1))
+    bound = len(set(map(tuple, node.allgather(cores)))) > 1  # the launcher gave each rank its own
+    node.Free()
+    _threads = _set_blas_threads(len(cores) if bound else max(1, len(cores) // _local_size))
+    if backend.cuda_available():
+        backend.use_device(_local_rank % backend.device_count())
+    choice = os.environ.get("TT_DIST_BACKEND", "mpi").strip().lower()
+    if choice not in ("mpi", "nccl"):
+        raise DistributedError(f"TT_DIST_BACKEND={choice!r}: expected 'mpi' or 'nccl'")
+    if choice == "nccl" and world_size() > 1:
+        _nccl_comm = _make_nccl_comm()
 
 
 def rank():
-    return 0
+    """This process's rank, 0 .. world_size() - 1 (0 without MPI)."""
+    _ensure_init()
+    return _comm.Get_rank() if _comm is not None else 0
 
 
 def world_size():
-    return 1
+    """The number of ranks (1 without MPI)."""
+    _ensure_init()
+    return _comm.Get_size() if _comm is not None else 1
 
 
 def is_main():
+    """True on rank 0, the rank that prints, logs and writes checkpoints."""
     return rank() == 0
 
 
+def describe():
+    """One line for the log: ranks, ranks on this node and BLAS threads per rank."""
+    threads = "left to the BLAS library" if _threads is None else str(_threads)
+    return (f"{world_size()} rank(s), {_local_size} on this node, "
+            f"BLAS threads per rank: {threads}")
+
+
+def _ensure_init():
+    if _comm is None and launched_under_mpi():
+        init()
+
+
+def _set_blas_threads(default):
+    """Limit the BLAS threads of this rank to TT_THREADS_PER_RANK, else to `default` (cores on the
+    node // ranks on the node, or the cores the launcher bound this rank to).
+
+    Returns the number set, or None when OMP/OPENBLAS/MKL_NUM_THREADS leave it to the library.
+    """
+    wanted = os.environ.get("TT_THREADS_PER_RANK", "").strip()
+    if wanted:
+        if not wanted.isdigit() or int(wanted) < 1:
+            raise DistributedError(f"TT_THREADS_PER_RANK={wanted!r}: expected a positive integer")
+        n = int(wanted)
+    elif any(os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                            "MKL_NUM_THREADS")):
+        return None
+    else:
+        n = default
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        if rank() == 0:
+            print(f"warning: threadpoolctl is not installed, so each rank may start one BLAS "
+                  f"thread per core: pip install threadpoolctl, or set OMP_NUM_THREADS={n}",
+                  file=sys.stderr, flush=True)
+        return None
+    threadpool_limits(limits=n, user_api="blas")
+    return n
+
+
+def _make_nccl_comm():
+    """An NCCL communicator over all ranks (one GPU per rank); the unique id travels over MPI."""
+    if not backend.cuda_available():
+        raise RuntimeError("TT_DIST_BACKEND=nccl needs CuPy and a GPU on every rank; "
+                           "unset it to use MPI")
+    nccl = backend.nccl()
+    uid = nccl.get_unique_id() if rank() == 0 else None
+    uid = _comm.bcast(uid, root=0)
+    return nccl.NcclCommunicator(world_size(), uid, rank())
+
+
+# ----- fail-fast -----------------------------------------------------------------------------
+
+def _install_fail_fast():
+    """Route uncaught exceptions (main thread and other threads) to _fail, which aborts all ranks."""
+    sys.excepthook = _fail
+
+    def thread_hook(args):
+        if args.exc_type is not SystemExit:  # SystemExit just ends a thread, as by default
+            _fail(args.exc_type, args.exc_value, args.exc_traceback)
+    threading.excepthook = thread_hook
+
+
+def _fail(exc_type, exc, tb):
+    """Print the error once and end every rank through MPI Abort."""
+    global _aborting
+    if _aborting:  # a second failure (another thread) while aborting: stay quiet
+        return
+    _aborting = True
+    r = _comm.Get_rank()
+    same_everywhere = issubclass(exc_type, (DistributedError, KeyboardInterrupt))
+    if not same_everywhere:
+        traceback.print_exception(exc_type, exc, tb, file=sys.stderr)
+        print(f"rank {r}: {exc_type.__name__}: {exc}", file=sys.stderr, flush=True)
+    elif r == 0:  # raised on every rank: rank 0 alone says it
+        print(f"{exc_type.__name__}: {exc}".rstrip(": "), file=sys.stderr, flush=True)
+    else:
+        time.sleep(10)  # give rank 0 time to print; its Abort ends this rank first
+    _end_all(1)
+
+
+def abort(message, code=1):
+    """Print `message` once (from this rank) and end every rank with exit status `code`.
+
+    Use it instead of sys.exit() for an error that only this rank sees: under mpirun a rank that
+    exits on its own leaves the others waiting in their next collective.
+    """
+    if _comm is None:
+        print(message, file=sys.stderr, flush=True)
+        sys.exit(code)
+    print(f"rank {_comm.Get_rank()}: {message}", file=sys.stderr, flush=True)
+    _end_all(code)
+
+
+def _end_all(code):
+    """MPI Abort, which ends every rank. MPICH's Abort can return before mpirun has killed this
+    process, so leave at once either way (never run on into the next collective)."""
+    sys.stdout.flush()
+    if not MPI.Is_finalized():
+        _comm.Abort(code)
+    os._exit(code)
+
+
+# ----- collectives ---------------------------------------------------------------------------
+
 def barrier():
-    pass
+    """Wait until every rank gets here."""
+    if world_size() > 1:
+        _comm.Barrier()
+
+
+def _param_list(params):
+    """A Module's parameters, or a list of Tensors as given."""
+    return list(params.parameters()) if hasattr(params, "parameters") else list(params)
 
 
 def broadcast_parameters(model, root=0):
-    pass
-
-
-def allreduce_gradients(params):
-    pass
+    """Copy rank root's parameter values into every rank's parameters (in place)."""
+    if world_size() == 1:
+        return
+    for p in _param_list(model):
+        host = np.ascontiguousarray(backend.to_numpy(p.data))  # the array itself on the CPU
+        _comm.Bcast(host, root=root)
+        if host is not p.data:  # a GPU array or a non-contiguous one: copy back
+            p.data[...] = backend.to_device(host, p.device)
 
 
 def allreduce_mean(value):
-    """Mean of a float or array over ranks."""
-    return value
+    """Mean over ranks of a float (returns a float) or an array (returns an array, same device)."""
+    if world_size() == 1:
+        return value
+    if isinstance(value, np.ndarray) or backend.is_cuda(value):
+        host = backend.to_numpy(value)
+        dtype = host.dtype if host.dtype.kind in "fc" else np.float64
+        out = np.empty(host.shape, dtype=dtype)
+        _comm.Allreduce(np.ascontiguousarray(host, dtype=dtype), out)
+        out /= world_size()
+        return backend.to_device(out, "cuda") if backend.is_cuda(value) else out
+    buf = np.array([float(value)], dtype=np.float64)
+    _comm.Allreduce(MPI.IN_PLACE, buf)
+    return float(buf[0] / world_size())
 
 
 def all_true(flag):
-    """Logical AND of a bool over ranks (used to stop every rank on a non-finite loss)."""
-    return bool(flag)
+    """Logical AND of a bool over ranks: every rank gets the same answer (e.g. 'all losses are
+    finite'), so all ranks stop together."""
+    if world_size() == 1:
+        return bool(flag)
+    buf = np.array([1 if flag else 0], dtype=np.int32)
+    _comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.MIN)
+    return bool(buf[0])
+
+
+# ----- consistency check ---------------------------------------------------------------------
+
+def _named(params):
+    if hasattr(params, "named_parameters"):
+        return list(params.named_parameters())
+    return [(f"parameter {i} {tuple(p.shape)}", p) for i, p in enumerate(params)]
 
 
 def check_consistent(config, params):
-    """Raise naming the rank whose config or parameter checksums differ from rank 0's."""
-    pass
+    """Raise RankMismatchError (on every rank) naming each rank whose config or parameters
+    differ from rank 0's. config: a JSON-able dict; params: a Module or a list of Tensors.
+
+    Ranks compare a hash of the config's JSON and a checksum of each parameter's bytes.
+    """
+    if world_size() == 1:
+        return
+    cfg_json = json.dumps(config, sort_keys=True, default=str)
+    mine = {"config": hashlib.sha256(cfg_json.encode()).hexdigest(),
+            "params": [(name, tuple(p.shape), hashlib.sha256(
+                np.ascontiguousarray(backend.to_numpy(p.data)).tobytes()).hexdigest())
+                for name, p in _named(params)]}
+    everyone = _comm.allgather(mine)
+    configs = _comm.allgather(cfg_json) if any(
+        e["config"] != everyone[0]["config"] for e in everyone) else None
+    problems = []
+    for r, theirs in enumerate(everyone[1:], start=1):
+        if theirs["config"] != everyone[0]["config"]:
+            a, b = json.loads(configs[0]), json.loads(configs[r])
+            keys = sorted(k for k in set(a) | set(b) if a.get(k, "<missing>") != b.get(k, "<missing>"))
+            detail = ", ".join(f"{k}={b.get(k, '<missing>')!r} (rank 0: {a.get(k, '<missing>')!r})"
+                               for k in keys[:5])
+            problems.append(f"rank {r} has a different config: {detail}")
+        elif len(theirs["params"]) != len(everyone[0]["params"]):
+            problems.append(f"rank {r} has {len(theirs['params'])} parameters, rank 0 has "
+                            f"{len(everyone[0]['params'])}")
+        else:
+            diff = [n0 for (n0, s0, h0), (_, s1, h1) in zip(everyone[0]["params"], theirs["params"])
+                    if (s0, h0) != (s1, h1)]
+            if diff:
+                more = f" and {len(diff) - 1} more" if len(diff) > 1 else ""
+                problems.append(f"rank {r} has different parameter values than rank 0: "
+                                f"{diff[0]}{more}")
+    if problems:
+        raise RankMismatchError("; ".join(problems) + " (every rank must run the same script, "
+                                "config and seed; call broadcast_parameters(model) first)")
+
+
+# ----- gradient averaging --------------------------------------------------------------------
+
+class _Bucket:
+    """One contiguous buffer holding the gradients of a few parameters, plus one 'has a
+    gradient' flag per parameter at the end (summed over ranks with the gradients)."""
+
+    def __init__(self, params):
+        self.params = params
+        xp = backend.get_array_module(params[0].data)
+        n = sum(p.size for p in params)
+        self.buf = xp.zeros(n + len(params), dtype=params[0].dtype)
+        self.flags = self.buf[n:]
+        self.views, offset = [], 0
+        for p in params:  # p.grad becomes this view after the allreduce: no copy back
+            self.views.append(self.buf[offset:offset + p.size].reshape(p.shape))
+            offset += p.size
+        self.host = None  # host staging copy of buf for GPU arrays summed over MPI
+
+    def fill(self, n_ranks):
+        """Copy each p.grad / n_ranks into the buffer (None counts as zeros); set the flags.
+
+        Dividing on the way in saves a pass over the buffer: the sum over ranks is the mean.
+        """
+        xp = backend.get_array_module(self.buf)
+        for p, view in zip(self.params, self.views):
+            if p.grad is None:
+                view[...] = 0
+            elif p.grad.shape != p.shape:
+                raise ValueError(f"gradient of shape {p.grad.shape} for a parameter of shape "
+                                 f"{p.shape}")
+            else:  # also when p.grad is view (accumulated in place since the last allreduce)
+                xp.divide(p.grad, n_ranks, out=view)
+        flags = np.array([p.grad is not None for p in self.params], dtype=self.buf.dtype)
+        self.flags[...] = backend.to_device(flags, backend.device_of(self.buf))
+
+    def sum_over_ranks(self):
+        """buf <- the sum of buf over all ranks, in place."""
+        buf = self.buf
+        if not backend.is_cuda(buf):
+            _comm.Allreduce(MPI.IN_PLACE, buf)
+        elif _nccl_comm is not None:  # GPU to GPU
+            _nccl_comm.allReduce(buf.data.ptr, buf.data.ptr, buf.size, backend.nccl_dtype(buf.dtype),
+                                 backend.nccl().NCCL_SUM, backend.current_stream_ptr())
+        else:  # stage through host memory: the PyPI MPI wheels cannot read GPU memory
+            if self.host is None:
+                self.host = np.empty(buf.shape, dtype=buf.dtype)
+            backend.synchronize()  # the gradients are written before MPI reads the copy
+            buf.get(out=self.host)
+            _comm.Allreduce(MPI.IN_PLACE, self.host)
+            buf.set(self.host)
+
+    def finish(self):
+        """p.grad = its view of the mean, or None if no rank had a gradient."""
+        present = backend.to_numpy(self.flags) > 0
+        for p, view, ok in zip(self.params, self.views, present):
+            p.grad = view if ok else None
+
+
+def _make_buckets(params, bucket_bytes):
+    """Group params into buckets of about bucket_bytes, in reverse order (as PyTorch DDP: the
+    last layers' gradients are ready first), one dtype and device per bucket."""
+    buckets, current, size = [], [], 0
+    for p in reversed(params):
+        if current and (size + p.data.nbytes > bucket_bytes or p.dtype != current[0].dtype
+                        or p.device != current[0].device):
+            buckets.append(_Bucket(current))
+            current, size = [], 0
+        current.append(p)
+        size += p.data.nbytes
+    if current:
+        buckets.append(_Bucket(current))
+    return buckets
+
+
+_layouts = {}  # (bucket size, the parameters) -> their buckets, kept between calls
+
+
+def _buckets_for(params, bucket_mb):
+    if bucket_mb is None:
+        setting = os.environ.get("TT_BUCKET_MB", str(DEFAULT_BUCKET_MB))
+        try:
+            bucket_mb = float(setting)
+        except ValueError:
+            raise DistributedError(f"TT_BUCKET_MB={setting!r}: expected a size in MB, "
+                                   f"e.g. 25") from None
+    key = (bucket_mb, tuple((id(p), p.shape, p.dtype, p.device) for p in params))
+    if key not in _layouts:
+        if len(_layouts) >= 4:  # a few models at most; the buckets hold their parameters alive
+            _layouts.clear()
+        _layouts[key] = _make_buckets(params, int(bucket_mb * 1e6))
+    return _layouts[key]
+
+
+def allreduce_gradients(params, bucket_mb=None):
+    """Average p.grad over ranks, for every p in params (a list of Tensors, the same on all ranks).
+
+    params: a list of Tensors (or a Module), the same on every rank. The gradients are divided
+    by the number of ranks on their way into buckets of about bucket_mb MB (default 25, or
+    TT_BUCKET_MB), and each bucket is summed with one in-place MPI Allreduce. Afterwards p.grad
+    is a view into its bucket (overwritten by the next call). A parameter whose grad is None
+    counts as zeros; it stays None only when it is None on every rank.
+    """
+    if world_size() == 1:
+        return
+    params = _param_list(params)
+    for bucket in _buckets_for(params, bucket_mb):
+        bucket.fill(world_size())
+        bucket.sum_over_ranks()
+        bucket.finish()
+
+
+class DistributedDataParallel:
+    """A model wrapper in the style of torch's DDP, for gradient averaging over ranks.
+
+    Our engine has no backward hooks, so the averaging is an explicit call after backward:
+
+        ddp = DistributedDataParallel(model)      # broadcasts rank 0's parameters
+        logits, loss = ddp(x, y)                  # calls model(x, y)
+        ddp.backward(loss)                        # loss.backward(), then average the gradients
+        optimizer.step()
+
+    ddp.backward(loss) is loss.backward() followed by ddp.sync_gradients(); call
+    sync_gradients() yourself after backward if you prefer. Gradient accumulation over
+    micro-batches: run all but the last backward inside `with ddp.no_sync():`, where the
+    averaging is skipped, so the gradients are exchanged once per optimizer step:
+
+        with ddp.no_sync():
+            for x, y in micro_batches[:-1]:
+                ddp.backward(ddp(x, y)[1] / len(micro_batches))
+        ddp.backward(ddp(*micro_batches[-1])[1] / len(micro_batches))
+        optimizer.step()
+
+    Attributes of the model (train(), eval(), state_dict(), ...) pass through; .module is the
+    model itself.
+    """
+
+    def __init__(self, module, root=0, bucket_mb=None):
+        self.module = module
+        self.bucket_mb = bucket_mb
+        self._sync = True
+        broadcast_parameters(module, root=root)
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def __getattr__(self, name):  # only called for attributes the wrapper does not have
+        if name == "module":
+            raise AttributeError(name)
+        return getattr(self.module, name)
+
+    def parameters(self):
+        return self.module.parameters()
+
+    def named_parameters(self):
+        return self.module.named_parameters()
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Inside this block sync_gradients() (and so backward()) does not average gradients."""
+        previous, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = previous
+
+    def sync_gradients(self):
+        """Average the gradients over ranks (skipped inside no_sync())."""
+        if self._sync:
+            allreduce_gradients(list(self.module.parameters()), bucket_mb=self.bucket_mb)
+
+    allreduce_gradients = sync_gradients
+
+    def backward(self, loss):
+        """loss.backward(), then sync_gradients()."""
+        loss.backward()
+        self.sync_gradients()

@@ -1,0 +1,101 @@
+#!/usr/bin/env python
+"""Time distributed.allreduce_gradients against one raw MPI Allreduce of the same bytes.
+
+    mpirun -n 2 python benchmarks/bench_allreduce.py [--repeats 30] [--presets small,lecture]
+
+The parameters are those of gpt.model's GPT at the train presets' sizes (float32, vocab 65):
+small 0.82M parameters in 50 tensors, lecture 10.8M in 72. Every repeat gives each
+parameter a fresh gradient array, as zero_grad() + backward() do, and calls allreduce_gradients
+(the timing includes those attribute assignments, a few microseconds). A repeat's time is
+the slowest rank's; the table shows the median over repeats. The variants take turns within
+each repeat, so a busy machine slows them all alike.
+
+'raw' is MPI Allreduce(IN_PLACE) on one preallocated buffer of the same size: the floor that
+allreduce_gradients (copy and divide into buckets, allreduce, point p.grad at the buckets) is
+measured against.
+"""
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from gpt.model import GPTConfig, build_model  # noqa: E402
+from tinytensor import distributed as dist  # noqa: E402
+
+PRESETS = {  # vocab, block_size, n_embd, n_head, n_layer
+    "small": (65, 64, 128, 4, 4),
+    "lecture": (65, 256, 384, 6, 6),
+}
+
+
+def timed(rows, repeats, comm):
+    """{label: median over repeats of the slowest rank's time in ms}. The variants take turns
+    within each repeat, so a busy machine slows them all alike."""
+    times = {label: [] for label, _ in rows}
+    for i in range(repeats + 2):  # two warm-up rounds
+        for label, fn in rows:
+            comm.Barrier()
+            t0 = time.perf_counter()
+            fn(i)
+            dt = comm.allreduce(time.perf_counter() - t0, op=dist.MPI.MAX)
+            if i >= 2:
+                times[label].append(dt * 1e3)
+    return {label: float(np.median(t)) for label, t in times.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--presets", default="small,lecture")
+    args = ap.parse_args()
+    for name in args.presets.split(","):
+        if name not in PRESETS:
+            sys.exit(f"unknown preset {name!r}: choose from {', '.join(PRESETS)}")
+
+    dist.init()
+    if not dist.launched_under_mpi() or dist.world_size() < 2:
+        sys.exit("run under MPI with two or more ranks: mpirun -n 2 python benchmarks/bench_allreduce.py")
+    comm, main_rank = dist._comm, dist.is_main()
+    if main_rank:
+        print(f"{dist.describe()}; median of {args.repeats} repeats, the slowest rank's time\n")
+        print(f"{'preset':8s} {'params':>11s} {'MB':>6s} {'variant':38s} {'ms':>8s} "
+              f"{'vs raw':>7s} {'GB/s':>6s}")
+
+    rng = np.random.default_rng(dist.rank())
+    for name in args.presets.split(","):
+        vocab, block, n_embd, n_head, n_layer = PRESETS[name]
+        model = build_model("gpt", GPTConfig(vocab_size=vocab, block_size=block, n_embd=n_embd,
+                                             n_head=n_head, n_layer=n_layer, dropout=0.0))
+        params = list(model.parameters())
+        shapes = [p.shape for p in params]
+        grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(2)]
+        n = sum(int(np.prod(s)) for s in shapes)
+        mb = n * 4 / 1e6
+        flat = np.ones(n, np.float32)
+
+        def raw(i):
+            comm.Allreduce(dist.MPI.IN_PLACE, flat)
+
+        rows = [("raw Allreduce (1 buffer)", raw)]
+        for bucket_mb in (dist.DEFAULT_BUCKET_MB, 1e9, 4):
+            label = "one buffer" if bucket_mb == 1e9 else f"{bucket_mb:g} MB buckets"
+
+            def ours(i, bucket_mb=bucket_mb):
+                for p, g in zip(params, grads[i % 2]):
+                    p.grad = g  # what zero_grad() + backward() leave: fresh arrays
+                dist.allreduce_gradients(params, bucket_mb=bucket_mb)
+            rows.append((f"allreduce_gradients, {label}", ours))
+        results = timed(rows, args.repeats, comm)
+        base = results[rows[0][0]]
+        for label, ms in results.items():
+            if main_rank:
+                print(f"{name:8s} {n:11,d} {mb:6.1f} {label:38s} {ms:8.2f} {ms / base:6.2f}x "
+                      f"{mb / ms:6.2f}")
+
+
+if __name__ == "__main__":
+    main()

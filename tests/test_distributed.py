@@ -1,0 +1,253 @@
+"""tinytensor.distributed: single-process identity (no MPI at all), and under mpirun: gradient
+averaging, broadcast, consistency checks, equal training for 1, 2 and 4 ranks, fail-fast.
+
+The MPI cases run the scripts in tests/mpi/ with mpirun -n K (more ranks than cores is fine:
+MPICH's hydra allows it; Open MPI gets --oversubscribe). Every run has a timeout, after which
+the whole process group is killed and the test fails with the output so far.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tinytensor as tt
+import tinytensor.nn as nn
+import tinytensor.nn.functional as F
+from tinytensor import distributed as dist
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "tests" / "mpi"
+MPI_ENV_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "MPI_LOCALNRANKS", "HYDRA_")
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "TT_THREADS_PER_RANK",
+               "TT_DIST_BACKEND", "TT_BUCKET_MB")
+
+
+def clean_env(**extra):
+    """This environment without MPI launcher or thread variables, plus extra."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(MPI_ENV_PREFIXES) and k not in THREAD_VARS}
+    env.update(extra)
+    return env
+
+
+@lru_cache(maxsize=None)
+def mpirun():
+    """The mpirun next to this Python (the mpich wheel's), else the one on PATH."""
+    here = Path(sys.executable).parent / "mpirun"
+    exe = str(here) if here.exists() else None
+    if exe is None:
+        import shutil
+        exe = shutil.which("mpirun") or shutil.which("mpiexec")
+    if exe is None:
+        pytest.fail('mpirun not found: install the MPI extra with pip install -e ".[mpi]"')
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout
+    oversubscribe = ["--oversubscribe"] if "Open MPI" in version or "OpenRTE" in version else []
+    return (exe, *oversubscribe)
+
+
+def run(cmd, env=None, timeout=120):
+    """Run cmd in its own process group; returns (returncode, stdout, stderr, seconds)."""
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env or clean_env(), cwd=ROOT, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(map(str, cmd))} did not finish in {timeout} s\n"
+                    f"stdout:\n{out}\nstderr:\n{err}")
+    return proc.returncode, out, err, time.monotonic() - start
+
+
+def run_mpi(n, script, *args, env=None, timeout=120):
+    return run([*mpirun(), "-n", str(n), sys.executable, str(SCRIPTS / script), *map(str, args)],
+               env=env, timeout=timeout)
+
+
+def expect_ok(result, what):
+    rc, out, err, _ = result
+    assert rc == 0 and "OK" in out, f"{what} failed (exit {rc})\nstdout:\n{out}\nstderr:\n{err}"
+    return out
+
+
+# ----- one process: no MPI at all ------------------------------------------------------------
+
+SINGLE_PROCESS = r"""
+import sys
+import numpy as np
+import tinytensor as tt, tinytensor.nn as nn
+from tinytensor import distributed as dist
+assert not dist.launched_under_mpi()
+dist.init()
+model = nn.Linear(3, 2)
+ddp = dist.DistributedDataParallel(model)
+ddp(tt.tensor(np.ones((4, 3), np.float32))).sum().backward()
+with ddp.no_sync():
+    ddp.sync_gradients()
+ddp.sync_gradients()
+dist.broadcast_parameters(model)
+dist.allreduce_gradients(list(model.parameters()))
+dist.check_consistent({"a": 1}, model)
+dist.barrier()
+values = (dist.rank(), dist.world_size(), dist.is_main(), dist.allreduce_mean(2.5),
+          dist.all_true(True), dist.all_true(False))
+assert values == (0, 1, True, 2.5, True, False), values
+print("mpi4py imported" if "mpi4py" in sys.modules else "OK no mpi4py")
+"""
+
+
+def test_single_process_never_imports_mpi4py():
+    rc, out, err, _ = run([sys.executable, "-c", SINGLE_PROCESS], timeout=120)
+    assert rc == 0 and out.strip() == "OK no mpi4py", f"exit {rc}\n{out}\n{err}"
+
+
+def test_single_process_collectives_are_identity():
+    tt.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+    before = [p.numpy().copy() for p in model.parameters()]
+    F.cross_entropy(model(tt.tensor(np.ones((3, 4), np.float32))), np.array([0, 1, 1])).backward()
+    params = list(model.parameters())
+    params[0].grad = None
+    grads = [p.grad for p in params]
+    dist.allreduce_gradients(params)
+    assert all(p.grad is g for p, g in zip(params, grads))  # untouched, not even copied
+    dist.broadcast_parameters(model)
+    assert all(np.array_equal(b, p.numpy()) for b, p in zip(before, model.parameters()))
+    arr = np.array([1.0, 2.0])
+    assert dist.allreduce_mean(arr) is arr and dist.allreduce_mean(0.5) == 0.5
+    assert dist.all_true(1) is True and dist.all_true(0) is False
+    dist.check_consistent({"lr": 0.1}, params)
+    assert (dist.rank(), dist.world_size(), dist.is_main()) == (0, 1, True)
+
+
+def test_ddp_wrapper_in_one_process_matches_plain_backward():
+    tt.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+    x, y = tt.tensor(np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)), \
+        np.array([0, 1] * 4)
+    F.cross_entropy(model(x), y).backward()
+    plain = [p.grad.copy() for p in model.parameters()]
+    model.zero_grad()
+
+    ddp = dist.DistributedDataParallel(model)
+    assert ddp.module is model and ddp.training is model.training  # attributes pass through
+    assert [id(p) for p in ddp.parameters()] == [id(p) for p in model.parameters()]
+    with ddp.no_sync():  # accumulate two halves, weighted by 1/2 each
+        ddp.backward(F.cross_entropy(ddp(x[:4]), y[:4]) * 0.5)
+    ddp.backward(F.cross_entropy(ddp(x[4:]), y[4:]) * 0.5)
+    for g, p in zip(plain, model.parameters()):
+        np.testing.assert_allclose(p.grad, g, rtol=1e-5, atol=1e-6)
+
+
+def test_launched_under_mpi_reads_the_launcher_environment(monkeypatch):
+    for k in list(os.environ):
+        if k.startswith(MPI_ENV_PREFIXES):
+            monkeypatch.delenv(k)
+    assert not dist.launched_under_mpi()
+    monkeypatch.setenv("PMI_RANK", "0")
+    assert dist.launched_under_mpi()
+
+
+def test_bad_threads_per_rank_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TT_THREADS_PER_RANK", "many")
+    with pytest.raises(dist.DistributedError,
+                       match="TT_THREADS_PER_RANK='many': expected a positive integer"):
+        dist._set_blas_threads(2)
+
+
+# ----- under mpirun ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_allreduce_gradients_is_the_mean_over_ranks(n):
+    # 50-byte buckets: nearly one bucket per parameter; None gradients on some ranks and on all
+    out = expect_ok(run_mpi(n, "check_allreduce.py", "--bucket_mb", "5e-5"), f"{n} ranks")
+    if n > 1:
+        buckets = int(out.split("buckets=")[1].split()[0])
+        assert buckets >= 7, f"expected many small buckets, got {buckets}"
+
+
+def test_allreduce_gradients_default_buckets():
+    out = expect_ok(run_mpi(2, "check_allreduce.py"), "2 ranks, 25 MB buckets")
+    assert "buckets=5" in out  # one per run of equal dtype (float32/float64 alternate)
+
+
+def test_gpu_arrays_are_staged_through_host_memory():
+    # a cupy stand-in with 3 pretend GPUs (tests/mpi/fake_gpu.py): 4 ranks use GPUs 0, 1, 2, 0;
+    # MPI must only read gradients after the stream is synchronized
+    out = expect_ok(run_mpi(4, "check_allreduce.py", "--bucket_mb", "5e-5", "--fake_gpu"),
+                    "fake GPU, 4 ranks")
+    assert "fake GPU" in out
+
+
+def test_collectives_broadcast_consistency_and_threads():
+    cores = len(os.sched_getaffinity(0))
+    expect_ok(run_mpi(2, "collectives.py", "--threads", max(1, cores // 2)), "default threads")
+    expect_ok(run_mpi(3, "collectives.py", "--threads", 3, env=clean_env(TT_THREADS_PER_RANK="3")),
+              "TT_THREADS_PER_RANK=3")
+    expect_ok(run_mpi(2, "collectives.py", "--threads", "none", env=clean_env(OMP_NUM_THREADS="1")),
+              "OMP_NUM_THREADS=1")
+
+
+def test_one_two_and_four_ranks_train_the_same_model(tmp_path):
+    """Same per-step losses (1e-4) for 1 process, 2 and 4 ranks, and 2 ranks accumulating
+    gradients under no_sync(); the scripts check the parameters are bitwise identical across
+    ranks after every step."""
+    steps = 12
+    runs = {"1 process": run([sys.executable, str(SCRIPTS / "train_mlp.py"),
+                              "--out", tmp_path / "1.json", "--steps", str(steps)])}
+    runs["1 process"] = (*runs["1 process"][:3], tmp_path / "1.json")
+    for name, n, extra in [("2 ranks", 2, []), ("4 ranks", 4, []),
+                           ("2 ranks, no_sync accumulation", 2, ["--accum"])]:
+        out = tmp_path / f"{name}.json"
+        runs[name] = (*run_mpi(n, "train_mlp.py", "--out", out, "--steps", steps, *extra)[:3], out)
+    losses = {}
+    for name, (rc, out, err, path) in runs.items():
+        assert rc == 0, f"{name} failed (exit {rc})\n{out}\n{err}"
+        result = json.loads(Path(path).read_text())
+        assert result["checked_steps"] == steps and len(result["losses"]) == steps
+        losses[name] = np.array(result["losses"])
+    ref = losses.pop("1 process")
+    assert ref[-1] < ref[0] - 0.05, f"the model did not train: {ref}"
+    for name, got in losses.items():
+        worst = np.max(np.abs(got - ref))
+        assert worst <= 1e-4, f"{name}: per-step losses differ from one process by up to {worst:.2e}"
+
+
+# ----- fail-fast -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode, line, rc", [
+    ("raise", "rank 1: ValueError: boom on purpose", 1),
+    ("thread", "rank 1: RuntimeError: boom in a thread", 1),
+    ("abort", "rank 1: stopping on purpose", 3),
+    ("mismatch", "RankMismatchError: rank 1 has a different config: lr=0.2 (rank 0: 0.1)", 1),
+])
+def test_an_error_on_one_rank_ends_every_rank_and_is_printed_once(mode, line, rc):
+    code, out, err, seconds = run_mpi(3, "fail.py", mode, timeout=60)
+    assert code == rc, f"exit {code}, expected {rc}\n{out}\n{err}"
+    assert seconds < 30, f"took {seconds:.0f} s"
+    assert err.count(line) == 1, f"expected {line!r} once in stderr:\n{err}"
+    assert "unreachable" not in out
+    if mode in ("raise", "thread"):
+        assert err.count("Traceback") == 1, err
+
+
+def test_a_killed_rank_ends_the_job_within_60_seconds():
+    code, out, err, seconds = run_mpi(3, "fail.py", "kill", timeout=90)
+    assert code != 0, f"exit 0 after a rank was killed\n{out}\n{err}"
+    assert seconds < 60, f"took {seconds:.0f} s"
+    assert "unreachable" not in out
+
+
+def test_bad_setting_is_one_clear_line_from_rank_0():
+    code, out, err, _ = run_mpi(2, "collectives.py", "--threads", "1",
+                                env=clean_env(TT_DIST_BACKEND="gloo"), timeout=60)
+    line = "DistributedError: TT_DIST_BACKEND='gloo': expected 'mpi' or 'nccl'"
+    assert code != 0 and err.count(line) == 1 and "Traceback" not in err, err
