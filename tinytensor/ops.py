@@ -28,6 +28,8 @@ def _lift(other, like):
         other = other.item()
     if isinstance(other, numbers.Number):
         return other
+    if not isinstance(other, (np.ndarray, list, tuple)) and not backend.is_cuda(other):
+        return NotImplemented  # e.g. None or a str: Python raises a TypeError naming both types
     xp = _xp(like.data)
     dtype = like.dtype if like.dtype.kind in "fc" else None
     return Tensor(xp.asarray(other, dtype=dtype))
@@ -110,6 +112,8 @@ class Pow(Function):
 
     def backward(self, gy):
         c = self.c
+        if c == 0:  # x ** 0 is constant (also at x = 0, where c * x ** -1 would be nan)
+            return _xp(gy).zeros_like(gy), None
         return gy * (c * self.x ** (c - 1)), None
 
 
@@ -204,7 +208,7 @@ def backend_erf(x):
         from scipy.special import erf
         return erf(x).astype(x.dtype, copy=False)
     except ImportError:
-        return np.frompyfunc(math.erf, 1, 1)(x).astype(x.dtype)
+        return np.asarray(np.frompyfunc(math.erf, 1, 1)(x), dtype=x.dtype)  # 0-d gives a float
 
 
 def gelu(x, approximate="none"):
@@ -236,10 +240,10 @@ class MatMul(Function):
         a2 = a[None, :] if a.ndim == 1 else a           # (.., m, k)
         b2 = b[:, None] if b.ndim == 1 else b           # (.., k, n)
         g2 = gy
+        if b.ndim == 1:                                 # b's axis first: gy may be 0-d
+            g2 = xp.expand_dims(g2, -1)
         if a.ndim == 1:
-            g2 = xp.expand_dims(g2, -2)
-        if b.ndim == 1:
-            g2 = xp.expand_dims(g2, -1)                 # (.., m, n)
+            g2 = xp.expand_dims(g2, -2)                 # (.., m, n)
         ga = gb = None
         if self.needs_grad[0]:
             ga = g2 @ xp.swapaxes(b2, -1, -2)           # (.., m, k)
@@ -375,6 +379,7 @@ def permute(x, *dims):
 
 
 def transpose(x, dim0, dim1):
+    dim0, dim1 = _norm_axis((dim0, dim1), x.ndim)
     dims = list(range(x.ndim))
     dims[dim0], dims[dim1] = dims[dim1], dims[dim0]
     return Permute.apply(x, dims=tuple(dims))
@@ -383,8 +388,9 @@ def transpose(x, dim0, dim1):
 def _unwrap_index(idx):
     if isinstance(idx, Tensor):
         return idx.data
-    if isinstance(idx, tuple):
-        return tuple(i.data if isinstance(i, Tensor) else i for i in idx)
+    if isinstance(idx, tuple):  # lists become arrays, so repeated indices accumulate gradient
+        return tuple(i.data if isinstance(i, Tensor) else np.asarray(i) if isinstance(i, list) else i
+                     for i in idx)
     if isinstance(idx, list):
         return np.asarray(idx)
     return idx
@@ -437,9 +443,11 @@ def masked_fill(x, mask, value):
     if mask.dtype != bool:
         raise TypeError(f"masked_fill needs a bool mask, got dtype {mask.dtype}")
     try:
-        np.broadcast_shapes(mask.shape, x.shape)
+        ok = np.broadcast_shapes(mask.shape, x.shape) == x.shape
     except ValueError:
-        raise ValueError(f"masked_fill mask of shape {mask.shape} does not broadcast to {x.shape}") from None
+        ok = False
+    if not ok:
+        raise ValueError(f"masked_fill mask of shape {mask.shape} does not broadcast to {x.shape}")
     return MaskedFill.apply(x, mask, value=value)
 
 
@@ -644,6 +652,8 @@ def _view(x, *shape):
 def _binary(fn, reverse=False):
     def op(self, other):
         other = _lift(other, self)
+        if other is NotImplemented:
+            return NotImplemented
         return fn(other, self) if reverse else fn(self, other)
     return op
 
@@ -693,3 +703,46 @@ Tensor.flatten = flatten
 Tensor.softmax = softmax
 Tensor.log_softmax = log_softmax
 Tensor.matmul = matmul
+
+
+# ---------------------------------------------------------------- fused attention softmax
+class CausalSoftmax(Function):
+    """Attention weights: softmax(scale * x) over the last axis with the future masked out.
+
+    x holds scores (..., Tq, Tk) of the last Tq of Tk positions: query i sits at position
+    Tk - Tq + i and sees keys 0 .. Tk - Tq + i (Tq == Tk in training; Tq == 1 in a cached
+    generation step, which sees every key). Equal to the composition
+    softmax((scale * x).masked_fill(future, -inf)) in one op: masked entries get weight 0 and
+    zero gradient, and no mask or scaled copy is kept for backward.
+    """
+
+    def forward(self, x, scale=1.0):
+        xp = _xp(x)
+        tq, tk = x.shape[-2:]
+        self.scale = scale
+        y = x * x.dtype.type(scale)
+        if tq > 1:
+            future = xp.triu(xp.ones((tq, tk), dtype=bool), k=tk - tq + 1)   # (Tq, Tk)
+            y += xp.where(future, -xp.inf, 0.0).astype(x.dtype)                # -inf above the diagonal
+        y -= y.max(axis=-1, keepdims=True)
+        xp.exp(y, out=y)
+        y /= y.sum(axis=-1, keepdims=True)
+        self.y = y
+        return y
+
+    def backward(self, gy):
+        xp, y = _xp(gy), self.y
+        gx = gy * y
+        s = gx.sum(axis=-1, keepdims=True)              # (..., Tq, 1)
+        xp.subtract(gy, s, out=gx)                      # gx = y * (gy - sum(gy * y)) * scale
+        gx *= y
+        gx *= gx.dtype.type(self.scale)
+        return gx
+
+
+def causal_softmax(x, scale=1.0):
+    """softmax(scale * x, dim=-1) of attention scores x (..., Tq, Tk), future keys masked."""
+    if x.ndim < 2 or x.shape[-2] > x.shape[-1]:
+        raise ValueError(f"causal_softmax needs scores of shape (..., Tq, Tk) with Tq <= Tk, "
+                         f"got {x.shape}")
+    return CausalSoftmax.apply(x, scale=float(scale))

@@ -141,6 +141,8 @@ def clip_grad_norm_(params, max_norm, error_if_nonfinite=False):
 
     Returns the total norm before clipping as a 0-d Tensor (no host sync on the GPU).
     """
+    if isinstance(params, Tensor):
+        params = [params]
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return Tensor(np.zeros((), dtype=np.float32))

@@ -7,6 +7,8 @@ as the output's creator. `Tensor.backward()` sorts the graph topologically (iter
 deep graphs never hit the recursion limit), walks it in reverse, un-broadcasts each gradient
 to its input's shape (the only place that happens) and accumulates it.
 """
+import functools
+
 import numpy as np
 
 from . import backend
@@ -33,7 +35,12 @@ def is_grad_enabled():
 
 
 class no_grad:
-    """Context manager (and decorator) that turns graph recording off."""
+    """Context manager (and decorator, `@no_grad()` or `@no_grad`) that turns graph recording off."""
+
+    def __new__(cls, fn=None):
+        if fn is not None:  # used as a bare decorator: @no_grad
+            return cls()(fn)
+        return super().__new__(cls)
 
     def __enter__(self):
         global _grad_enabled
@@ -46,11 +53,10 @@ class no_grad:
         return False
 
     def __call__(self, fn):
+        @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             with no_grad():
                 return fn(*args, **kwargs)
-        wrapper.__name__ = getattr(fn, "__name__", "wrapper")
-        wrapper.__doc__ = getattr(fn, "__doc__", None)
         return wrapper
 
 
@@ -180,29 +186,48 @@ class Tensor:
         grads = {id(self): grad}
         for t in reversed(order):
             g = grads.pop(id(t), None)
-            if g is None:
-                continue
             ctx = t._ctx
             if ctx is None:  # a leaf: accumulate
+                if g is None:
+                    continue
                 if t.grad is None:  # a copy: g may be shared with other inputs' gradients
                     t.grad = g.astype(t.dtype, copy=True)
                 else:
                     t.grad += g
                 continue
-            in_grads = ctx.backward(g)
-            if not isinstance(in_grads, tuple):
-                in_grads = (in_grads,)
-            for parent, pg in zip(ctx.parents, in_grads):
-                if pg is None or parent is None or not parent.requires_grad:
-                    continue
-                if pg.shape != parent.shape:
-                    pg = _unbroadcast(pg, parent.shape)
-                prev = grads.get(id(parent))
-                grads[id(parent)] = pg if prev is None else prev + pg
-            # free the graph as we go: saved arrays and links are released
-            t._ctx = None
-            ctx.parents = None
-            ctx.release()
+            if g is not None:
+                in_grads = ctx.backward(g)  # _RELEASED raises: this graph was freed already
+                if not isinstance(in_grads, tuple):
+                    in_grads = (in_grads,)
+                for parent, pg in zip(ctx.parents, in_grads):
+                    if pg is None or parent is None or not parent.requires_grad:
+                        continue
+                    if pg.shape != parent.shape:
+                        pg = _unbroadcast(pg, parent.shape)
+                    if pg.dtype != parent.dtype:  # e.g. through a cast: grads keep their input's dtype
+                        pg = pg.astype(parent.dtype)
+                    prev = grads.get(id(parent))
+                    grads[id(parent)] = pg if prev is None else prev + pg
+            if ctx is not _RELEASED:  # free the graph as we go: saved arrays and links go
+                t._ctx = _RELEASED
+                ctx.parents = None
+                ctx.release()
+
+
+class _Released:
+    """Stands in for the Function of a tensor whose graph backward() has freed."""
+
+    parents = ()
+
+    def backward(self, gy):
+        raise RuntimeError("backward() through a graph that an earlier backward() already freed: "
+                           "run the forward pass again (the graph is freed after each backward)")
+
+    def release(self):
+        pass
+
+
+_RELEASED = _Released()
 
 
 def _topo_order(root):
@@ -252,6 +277,8 @@ class Function:
         ctx = cls()
         arrays = [x.data if isinstance(x, Tensor) else x for x in inputs]
         out = ctx.forward(*arrays, **kwargs)
+        if isinstance(out, np.generic):  # a NumPy scalar (full reduction): .data stays an ndarray
+            out = np.asarray(out)
         record = _grad_enabled and any(isinstance(x, Tensor) and x.requires_grad for x in inputs)
         result = Tensor.__new__(Tensor)
         result.data = out

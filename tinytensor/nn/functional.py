@@ -36,6 +36,11 @@ def cross_entropy(logits, targets, reduction="mean", ignore_index=-100):
         raise ValueError(f"cross_entropy targets must have shape ({logits.shape[0]},), got {t.shape}")
     if t.dtype.kind not in "iu":
         raise TypeError(f"cross_entropy targets must be integers, got dtype {t.dtype}")
+    c = logits.shape[1]
+    bad = (t != ignore_index) & ((t < 0) | (t >= c))
+    if t.size and bool(bad.any()):
+        raise IndexError(f"cross_entropy target {int(t[bad][0])} is out of range: targets must be in "
+                         f"[0, {c}) or equal ignore_index={ignore_index}")
     return CrossEntropy.apply(logits, t, reduction=reduction, ignore_index=ignore_index)
 
 

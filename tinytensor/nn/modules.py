@@ -64,23 +64,32 @@ class Module:
     def children(self):
         return iter(self._modules.values())
 
-    def named_modules(self, prefix=""):
+    def named_modules(self, prefix="", remove_duplicate=True, _memo=None):
+        """(dotted name, module) pairs; a module reachable twice comes once unless
+        remove_duplicate=False (as in torch)."""
+        memo = set() if _memo is None else _memo
+        if remove_duplicate:
+            if id(self) in memo:
+                return
+            memo.add(id(self))
         yield prefix, self
         for name, m in self._modules.items():
-            yield from m.named_modules(f"{prefix}.{name}" if prefix else name)
+            yield from m.named_modules(f"{prefix}.{name}" if prefix else name, remove_duplicate, memo)
 
     def modules(self):
         for _, m in self.named_modules():
             yield m
 
-    def named_parameters(self, prefix=""):
-        """(dotted name, Parameter) pairs, each parameter once, in registration order."""
+    def named_parameters(self, prefix="", remove_duplicate=True):
+        """(dotted name, Parameter) pairs in registration order; a shared (tied) parameter
+        comes once, under its first name, unless remove_duplicate=False."""
         seen = set()
-        for mname, m in self.named_modules(prefix):
+        for mname, m in self.named_modules(prefix, remove_duplicate):
             for pname, p in m._parameters.items():
-                if id(p) in seen:
-                    continue
-                seen.add(id(p))
+                if remove_duplicate:
+                    if id(p) in seen:
+                        continue
+                    seen.add(id(p))
                 yield (f"{mname}.{pname}" if mname else pname), p
 
     def parameters(self):
@@ -92,8 +101,11 @@ class Module:
 
     # ----- state ----------------------------------------------------------------------
     def state_dict(self):
-        """{dotted name: NumPy array copy} of every parameter (host arrays, also from GPU)."""
-        return OrderedDict((n, backend.to_numpy(p.data).copy()) for n, p in self.named_parameters())
+        """{dotted name: NumPy array copy} of every parameter (host arrays, also from GPU).
+
+        A shared (tied) parameter appears under each of its names, as in torch."""
+        return OrderedDict((n, backend.to_numpy(p.data).copy())
+                           for n, p in self.named_parameters(remove_duplicate=False))
 
     def load_state_dict(self, state_dict, strict=True):
         """Copy arrays into the existing parameters (cast to their dtype and device).
@@ -101,7 +113,7 @@ class Module:
         Raises KeyError naming missing/unexpected keys (when strict) and ValueError on a
         shape mismatch; nothing is changed unless every check passes.
         """
-        own = dict(self.named_parameters())
+        own = dict(self.named_parameters(remove_duplicate=False))
         missing = [k for k in own if k not in state_dict]
         unexpected = [k for k in state_dict if k not in own]
         if strict and (missing or unexpected):
@@ -113,7 +125,8 @@ class Module:
             raise KeyError(f"load_state_dict for {type(self).__name__}: " + "; ".join(parts))
         for k, p in own.items():
             if k in state_dict:
-                shape = tuple(np.shape(state_dict[k]))
+                v = state_dict[k]
+                shape = tuple(v.shape) if hasattr(v, "shape") else np.shape(v)
                 if shape != p.shape:
                     raise ValueError(f"load_state_dict: shape mismatch for {k}: checkpoint has "
                                      f"{shape}, the model has {p.shape}")

@@ -1,0 +1,170 @@
+"""tinytensor.optim against torch.optim: AdamW (parameter groups) and SGD over 10 steps, gradient
+clipping, exact resume from a state dict, the learning-rate schedule."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import tinytensor as tt
+import tinytensor.nn as nn
+import tinytensor.nn.functional as F
+from tinytensor import backend
+from torch_helper import _TORCH_DTYPE, assert_close, copy_module, dtypes
+
+
+def twin_models(dtype, device):
+    """The same small MLP in tinytensor and torch (torch's initial weights copied)."""
+    torch.manual_seed(0)
+    theirs = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.GELU(), torch.nn.LayerNorm(16),
+                                 torch.nn.Linear(16, 4)).to(_TORCH_DTYPE[np.dtype(dtype)])
+    ours = nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.LayerNorm(16), nn.Linear(16, 4)).astype(dtype)
+    copy_module(ours, theirs)
+    return ours.to(device), theirs
+
+
+def batches(n, dtype):
+    rng = np.random.default_rng(1)
+    return [(rng.standard_normal((8, 6)).astype(dtype), rng.integers(0, 4, 8)) for _ in range(n)]
+
+
+def groups(params):
+    """nanoGPT's split: weight decay on 2-D weights only."""
+    params = list(params)
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+def train_both(family, ours, theirs, opt, topt, data, device, dtype):
+    for x, y in data:
+        loss = F.cross_entropy(ours(tt.Tensor(x).to(device)), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        tloss = torch.nn.functional.cross_entropy(theirs(torch.from_numpy(x)), torch.from_numpy(y))
+        topt.zero_grad()
+        tloss.backward()
+        topt.step()
+        assert_close(family, dtype, loss.numpy(), tloss.detach().numpy(), "loss")
+        for (name, p), (_, q) in zip(ours.named_parameters(), theirs.named_parameters()):
+            assert_close(family, dtype, p.numpy(), q.detach().numpy(), f"{name} after a step")
+
+
+@dtypes
+def test_adamw_matches_torch_over_10_steps_with_groups(device, dtype):
+    ours, theirs = twin_models(dtype, device)
+    kw = dict(lr=3e-2, betas=(0.9, 0.95), eps=1e-8)
+    opt = tt.optim.AdamW(groups(ours.parameters()), **kw)
+    topt = torch.optim.AdamW(groups(theirs.parameters()), **kw)
+    assert [len(g["params"]) for g in opt.param_groups] == [2, 4]
+    train_both("AdamW", ours, theirs, opt, topt, batches(10, dtype), device, dtype)
+    # the moments too, tensor by tensor (llm.c style)
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        st, tst = opt.state[id(p)], topt.state[q]
+        assert st["step"] == int(tst["step"]) == 10
+        assert_close("AdamW", dtype, backend.to_numpy(st["exp_avg"]), tst["exp_avg"].numpy(), "exp_avg")
+        assert_close("AdamW", dtype, backend.to_numpy(st["exp_avg_sq"]), tst["exp_avg_sq"].numpy(),
+                     "exp_avg_sq")
+
+
+def test_adamw_defaults_match_torch():
+    ours, theirs = twin_models(np.float64, "cpu")
+    opt, topt = tt.optim.AdamW(ours.parameters()), torch.optim.AdamW(theirs.parameters())
+    for k in ("lr", "betas", "eps", "weight_decay"):
+        assert opt.param_groups[0][k] == topt.param_groups[0][k], k
+    train_both("AdamW", ours, theirs, opt, topt, batches(3, np.float64), "cpu", np.float64)
+
+
+@dtypes
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_sgd_matches_torch(device, dtype, momentum):
+    ours, theirs = twin_models(dtype, device)
+    opt = tt.optim.SGD(groups(ours.parameters()), lr=0.1, momentum=momentum)
+    topt = torch.optim.SGD(groups(theirs.parameters()), lr=0.1, momentum=momentum)
+    train_both("SGD", ours, theirs, opt, topt, batches(10, dtype), device, dtype)
+
+
+@dtypes
+@pytest.mark.parametrize("max_norm", [0.05, 1e3])
+def test_clip_grad_norm_matches_torch(device, dtype, max_norm):
+    ours, theirs = twin_models(dtype, device)
+    (x, y), = batches(1, dtype)
+    F.cross_entropy(ours(tt.Tensor(x).to(device)), y).backward()
+    torch.nn.functional.cross_entropy(theirs(torch.from_numpy(x)), torch.from_numpy(y)).backward()
+    total = tt.optim.clip_grad_norm_(ours.parameters(), max_norm)
+    ttotal = torch.nn.utils.clip_grad_norm_(theirs.parameters(), max_norm)
+    assert isinstance(total, tt.Tensor) and total.shape == ()
+    assert_close("clip_grad_norm_", dtype, total.numpy(), ttotal.numpy(), "total norm")
+    if max_norm < 1:
+        assert total.item() > max_norm                            # this case really clips
+    for (name, p), (_, q) in zip(ours.named_parameters(), theirs.named_parameters()):
+        assert_close("clip_grad_norm_", dtype, backend.to_numpy(p.grad), q.grad.numpy(), f"clipped {name}")
+
+
+def test_clip_grad_norm_edges():
+    p = tt.Tensor(np.array([3.0, 4.0]), requires_grad=True)
+    p.grad = np.array([3.0, 4.0])
+    assert tt.optim.clip_grad_norm_(p, 1.0).item() == pytest.approx(5.0)     # a single tensor
+    np.testing.assert_allclose(p.grad, [0.6, 0.8], rtol=1e-6)
+    q = tt.Tensor(np.zeros(2), requires_grad=True)
+    assert tt.optim.clip_grad_norm_([q], 1.0).item() == 0.0                  # no gradients at all
+    q.grad = np.array([np.inf, 0.0])
+    with pytest.raises(RuntimeError, match="non-finite"):
+        tt.optim.clip_grad_norm_([q], 1.0, error_if_nonfinite=True)
+
+
+def test_adamw_state_dict_resumes_exactly():
+    data = batches(10, np.float64)
+
+    def steps(model, opt, part):
+        for x, y in part:
+            opt.zero_grad()
+            F.cross_entropy(model(tt.Tensor(x)), y).backward()
+            opt.step()
+
+    a, _ = twin_models(np.float64, "cpu")
+    opt_a = tt.optim.AdamW(groups(a.parameters()), lr=1e-2)
+    steps(a, opt_a, data)
+
+    b, _ = twin_models(np.float64, "cpu")
+    opt_b = tt.optim.AdamW(groups(b.parameters()), lr=1e-2)
+    steps(b, opt_b, data[:5])
+    model_sd, opt_sd = b.state_dict(), opt_b.state_dict()
+    for st in opt_sd["state"].values():                   # plain data: saveable without pickle
+        assert isinstance(st["step"], int)
+        assert all(isinstance(v, np.ndarray) for k, v in st.items() if k != "step")
+    c, _ = twin_models(np.float64, "cpu")
+    c.load_state_dict(model_sd)
+    opt_c = tt.optim.AdamW(groups(c.parameters()), lr=0.5)  # the saved lr wins
+    opt_c.load_state_dict(opt_sd)
+    assert opt_c.param_groups[0]["lr"] == 1e-2 and opt_c.param_groups[1]["weight_decay"] == 0.0
+    steps(c, opt_c, data[5:])
+    for k, v in a.state_dict().items():
+        np.testing.assert_array_equal(c.state_dict()[k], v, err_msg=k)
+    with pytest.raises(ValueError, match="parameter groups"):
+        tt.optim.AdamW(list(c.parameters()), lr=1e-2).load_state_dict(opt_sd)
+
+
+def test_optimizer_argument_errors():
+    p = tt.Tensor(np.zeros(2), requires_grad=True)
+    with pytest.raises(ValueError, match="empty parameter list"):
+        tt.optim.AdamW([])
+    with pytest.raises(TypeError, match="requires_grad=True"):
+        tt.optim.AdamW([tt.Tensor(np.zeros(2))])
+    for kw in (dict(lr=-1.0), dict(betas=(0.9, 1.0)), dict(eps=-1.0), dict(weight_decay=-0.1)):
+        with pytest.raises(ValueError, match="invalid AdamW"):
+            tt.optim.AdamW([p], **kw)
+    opt = tt.optim.AdamW([p])
+    opt.step()                                   # no gradient yet: nothing happens
+    np.testing.assert_array_equal(p.data, 0.0)
+
+
+def test_cosine_lr_schedule():
+    lr, min_lr, warm, decay = 1e-3, 1e-4, 10, 100
+    got = [tt.optim.cosine_lr(i, lr, min_lr, warm, decay) for i in range(120)]
+    assert got[0] == pytest.approx(lr / 11) and got[9] == pytest.approx(lr * 10 / 11)
+    assert all(a < b for a, b in zip(got[:10], got[1:11]))               # warmup rises ...
+    assert got[10] == pytest.approx(lr)
+    assert all(a >= b for a, b in zip(got[10:100], got[11:101]))         # ... then decays
+    assert got[55] == pytest.approx(min_lr + 0.5 * (1 + math.cos(math.pi * 0.5)) * (lr - min_lr))
+    assert got[100] == got[119] == min_lr
