@@ -1,0 +1,450 @@
+"""Every stage of the lecture's GPT, built only on tinytensor; read from small to big.
+
+    config = GPTConfig(vocab_size=65, block_size=64, n_embd=128, n_head=4, n_layer=4, dropout=0.0)
+    model = build_model("gpt", config)          # the same as GPTLanguageModel(config)
+    logits, loss = model(x, y)                  # x, y: integer arrays (B, T)
+    out = model.generate(x[:1, :1], max_new_tokens=100, rng=np.random.default_rng(0))
+
+The stages (MODELS), in the order the lecture builds them, each adding one idea:
+    bigram       a (vocab, vocab) table: the next token's logits from the current token alone
+    bigram_pos   token + position embeddings (n_embd wide), then an lm_head Linear
+    single_head  + one causal self-attention head of size n_embd
+    multi_head   + n_head heads of size n_embd // n_head, side by side
+    ffwd         + a position-wise feed-forward layer (Linear, ReLU) after the attention
+    blocks       n_layer Blocks: attention with a projection, 4x feed-forward, residual connections
+    layernorm    + a LayerNorm before attention and before feed-forward, and a final one
+    gpt          + dropout: the lecture's final GPTLanguageModel
+Every stage but "gpt" has no dropout and ignores config.dropout.
+
+Shapes: B batch, T time (context length), C = n_embd, nh heads of size hs = C // nh, V vocab.
+"""
+import numbers
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from tinytensor import backend, nn, no_grad
+from tinytensor import random as tt_random
+from tinytensor.nn import functional as F
+from tinytensor.fused import causal_attention, linear_relu
+from tinytensor.ops import causal_softmax
+from tinytensor.tensor import Tensor
+
+
+# ---------------------------------------------------------------- attention
+class KVCache:
+    """The keys and values of the positions seen so far, for one attention layer.
+
+    generate() keeps one per attention layer, so a new token costs one position instead of
+    the whole context. Buffers (B, nh, max_len, hs) are allocated at the first update.
+    """
+
+    def __init__(self, max_len):
+        self.max_len = max_len
+        self.length = 0  # positions cached so far: the next token's position
+        self.k = self.v = None
+
+    def update(self, k, v):
+        """Append keys and values (B, nh, T, hs); return all cached so far, (B, nh, length, hs)."""
+        k, v = k.data, v.data
+        B, nh, T, hs = k.shape
+        end = self.length + T
+        if end > self.max_len:
+            raise ValueError(f"the KV cache holds {self.max_len} positions, {end} requested")
+        if self.k is None:
+            xp = backend.get_array_module(k)
+            self.k = xp.empty((B, nh, self.max_len, hs), dtype=k.dtype)
+            self.v = xp.empty((B, nh, self.max_len, hs), dtype=v.dtype)
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return Tensor(self.k[:, :, :end]), Tensor(self.v[:, :, :end])
+
+
+def _layer_cache(kv_cache, i):
+    return None if kv_cache is None else kv_cache[i]
+
+
+class CausalSelfAttention(nn.Module):
+    """n_head causal self-attention heads computed together: the lecture's Head and
+    MultiHeadAttention in one module.
+
+    One Linear gives the queries, keys and values of every head: its weight (3*nh*hs, C) stacks
+    the lecture's per-head query, key and value weights (hs, C) - all queries first (head h in
+    rows h*hs:(h+1)*hs), then all keys, then all values. The heads' outputs sit side by side
+    (the lecture's torch.cat over heads), then go through the projection (proj=False: the
+    single_head and multi_head stages, which have none).
+    """
+
+    def __init__(self, n_embd, n_head, head_size, dropout=0.0, proj=True):
+        super().__init__()
+        self.n_head, self.head_size = n_head, head_size
+        self.qkv = nn.Linear(n_embd, 3 * n_head * head_size, bias=False)
+        self.attn_dropout = nn.Dropout(dropout)  # on the attention weights (the lecture's Head.dropout)
+        self.proj = nn.Linear(n_head * head_size, n_embd) if proj else None
+        self.dropout = nn.Dropout(dropout)       # on the output (the lecture's MultiHeadAttention.dropout)
+
+    fused = True  # training and full-context passes use fused.causal_attention (same result)
+
+    def forward(self, x, kv_cache=None):
+        B, T, C = x.shape
+        nh, hs = self.n_head, self.head_size
+        qkv = self.qkv(x)                                           # (B, T, 3*nh*hs)
+        if self.fused and kv_cache is None:  # the composition below in one op (tinytensor.fused)
+            p = self.attn_dropout.p if self.attn_dropout.training else 0.0
+            y = causal_attention(qkv, nh, p)                        # (B, T, nh*hs)
+            if self.proj is not None:
+                y = self.dropout(self.proj(y))                      # (B, T, C)
+            return y
+        qkv = qkv.reshape(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4)   # (3, B, nh, T, hs)
+        q, k, v = qkv[0], qkv[1], qkv[2]                            # each (B, nh, T, hs)
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)                            # (B, nh, Tk, hs): earlier positions too
+        att = q @ k.transpose(-2, -1)                               # (B, nh, T, Tk) affinities
+        att = causal_softmax(att, scale=hs ** -0.5)                 # (B, nh, T, Tk), no look-ahead
+        att = self.attn_dropout(att)
+        y = att @ v                                                 # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, nh * hs)                # (B, T, nh*hs): heads side by side
+        if self.proj is not None:
+            y = self.dropout(self.proj(y))                          # (B, T, C)
+        return y
+
+
+# ---------------------------------------------------------------- feed-forward and blocks
+class FeedForward(nn.Module):
+    """The lecture's FeedFoward: Linear to 4*C, ReLU, Linear back to C, dropout."""
+
+    def __init__(self, n_embd, dropout=0.0):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(n_embd, 4 * n_embd),
+            nn.ReLU(),
+            nn.Linear(4 * n_embd, n_embd),
+            nn.Dropout(dropout),
+        )
+
+    fused = True  # the first Linear and the ReLU as one op, fused.linear_relu (same result)
+
+    def forward(self, x):
+        if not self.fused:
+            return self.net(x)
+        fc, _, proj, dropout = self.net
+        h = linear_relu(x, fc.weight, fc.bias)                      # (B, T, 4*C)
+        return dropout(proj(h))                                     # (B, T, C)
+
+
+class ResidualBlock(nn.Module):
+    """The 'blocks' stage: communication (attention) then computation (feed-forward), each
+    added to the residual stream."""
+
+    def __init__(self, n_embd, n_head, dropout=0.0):
+        super().__init__()
+        self.sa = CausalSelfAttention(n_embd, n_head, n_embd // n_head, dropout)
+        self.ffwd = FeedForward(n_embd, dropout)
+
+    def forward(self, x, kv_cache=None):
+        x = x + self.sa(x, kv_cache)
+        return x + self.ffwd(x)
+
+
+class Block(ResidualBlock):
+    """The lecture's Block: a pre-LayerNorm residual block."""
+
+    def __init__(self, n_embd, n_head, dropout=0.0):
+        super().__init__(n_embd, n_head, dropout)
+        self.ln1 = nn.LayerNorm(n_embd)
+        self.ln2 = nn.LayerNorm(n_embd)
+
+    def forward(self, x, kv_cache=None):
+        x = x + self.sa(self.ln1(x), kv_cache)
+        return x + self.ffwd(self.ln2(x))
+
+
+# ---------------------------------------------------------------- config
+@dataclass
+class GPTConfig:
+    vocab_size: int = 65     # distinct tokens (tiny Shakespeare has 65 characters)
+    block_size: int = 256    # the longest context, in tokens
+    n_embd: int = 384        # width of the embeddings and of the residual stream (C)
+    n_head: int = 6          # attention heads per layer, each of size n_embd // n_head
+    n_layer: int = 6         # Transformer blocks
+    dropout: float = 0.2     # dropout probability while training (0.0 turns it off)
+
+    def validate(self):
+        """Raise ValueError, in one line, for a config that cannot build a model."""
+        for name in ("vocab_size", "block_size", "n_embd", "n_head", "n_layer"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
+                             f"each head gets n_embd // n_head channels")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+                or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be a probability in [0, 1), got {self.dropout!r}")
+        return self
+
+
+# ---------------------------------------------------------------- sampling
+def sample_next(logits, temperature=1.0, top_k=None, rng=None):
+    """One token per row of logits (B, V), as an int64 array (B,).
+
+    logits / temperature, only the top_k largest kept (ties with the k-th kept too), then
+    inverse-CDF sampling with one rng.random() draw per row - so two computations of the same
+    logits (cached and recomputed) draw the same tokens from the same rng.
+    """
+    rng = rng if rng is not None else tt_random.rng()
+    logits = np.asarray(logits, dtype=np.float64) / temperature   # (B, V)
+    if top_k is not None and top_k < logits.shape[1]:
+        kth = np.partition(logits, -top_k, axis=1)[:, -top_k, None]   # (B, 1) the k-th largest
+        logits = np.where(logits < kth, -np.inf, logits)
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))       # (B, V), unnormalised
+    cdf = np.cumsum(probs, axis=1)                                   # (B, V)
+    u = (1.0 - rng.random(len(cdf)))[:, None] * cdf[:, -1:]          # (B, 1), in (0, total]
+    return np.minimum((cdf < u).sum(axis=1), cdf.shape[1] - 1).astype(np.int64)
+
+
+def _index_array(idx, what="idx"):
+    """idx (an integer ndarray, Tensor or nested list of shape (B, T)) as an array."""
+    idx = idx.data if isinstance(idx, Tensor) else idx
+    if not hasattr(idx, "dtype"):
+        idx = np.asarray(idx)
+    if idx.dtype.kind not in "iu" or idx.ndim != 2 or 0 in idx.shape:
+        raise ValueError(f"{what} must be a non-empty integer array of shape (B, T), got shape "
+                         f"{tuple(idx.shape)} and dtype {idx.dtype}")
+    return idx
+
+
+def _init_weights(module):
+    """The lecture's init: Linear and Embedding weights N(0, 0.02), biases zero, drawn from
+    tinytensor's random stream (tt.manual_seed fixes them)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        w = module.weight
+        w.data[...] = tt_random.rng().normal(0.0, 0.02, size=w.shape)
+        if getattr(module, "bias", None) is not None:
+            module.bias.data[...] = 0
+
+
+# ---------------------------------------------------------------- the models
+class LanguageModel(nn.Module):
+    """What every stage shares: the loss and generate(). A stage defines forward_logits."""
+
+    block_size = None          # the longest context (None: any length)
+    n_attention_layers = 0     # KV caches generate() keeps (0: it recomputes every step)
+
+    def forward_logits(self, idx, kv_cache=None):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        """logits (B, T, V) for idx (B, T), and the mean cross-entropy against targets (B, T)."""
+        idx = _index_array(idx)
+        logits = self.forward_logits(idx, kv_cache)                  # (B, T, V)
+        if targets is None:
+            return logits, None
+        B, T, V = logits.shape
+        targets = _index_array(targets, "targets")
+        if targets.shape != (B, T):
+            raise ValueError(f"targets must have the shape of idx, {(B, T)}, got {targets.shape}")
+        # one row per position: (B*T, V) logits against (B*T,) next tokens, as the lecture's .view
+        loss = F.cross_entropy(logits.reshape(B * T, V), targets.reshape(B * T))
+        return logits, loss
+
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, rng=None, use_cache=True):
+        """idx (B, T) extended by max_new_tokens sampled tokens: an int64 array (B, T + new).
+
+        Each step looks at the last block_size tokens, takes the logits of the last position and
+        samples with sample_next (temperature, top_k; rng a numpy Generator, by default
+        tinytensor's stream). With use_cache (the attention models), earlier positions' keys and
+        values are kept, so a step computes one position. Once the context is full the window
+        slides, every position moves and the cache is refilled from the window - what
+        use_cache=False does every step - so both give the same tokens for the same rng.
+        Runs in eval mode (no dropout) and records no graph.
+        """
+        idx = backend.to_numpy(_index_array(idx)).astype(np.int64)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
+                or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        if not (isinstance(temperature, numbers.Real) and np.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
+                                  or top_k < 1):
+            raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+        block = self.block_size
+        use_cache = use_cache and self.n_attention_layers > 0
+        cache = None
+        was_training = self.training
+        self.eval()
+        try:
+            with no_grad():
+                for _ in range(max_new_tokens):
+                    context = idx if block is None else idx[:, -block:]   # (B, <= block_size)
+                    if not use_cache:
+                        logits, _ = self(context)
+                    elif cache is None or cache[0].length == block:        # first step, or the window slid
+                        cache = [KVCache(block) for _ in range(self.n_attention_layers)]
+                        logits, _ = self(context, kv_cache=cache)
+                    else:                                                  # one new position
+                        logits, _ = self(idx[:, -1:], kv_cache=cache)
+                    last = backend.to_numpy(logits.data[:, -1, :])         # (B, V)
+                    next_token = sample_next(last, temperature, top_k, rng)  # (B,)
+                    idx = np.concatenate([idx, next_token[:, None]], axis=1)  # (B, T+1)
+        finally:
+            self.train(was_training)
+        return idx
+
+
+class BigramLanguageModel(LanguageModel):
+    """The lecture's first model: each token reads the logits of the next one from a table."""
+
+    def __init__(self, vocab_size):
+        super().__init__()
+        if isinstance(vocab_size, GPTConfig):  # build_model-style call
+            vocab_size = vocab_size.vocab_size
+        GPTConfig(vocab_size=vocab_size).validate()
+        self.vocab_size = vocab_size
+        self.token_embedding_table = nn.Embedding(vocab_size, vocab_size)
+        self.apply(_init_weights)
+
+    def forward_logits(self, idx, kv_cache=None):
+        return self.token_embedding_table(idx)                          # (B, T, V)
+
+
+class PositionalLanguageModel(LanguageModel):
+    """Token + position embeddings, a body, then lm_head. The 'bigram_pos' stage, whose body
+    does nothing; each later stage builds its body in build_body and runs it in body."""
+
+    uses_dropout = False       # only the final GPT has dropout layers
+
+    def __init__(self, config):
+        super().__init__()
+        config.validate()
+        if not self.uses_dropout:
+            config = replace(config, dropout=0.0)
+        self.config = config
+        self.block_size = config.block_size
+        C = config.n_embd
+        self.token_embedding_table = nn.Embedding(config.vocab_size, C)
+        self.position_embedding_table = nn.Embedding(config.block_size, C)
+        self.build_body(config)
+        self.lm_head = nn.Linear(C, config.vocab_size)
+        self.apply(_init_weights)
+
+    def build_body(self, config):
+        pass
+
+    def body(self, x, kv_cache=None):
+        return x
+
+    def forward_logits(self, idx, kv_cache=None):
+        B, T = idx.shape
+        start = 0 if kv_cache is None else kv_cache[0].length          # positions already cached
+        if start + T > self.block_size:
+            raise ValueError(f"the context has {start + T} tokens but block_size is "
+                             f"{self.block_size}: crop it to its last {self.block_size} tokens")
+        tok_emb = self.token_embedding_table(idx)                        # (B, T, C)
+        pos_emb = self.position_embedding_table.weight[start:start + T]  # (T, C): rows for positions start..
+        x = tok_emb + pos_emb                                            # (B, T, C)
+        x = self.body(x, kv_cache)                                       # (B, T, C)
+        return self.lm_head(x)                                           # (B, T, V)
+
+
+class SingleHeadModel(PositionalLanguageModel):
+    """+ one self-attention head of size n_embd: tokens look at the ones before them."""
+
+    n_attention_layers = 1
+
+    def build_body(self, config):
+        C = config.n_embd
+        self.sa_head = CausalSelfAttention(C, n_head=1, head_size=C, proj=False)
+
+    def body(self, x, kv_cache=None):
+        return self.sa_head(x, _layer_cache(kv_cache, 0))               # (B, T, C)
+
+
+class MultiHeadModel(PositionalLanguageModel):
+    """+ n_head smaller heads side by side: several independent channels of communication."""
+
+    n_attention_layers = 1
+
+    def build_body(self, config):
+        C, nh = config.n_embd, config.n_head
+        self.sa_heads = CausalSelfAttention(C, n_head=nh, head_size=C // nh, proj=False)
+
+    def body(self, x, kv_cache=None):
+        return self.sa_heads(x, _layer_cache(kv_cache, 0))              # (B, T, C)
+
+
+class FeedForwardModel(MultiHeadModel):
+    """+ a feed-forward layer: each token thinks about what it gathered."""
+
+    def build_body(self, config):
+        super().build_body(config)
+        self.ffwd = nn.Sequential(nn.Linear(config.n_embd, config.n_embd), nn.ReLU())
+
+    def body(self, x, kv_cache=None):
+        return self.ffwd(super().body(x, kv_cache))                    # (B, T, C)
+
+
+class ResidualBlocksModel(PositionalLanguageModel):
+    """n_layer residual blocks (attention with projection, 4x feed-forward): a deep network
+    that still trains, thanks to the residual connections."""
+
+    def build_body(self, config):
+        self.n_attention_layers = config.n_layer
+        self.blocks = nn.ModuleList([ResidualBlock(config.n_embd, config.n_head)
+                                     for _ in range(config.n_layer)])
+
+    def body(self, x, kv_cache=None):
+        for i, block in enumerate(self.blocks):
+            x = block(x, _layer_cache(kv_cache, i))                     # (B, T, C)
+        return x
+
+
+class GPTLanguageModel(PositionalLanguageModel):
+    """The lecture's final model: pre-LayerNorm Blocks with dropout, a final LayerNorm, lm_head.
+
+    With config.dropout = 0 it is the 'layernorm' stage.
+    """
+
+    uses_dropout = True
+
+    def build_body(self, config):
+        self.n_attention_layers = config.n_layer
+        self.blocks = nn.ModuleList([Block(config.n_embd, config.n_head, config.dropout)
+                                     for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd)
+
+    def body(self, x, kv_cache=None):
+        for i, block in enumerate(self.blocks):
+            x = block(x, _layer_cache(kv_cache, i))                     # (B, T, C)
+        return self.ln_f(x)
+
+
+def _layernorm_stage(config):
+    """The 'layernorm' stage: the final architecture before dropout was added."""
+    return GPTLanguageModel(replace(config, dropout=0.0))
+
+
+def _bigram_stage(config):
+    return BigramLanguageModel(config.vocab_size)
+
+
+# name -> builder(config), in the lecture's order (train.py's --model)
+MODELS = {
+    "bigram": _bigram_stage,
+    "bigram_pos": PositionalLanguageModel,
+    "single_head": SingleHeadModel,
+    "multi_head": MultiHeadModel,
+    "ffwd": FeedForwardModel,
+    "blocks": ResidualBlocksModel,
+    "layernorm": _layernorm_stage,
+    "gpt": GPTLanguageModel,
+}
+
+
+def build_model(name, config):
+    """The model of stage `name` (a key of MODELS) for config."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
+    config.validate()
+    return MODELS[name](config)

@@ -1,0 +1,327 @@
+"""gpt.model: config checks, every lecture stage forward/backward/training, the fused causal
+softmax, and generate() (shapes, cropping, temperature, top_k, the KV cache)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import tinytensor as tt
+from gpt import MODELS, CharDataset, GPTConfig, GPTLanguageModel, KVCache, build_model, sample_next
+from gpt.model import BigramLanguageModel
+from tinytensor import backend
+from tinytensor.gradcheck import gradcheck
+from tinytensor.ops import causal_softmax
+from torch_helper import check
+
+TINY = GPTConfig(vocab_size=11, block_size=8, n_embd=16, n_head=4, n_layer=2, dropout=0.0)
+ATTENTION_MODELS = [n for n in MODELS if n not in ("bigram", "bigram_pos")]
+
+
+def tokens(shape, vocab=11, seed=0):
+    return np.random.default_rng(seed).integers(0, vocab, size=shape)
+
+
+# ---------------------------------------------------------------- config and registry
+@pytest.mark.parametrize("changes, message", [
+    (dict(n_embd=30, n_head=4), "n_embd (30) must be divisible by n_head (4)"),
+    (dict(n_layer=0), "n_layer must be a positive integer, got 0"),
+    (dict(block_size=-8), "block_size must be a positive integer, got -8"),
+    (dict(vocab_size=2.5), "vocab_size must be a positive integer, got 2.5"),
+    (dict(dropout=1.0), "dropout must be a probability in [0, 1), got 1.0"),
+    (dict(dropout=-0.1), "dropout must be a probability in [0, 1), got -0.1"),
+])
+def test_config_validation(changes, message):
+    cfg = GPTConfig(**{**TINY.__dict__, **changes})
+    with pytest.raises(ValueError) as err:
+        cfg.validate()
+    assert message in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ValueError):
+        GPTLanguageModel(cfg)
+
+
+def test_defaults_are_the_lecture_hyperparameters():
+    cfg = GPTConfig()
+    assert (cfg.vocab_size, cfg.block_size, cfg.n_embd, cfg.n_head, cfg.n_layer, cfg.dropout) == \
+        (65, 256, 384, 6, 6, 0.2)
+    tt.manual_seed(0)
+    assert GPTLanguageModel(cfg).num_parameters() == 10_788_929  # the lecture's "10.788929 M parameters"
+
+
+def test_unknown_model_lists_the_valid_names():
+    with pytest.raises(ValueError) as err:
+        build_model("transformer", TINY)
+    assert str(err.value) == ("unknown model 'transformer': choose one of bigram, bigram_pos, "
+                              "single_head, multi_head, ffwd, blocks, layernorm, gpt")
+
+
+def test_init_is_normal_002_with_zero_biases_and_seeded():
+    tt.manual_seed(3)
+    a = GPTLanguageModel(GPTConfig(vocab_size=65, block_size=64, n_embd=128, n_head=4, n_layer=2))
+    tt.manual_seed(3)
+    b = GPTLanguageModel(GPTConfig(vocab_size=65, block_size=64, n_embd=128, n_head=4, n_layer=2))
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        np.testing.assert_array_equal(p.data, q.data)
+        assert p.dtype == np.float32
+        if name.endswith("bias") and "ln" not in name:
+            assert not p.data.any(), name
+        elif name.endswith("weight") and "ln" not in name:
+            assert abs(p.data.std() - 0.02) < 0.002 and abs(p.data.mean()) < 0.002, name
+    assert not np.array_equal(a.lm_head.weight.data, GPTLanguageModel(a.config).lm_head.weight.data)
+
+
+# ---------------------------------------------------------------- every stage
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_stage_runs_forward_and_backward(name, device):
+    tt.manual_seed(0)
+    model = build_model(name, TINY).to(device)
+    x, y = tokens((3, 8)), tokens((3, 8), seed=1)
+    logits, loss = model(x, y)
+    assert logits.shape == (3, 8, 11) and logits.device == device
+    assert abs(loss.item() - math.log(11)) < 0.05  # the small init: nearly uniform predictions
+    assert model(tt.Tensor(x))[1] is None
+    loss.backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and p.grad.shape == p.shape, pname
+        assert np.isfinite(backend.to_numpy(p.grad)).all(), pname
+    assert sum(float(abs(backend.to_numpy(p.grad)).sum()) for p in model.parameters()) > 0
+    # shorter contexts work, longer ones are a clear error
+    assert model(x[:, :3])[0].shape == (3, 3, 11)
+    if name != "bigram":
+        with pytest.raises(ValueError, match="block_size is 8"):
+            model(tokens((1, 9)))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_stage_learns_a_repeated_text(name):
+    ds = CharDataset("the quick brown fox jumps over the lazy dog. " * 20)
+    cfg = GPTConfig(vocab_size=ds.vocab_size, block_size=16, n_embd=32, n_head=4, n_layer=2, dropout=0.1)
+    tt.manual_seed(0)
+    model = build_model(name, cfg)
+    opt = tt.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    rng = np.random.default_rng(0)
+    losses = []
+    for _ in range(40):
+        _, loss = model(*ds.get_batch("train", 8, 16, rng))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > math.log(ds.vocab_size) - 0.05
+    assert np.mean(losses[-5:]) < losses[0] - 0.4, losses
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_no_stage_looks_into_the_future(name):
+    tt.manual_seed(0)
+    model = build_model(name, TINY)
+    x = tokens((2, 8))
+    x2 = x.copy()
+    x2[:, 5:] = (x2[:, 5:] + 1) % 11  # change the last three tokens
+    a, b = model(x)[0].numpy(), model(x2)[0].numpy()
+    np.testing.assert_allclose(a[:, :5], b[:, :5], rtol=0, atol=1e-6)
+    assert not np.allclose(a[:, 5:], b[:, 5:])
+
+
+def test_stages_differ_as_the_lecture_builds_them():
+    names = {n: [k for k, _ in build_model(n, TINY).named_parameters()] for n in MODELS}
+    assert names["bigram"] == ["token_embedding_table.weight"]
+    assert names["bigram_pos"] == ["token_embedding_table.weight", "position_embedding_table.weight",
+                                   "lm_head.weight", "lm_head.bias"]
+    assert "sa_head.qkv.weight" in names["single_head"] and "sa_heads.qkv.weight" in names["multi_head"]
+    assert "ffwd.0.weight" in names["ffwd"]
+    assert "blocks.1.sa.proj.weight" in names["blocks"] and "ln_f.weight" not in names["blocks"]
+    assert names["layernorm"] == names["gpt"] and "blocks.1.ln2.bias" in names["gpt"]
+    tt.manual_seed(0)
+    single = build_model("single_head", TINY)
+    multi = build_model("multi_head", TINY)
+    assert single.sa_head.head_size == 16 and single.sa_head.n_head == 1
+    assert multi.sa_heads.head_size == 4 and multi.sa_heads.n_head == 4
+    # only the final model has dropout
+    cfg = GPTConfig(**{**TINY.__dict__, "dropout": 0.5})
+    assert build_model("layernorm", cfg).config.dropout == 0.0
+    assert build_model("blocks", cfg).config.dropout == 0.0
+    assert build_model("gpt", cfg).config.dropout == 0.5
+    assert isinstance(build_model("bigram", cfg), BigramLanguageModel)
+
+
+def test_dropout_only_in_training_mode():
+    tt.manual_seed(0)
+    model = GPTLanguageModel(GPTConfig(**{**TINY.__dict__, "dropout": 0.3}))
+    x = tokens((2, 8))
+    a, b = model(x)[0].numpy(), model(x)[0].numpy()
+    assert not np.allclose(a, b)
+    model.eval()
+    np.testing.assert_array_equal(model(x)[0].numpy(), model(x)[0].numpy())
+
+
+def test_forward_input_errors():
+    model = build_model("gpt", TINY)
+    with pytest.raises(ValueError, match=r"idx must be a non-empty integer array of shape \(B, T\)"):
+        model(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="idx must be"):
+        model(np.zeros(3, dtype=np.int64))
+    with pytest.raises(ValueError, match=r"targets must have the shape of idx, \(2, 3\)"):
+        model(tokens((2, 3)), tokens((2, 4)))
+
+
+# ---------------------------------------------------------------- the fused causal softmax
+def composed_causal_softmax(x, scale):
+    tq, tk = x.shape[-2:]
+    future = np.triu(np.ones((tq, tk), dtype=bool), k=tk - tq + 1)
+    return tt.nn.functional.softmax((x * scale).masked_fill(future, float("-inf")), dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 5), (4, 1, 6), (2, 3, 7)])
+def test_causal_softmax_against_torch(shape, dtype, device):
+    scale = 0.35
+
+    def torch_fn(x):
+        tq, tk = x.shape[-2:]
+        future = torch.triu(torch.ones(tq, tk, dtype=torch.bool), diagonal=tk - tq + 1)
+        return torch.softmax((x * scale).masked_fill(future, float("-inf")), dim=-1)
+
+    x = np.random.default_rng(1).standard_normal(shape) * 3
+    check("causal_softmax", lambda t: causal_softmax(t, scale), torch_fn, x, dtype=dtype, device=device)
+
+
+def test_causal_softmax_equals_the_composed_ops_and_passes_gradcheck():
+    rng = np.random.default_rng(0)
+    for shape in [(3, 6, 6), (2, 2, 5)]:
+        x = rng.standard_normal(shape)
+        a, b = tt.Tensor(x, requires_grad=True), tt.Tensor(x, requires_grad=True)
+        ya, yb = causal_softmax(a, 0.5), composed_causal_softmax(b, 0.5)
+        np.testing.assert_allclose(ya.numpy(), yb.numpy(), rtol=1e-13, atol=1e-15)
+        w = rng.standard_normal(shape)
+        (ya * w).sum().backward()
+        (yb * w).sum().backward()
+        np.testing.assert_allclose(a.grad, b.grad, rtol=1e-12, atol=1e-14)
+        assert not a.grad[..., np.triu(np.ones(shape[-2:], bool), k=shape[-1] - shape[-2] + 1)].any()
+        gradcheck(lambda t: causal_softmax(t, 0.5), x)
+    with pytest.raises(ValueError, match=r"Tq <= Tk"):
+        causal_softmax(tt.Tensor(np.zeros((5, 3))))
+
+
+# ---------------------------------------------------------------- generate
+def test_generate_shapes_cropping_and_modes():
+    tt.manual_seed(0)
+    model = build_model("gpt", GPTConfig(**{**TINY.__dict__, "dropout": 0.2}))
+    prompt = tokens((2, 3))
+    out = model.generate(prompt, 20, rng=np.random.default_rng(0))
+    assert out.shape == (2, 23) and out.dtype == np.int64
+    assert out.min() >= 0 and out.max() < 11
+    np.testing.assert_array_equal(out[:, :3], prompt)
+    assert model.training  # generate samples in eval mode and restores the mode
+    # a prompt longer than block_size is cropped to its last block_size tokens
+    long_prompt = tokens((2, 30), seed=3)
+    out = model.generate(long_prompt, 5, rng=np.random.default_rng(1))
+    assert out.shape == (2, 35)
+    cropped = model.generate(long_prompt[:, -8:], 5, rng=np.random.default_rng(1))
+    np.testing.assert_array_equal(out[:, 30:], cropped[:, 8:])
+    np.testing.assert_array_equal(model.generate(prompt, 0), prompt)
+    assert model.generate(tt.Tensor(prompt), 2, rng=np.random.default_rng(0)).shape == (2, 5)
+    # the same rng draws the same tokens; tt.manual_seed seeds the default stream
+    a = model.generate(prompt, 10, rng=np.random.default_rng(5))
+    np.testing.assert_array_equal(a, model.generate(prompt, 10, rng=np.random.default_rng(5)))
+    tt.manual_seed(9)
+    b = model.generate(prompt, 10)
+    tt.manual_seed(9)
+    np.testing.assert_array_equal(b, model.generate(prompt, 10))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_new_tokens=-1), "max_new_tokens must be a non-negative integer"),
+    (dict(max_new_tokens=3, temperature=0.0), "temperature must be a positive number"),
+    (dict(max_new_tokens=3, top_k=0), "top_k must be a positive integer or None"),
+])
+def test_generate_argument_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        build_model("gpt", TINY).generate(tokens((1, 2)), **kwargs)
+
+
+def test_sample_next_follows_temperature_and_top_k():
+    logits = np.array([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    n = 20000
+    batch = np.tile(logits, (n, 1))
+    for temperature in (0.5, 1.0, 2.0):
+        draws = sample_next(batch, temperature, None, np.random.default_rng(0))
+        freq = np.bincount(draws, minlength=6) / n
+        p = np.exp(logits / temperature) / np.exp(logits / temperature).sum()
+        assert 0.5 * np.abs(freq - p).sum() < 0.015, (temperature, freq, p)  # total variation
+    cold = np.bincount(sample_next(batch, 0.5, None, np.random.default_rng(1)), minlength=6)
+    hot = np.bincount(sample_next(batch, 2.0, None, np.random.default_rng(1)), minlength=6)
+    assert cold[0] > hot[0] and cold[3:].sum() < hot[3:].sum()
+    draws = sample_next(batch, 1.0, 3, np.random.default_rng(2))
+    assert set(draws.tolist()) == {0, 1, 2}
+    freq = np.bincount(draws, minlength=3) / n
+    p = np.exp(logits[:3]) / np.exp(logits[:3]).sum()
+    assert 0.5 * np.abs(freq - p).sum() < 0.015
+    greedy = sample_next(np.random.default_rng(3).standard_normal((50, 9)), 1.0, 1, np.random.default_rng(0))
+    np.testing.assert_array_equal(greedy, np.random.default_rng(3).standard_normal((50, 9)).argmax(1))
+
+
+def test_generate_top_k_1_is_greedy():
+    tt.manual_seed(0)
+    model = build_model("gpt", TINY)
+    prompt = tokens((3, 4))
+    out = model.generate(prompt, 6, top_k=1, rng=np.random.default_rng(0))
+    idx = prompt
+    for _ in range(6):
+        logits = model(idx[:, -8:])[0].numpy()
+        idx = np.concatenate([idx, logits[:, -1].argmax(-1)[:, None]], axis=1)
+    np.testing.assert_array_equal(out, idx)
+
+
+def sharpened(model, seed=0, std=0.3):
+    """The model with larger random weights than the N(0, 0.02) init: peaked, input-dependent
+    predictions, so a wrong position or a stale key would change the sampled tokens."""
+    rng = np.random.default_rng(seed)
+    for p in model.parameters():
+        p.data[...] = rng.normal(0.0, std, size=p.shape)
+    return model
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("name", ATTENTION_MODELS)
+def test_kv_cache_gives_the_same_tokens_as_recomputing(name, dtype):
+    tt.set_default_dtype(dtype)
+    tt.manual_seed(1)
+    model = sharpened(build_model(name, GPTConfig(**{**TINY.__dict__, "n_embd": 32})))
+    seen = []  # (T, cached?) of each forward pass: proof that the cached path is taken
+    inner = model.forward_logits
+
+    def recording(idx, kv_cache=None):
+        seen.append((idx.shape[1], kv_cache is not None))
+        return inner(idx, kv_cache)
+
+    model.forward_logits = recording
+    for prompt in (tokens((3, 3), seed=4), tokens((2, 12), seed=5)):
+        seen.clear()
+        cached = model.generate(prompt, 25, rng=np.random.default_rng(7))
+        lengths = list(seen)
+        seen.clear()
+        recomputed = model.generate(prompt, 25, rng=np.random.default_rng(7), use_cache=False)
+        np.testing.assert_array_equal(cached, recomputed)  # past block_size (8) too
+        if prompt.shape[1] == 3:  # 3 prefilled, 5 single positions, then the window slides
+            assert lengths[:6] == [(3, True)] + [(1, True)] * 5
+            assert lengths[6:] == [(8, True)] * 19
+        assert seen == [(min(prompt.shape[1] + i, 8), False) for i in range(25)]
+
+
+@pytest.mark.parametrize("name", ATTENTION_MODELS)
+def test_cached_logits_match_the_full_forward(name):
+    tt.set_default_dtype(np.float64)
+    tt.manual_seed(0)
+    model = sharpened(build_model(name, TINY))
+    x = tokens((2, 8))
+    full = model(x)[0].numpy()
+    cache = [KVCache(8) for _ in range(model.n_attention_layers)]
+    with tt.no_grad():
+        parts = [model(x[:, :3], kv_cache=cache)[0].numpy()]
+        parts += [model(x[:, t:t + 1], kv_cache=cache)[0].numpy() for t in range(3, 8)]
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), full, rtol=1e-12, atol=1e-12)
+    assert full.std() > 0.2  # peaked logits: the comparison means something
+    assert cache[0].length == 8 and cache[-1].k.shape[0] == 2 and cache[-1].k.shape[2] == 8
+    with pytest.raises(ValueError, match="block_size is 8"), tt.no_grad():
+        model(x[:, :1], kv_cache=cache)
