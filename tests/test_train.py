@@ -1,0 +1,466 @@
+"""train/train.py end to end (subprocess runs of tiny configs) and train/config.py parsing."""
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from tinytensor import backend  # noqa: E402
+from train import config as C  # noqa: E402
+from train.checkpoint import load_checkpoint  # noqa: E402
+
+TRAIN = os.path.join(ROOT, "train", "train.py")
+TINY = ["--n_embd", "16", "--n_head", "2", "--n_layer", "1", "--block_size", "8",
+        "--batch_size", "4", "--eval_iters", "2", "--device", "cpu"]
+EVAL_LINE = re.compile(r"^step (\d+): train loss (\d+\.\d{4}), val loss (\d+\.\d{4})$", re.M)
+
+
+def make_text(n_words=1500, seed=0):
+    words = ("the king shall speak to thee and I will not go where thy good lord hath "
+             "bid me stay but now is the winter of our discontent").split()
+    rng = np.random.default_rng(seed)
+    lines = [" ".join(rng.choice(words, size=8)).capitalize() + "." for _ in range(n_words // 8)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "tiny.txt"
+    path.write_text(make_text(), encoding="utf-8")
+    return str(path)
+
+
+def run_train(*args, cwd=None):
+    p = subprocess.run([sys.executable, TRAIN, *map(str, args)], capture_output=True, text=True,
+                       cwd=cwd, timeout=300)
+    assert "Traceback" not in p.stderr, p.stderr
+    return p
+
+
+def assert_one_line_error(p, code, *needles):
+    assert p.returncode == code, (p.returncode, p.stdout[-2000:], p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(out_dir):
+    return [(r["step"], r["loss"]) for r in read_metrics(out_dir) if "loss" in r]
+
+
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, text_file):
+    """One tiny 20-step run with dropout on; tests copy its out_dir before changing it."""
+    out = str(tmp_path_factory.mktemp("run") / "out")
+    p = run_train(*TINY, "--data", text_file, "--out_dir", out, "--max_iters", 20,
+                  "--eval_interval", 10, "--log_interval", 1, "--dropout", 0.1)
+    assert p.returncode == 0, p.stderr
+    return out, p
+
+
+# ----- a normal run -----------------------------------------------------------------------
+
+def test_outputs_written_and_well_formed(trained):
+    out, p = trained
+    # the full config is printed at the start
+    for f in C.field_types():
+        assert re.search(rf"^\s+{f}\s+= ", p.stdout, re.M), f"config field {f} not printed"
+    # the lecture's eval line at steps 0, 10 and 20
+    assert [int(m[0]) for m in EVAL_LINE.findall(p.stdout)] == [0, 10, 20]
+
+    rows = read_metrics(out)
+    train_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(20))
+    for r in train_rows:
+        assert set(r) == {"step", "loss", "lr", "ms", "tokens_per_s"}
+        assert math.isfinite(r["loss"]) and r["ms"] > 0 and r["tokens_per_s"] > 0
+    # the small preset's schedule: cosine from 1e-3 at step 0 towards 1e-4 at max_iters (20)
+    lrs = [r["lr"] for r in train_rows]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[10] == pytest.approx(5.5e-4)
+    assert all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] > 1e-4
+    assert [r["step"] for r in eval_rows] == [0, 10, 20]
+    for r in eval_rows:
+        assert set(r) == {"step", "train_loss", "val_loss"}
+    # the printed eval line matches what was logged
+    printed = [(float(a), float(b)) for _, a, b in EVAL_LINE.findall(p.stdout)]
+    assert printed == [(round(r["train_loss"], 4), round(r["val_loss"], 4)) for r in eval_rows]
+    # the tiny model learns something in 20 steps on this repetitive text
+    assert eval_rows[-1]["train_loss"] < eval_rows[0]["train_loss"]
+
+    # ckpt.npz: plain arrays (no pickle), model + AdamW state + meta
+    with np.load(os.path.join(out, "ckpt.npz"), allow_pickle=False) as z:
+        names = set(z.files)
+        assert all(z[k].dtype != object for k in z.files)
+    assert "meta" in names and any(k.startswith("optim/") for k in names)
+    meta, model_state, optim_state = load_checkpoint(os.path.join(out, "ckpt.npz"))
+    assert meta["step"] == 20
+    assert meta["config"]["max_iters"] == 20 and meta["config"]["dropout"] == 0.1
+    assert json.loads(meta["tokenizer"])  # the vocabulary, as JSON
+    assert meta["val_loss"] == pytest.approx(eval_rows[-1]["val_loss"])
+    assert len(model_state) > 3 and all(a.dtype == np.float32 for a in model_state.values())
+    assert all(st["step"] == 20 for st in optim_state["state"].values())
+    # best.npz: the weights with the lowest val loss seen
+    best, _, best_optim = load_checkpoint(os.path.join(out, "best.npz"))
+    assert best_optim is None
+    assert best["val_loss"] == pytest.approx(min(r["val_loss"] for r in eval_rows))
+    with open(os.path.join(out, "loss.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # no temporary files left behind
+    assert sorted(os.listdir(out)) == ["best.npz", "ckpt.npz", "loss.png", "metrics.jsonl"]
+
+
+def test_train_py_is_an_executable_script():
+    assert os.access(TRAIN, os.X_OK)
+    with open(TRAIN, encoding="utf-8") as f:
+        assert f.readline().strip() == "#!/usr/bin/env python3"
+
+
+def test_runs_from_another_directory_and_plain_log_lines(tmp_path, text_file):
+    p = run_train(*TINY, "--data", text_file, "--out_dir", "rel_out", "--max_iters", 4,
+                  "--eval_interval", 4, "--log_interval", 2, "--model", "bigram", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "rel_out" / "ckpt.npz").exists()
+    # not a terminal: plain log lines every log_interval (and at the last step)
+    assert re.findall(r"^iter (\d+): loss \d+\.\d{4}", p.stdout, re.M) == ["0", "2", "3"]
+
+
+def test_progress_bar_on_a_terminal(tmp_path, text_file):
+    import pty
+    master, slave = pty.openpty()
+    args = [*TINY, "--data", text_file, "--out_dir", tmp_path / "o", "--max_iters", 6,
+            "--eval_interval", 6]
+    proc = subprocess.Popen([sys.executable, TRAIN, *map(str, args)],
+                            stdout=slave, stderr=subprocess.PIPE, cwd=tmp_path)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=120)
+    os.close(master)
+    out = b"".join(chunks).decode("utf-8", "replace")
+    assert proc.returncode == 0
+    assert "step/s" in out or "s/step" in out      # tqdm's rate
+    assert "tok_s=" in out and "loss=" in out       # our postfix
+    assert "step 6: train loss" in out              # eval lines still printed
+    assert not re.search(r"^iter \d+:", out, re.M)  # no plain log lines on a terminal
+
+
+# ----- determinism and resume ---------------------------------------------------------------
+
+def test_resume_is_exact_with_dropout(tmp_path, trained, text_file):
+    full, _ = trained  # 20 uninterrupted steps, dropout 0.1
+    half = str(tmp_path / "half")
+    # the same cosine schedule as the 20-step run: it decays over lr_decay_iters, not max_iters
+    common = [*TINY, "--data", text_file, "--out_dir", half, "--eval_interval", 10,
+              "--log_interval", 1, "--dropout", 0.1, "--lr_decay_iters", 20]
+    assert run_train(*common, "--max_iters", 10).returncode == 0
+    # as if killed after logging past the checkpoint: those lines are dropped on resume
+    with open(os.path.join(half, "metrics.jsonl"), "a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": 11, "loss": 9.9, "lr": 1e-3, "ms": 1.0, "tokens_per_s": 1.0}))
+        f.write('\n{"step": 12, "lo')
+    # resume with only the changed option: the rest comes from the checkpoint
+    p = run_train("--out_dir", half, "--max_iters", 20, "--resume")
+    assert p.returncode == 0, p.stderr
+    assert "resuming from" in p.stdout
+    a, b = train_losses(full), train_losses(half)
+    assert [s for s, _ in b] == list(range(20))
+    assert b == a  # bitwise: same batches, same dropout masks, same AdamW state
+    evals = lambda d: [(r["step"], r["val_loss"]) for r in read_metrics(d) if "val_loss" in r]  # noqa: E731
+    assert evals(half) == evals(full)
+    assert load_checkpoint(os.path.join(half, "ckpt.npz"))[0]["step"] == 20
+
+
+def test_eval_interval_does_not_change_training(tmp_path, trained, text_file):
+    full, _ = trained
+    other = str(tmp_path / "o")
+    p = run_train(*TINY, "--data", text_file, "--out_dir", other, "--max_iters", 20,
+                  "--eval_interval", 3, "--log_interval", 1, "--dropout", 0.1)
+    assert p.returncode == 0, p.stderr
+    assert train_losses(other) == train_losses(full)
+
+
+def test_different_seed_changes_training(tmp_path, trained, text_file):
+    full, _ = trained
+    other = str(tmp_path / "o")
+    p = run_train(*TINY, "--data", text_file, "--out_dir", other, "--max_iters", 3,
+                  "--eval_interval", 10, "--log_interval", 1, "--dropout", 0.1, "--seed", 7)
+    assert p.returncode == 0, p.stderr
+    assert train_losses(other)[0] != train_losses(full)[0]
+
+
+def copy_run(trained, tmp_path):
+    out = str(tmp_path / "copy")
+    shutil.copytree(trained[0], out)
+    return out
+
+
+def test_resume_with_changed_model_shape_is_an_error(tmp_path, trained):
+    out = copy_run(trained, tmp_path)
+    before = sha256(os.path.join(out, "ckpt.npz"))
+    p = run_train("--out_dir", out, "--resume", "--n_layer", 2, "--max_iters", 30)
+    assert_one_line_error(p, 2, "n_layer=1 -> 2", "cannot change on resume")
+    assert sha256(os.path.join(out, "ckpt.npz")) == before
+
+
+def test_resume_already_finished_does_nothing(tmp_path, trained):
+    out = copy_run(trained, tmp_path)
+    before = sha256(os.path.join(out, "ckpt.npz"))
+    p = run_train("--out_dir", out, "--resume")
+    assert p.returncode == 0 and "nothing to do" in p.stdout
+    assert sha256(os.path.join(out, "ckpt.npz")) == before
+    p = run_train("--out_dir", out, "--resume", "--max_iters", 5)
+    assert_one_line_error(p, 2, "max_iters (5) is below the checkpoint's step (20)")
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, trained):
+    out = copy_run(trained, tmp_path)
+    ckpt = os.path.join(out, "ckpt.npz")
+    before = sha256(ckpt)
+    # a learning rate of 1e30 blows the weights up at the first update after the resume
+    p = run_train("--out_dir", out, "--resume", "--max_iters", 40, "--learning_rate", "1e30")
+    assert_one_line_error(p, 1, "non-finite", "step 21", "(step 20) is kept")
+    assert sha256(ckpt) == before
+    assert load_checkpoint(ckpt)[0]["step"] == 20
+    # and it resumes fine afterwards with a sane learning rate
+    p = run_train("--out_dir", out, "--resume", "--max_iters", 22)
+    assert p.returncode == 0, p.stderr
+
+
+def test_nonfinite_loss_in_a_fresh_run(tmp_path, text_file):
+    out = str(tmp_path / "o")
+    p = run_train(*TINY, "--data", text_file, "--out_dir", out, "--max_iters", 20,
+                  "--eval_interval", 10, "--learning_rate", "1e30")
+    assert_one_line_error(p, 1, "non-finite training loss", "(step 0) is kept")
+    meta, model_state, _ = load_checkpoint(os.path.join(out, "ckpt.npz"))
+    assert meta["step"] == 0
+    assert all(np.isfinite(a).all() for a in model_state.values())
+
+
+# ----- bad input --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "empty.txt").write_bytes(b"")
+    (d / "short.txt").write_text("to be or not to be\n", encoding="utf-8")  # < block_size + 1 per split
+    (d / "latin1.txt").write_bytes(("caf\u00e9 " * 200).encode("latin-1"))
+    return d
+
+
+@pytest.mark.parametrize("name, needle", [
+    ("missing.txt", "missing.txt"),
+    ("empty.txt", "empty"),
+    ("short.txt", "block_size"),
+    ("latin1.txt", "UTF-8"),
+])
+def test_bad_data_file(tmp_path, bad_files, name, needle):
+    p = run_train(*TINY, "--data", bad_files / name, "--out_dir", tmp_path / "o", "--max_iters", 2)
+    assert_one_line_error(p, 1, needle)
+    assert not (tmp_path / "o" / "ckpt.npz").exists()
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--n_embd", "30", "--n_head", "4"], ["n_embd (30)", "n_head (4)"]),
+    (["--n_layer", "0"], ["n_layer", "positive", "0"]),
+    (["--block_size", "-8"], ["block_size", "-8"]),
+    (["--batch_size", "0"], ["batch_size"]),
+    (["--max_iters", "0"], ["max_iters"]),
+    (["--eval_iters", "0"], ["eval_iters"]),
+    (["--dropout", "1.5"], ["dropout", "1.5"]),
+    (["--learning_rate", "-1"], ["learning_rate"]),
+    (["--lr_decay", "linear"], ["lr_decay", "'linear'"]),
+    (["--model", "transformer"], ["unknown model 'transformer'", "gpt"]),
+    (["--bogus", "1"], ["unknown option --bogus", "--n_embd", "--resume"]),
+    (["--n_embd=big"], ["--n_embd", "'big'", "int"]),
+    (["--dropout", "lots"], ["--dropout", "'lots'", "float"]),
+    (["--resume", "maybe"], ["--resume", "'maybe'", "bool"]),
+    (["--config", "huge"], ["unknown preset 'huge'", "small", "lecture"]),
+    (["positional"], ["unexpected argument 'positional'"]),
+    (["--max_iters"], ["--max_iters needs a value"]),
+])
+def test_bad_config_is_a_one_line_error(tmp_path, text_file, args, needles):
+    p = run_train(*TINY, "--data", text_file, "--out_dir", tmp_path / "o", *args)
+    assert_one_line_error(p, 2, *needles)
+    assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")
+
+
+def test_cuda_without_a_gpu_is_a_one_line_error(tmp_path, text_file):
+    if backend.cuda_available():
+        pytest.skip("a GPU is usable here; this checks the message on machines without one")
+    p = run_train(*TINY, "--data", text_file, "--out_dir", tmp_path / "o", "--device", "cuda")
+    assert_one_line_error(p, 2, "cuda", "no GPU")
+
+
+def test_resume_without_a_checkpoint(tmp_path, text_file):
+    p = run_train(*TINY, "--data", text_file, "--out_dir", tmp_path / "none", "--resume")
+    assert_one_line_error(p, 1, "no checkpoint at", "none")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "no_meta"])
+def test_resume_with_a_corrupt_checkpoint(tmp_path, trained, damage):
+    out = copy_run(trained, tmp_path)
+    ckpt = os.path.join(out, "ckpt.npz")
+    data = open(ckpt, "rb").read()
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    elif damage == "garbage":
+        data = bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8))
+    elif damage == "empty":
+        data = b""
+    else:
+        np.savez(ckpt, x=np.zeros(3))
+        data = open(ckpt, "rb").read()
+    with open(ckpt, "wb") as f:
+        f.write(data)
+    metrics_before = sha256(os.path.join(out, "metrics.jsonl"))
+    p = run_train("--out_dir", out, "--resume", "--max_iters", 30)
+    assert_one_line_error(p, 1, "ckpt.npz")
+    # nothing else was touched
+    assert sha256(os.path.join(out, "metrics.jsonl")) == metrics_before
+    assert open(ckpt, "rb").read() == data
+
+
+def test_help_lists_every_option():
+    p = run_train("--help")
+    assert p.returncode == 0
+    for f in C.field_types():
+        assert f"--{f}" in p.stdout
+    assert "presets: small, lecture" in p.stdout
+
+
+# ----- config parsing (in process) ----------------------------------------------------------
+
+def test_parse_key_value_and_key_equals_value():
+    preset, o = C.parse_args(["--config", "lecture", "--n_layer", "2", "--dropout=0.5",
+                              "--data", "x.txt", "--learning_rate=3e-4"])
+    assert preset == "lecture"
+    assert o == {"n_layer": 2, "dropout": 0.5, "data": "x.txt", "learning_rate": 3e-4}
+    assert type(o["n_layer"]) is int and type(o["dropout"]) is float
+    cfg = C.make_config(preset, o)
+    assert (cfg.n_layer, cfg.n_embd, cfg.dropout, cfg.batch_size) == (2, 384, 0.5, 64)
+
+
+@pytest.mark.parametrize("text, value", [("true", True), ("True", True), ("1", True),
+                                         ("false", False), ("FALSE", False), ("0", False)])
+def test_bool_values(text, value):
+    assert C.parse_args(["--resume", text])[1] == {"resume": value}
+    assert C.parse_args([f"--resume={text}"])[1] == {"resume": value}
+
+
+def test_bare_bool_flag_means_true():
+    assert C.parse_args(["--resume"])[1] == {"resume": True}
+    assert C.parse_args(["--resume", "--max_iters", "5"])[1] == {"resume": True, "max_iters": 5}
+
+
+def test_negative_numbers_are_values_not_options():
+    assert C.parse_args(["--seed", "-3", "--min_lr", "-1e-3"])[1] == {"seed": -3, "min_lr": -1e-3}
+    with pytest.raises(C.ConfigError, match="seed must be >= 0, got -3"):
+        C.make_config(None, {"seed": -3}).validate()
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["--n_embd", "1.5"], r"^--n_embd: '1.5' is not an int"),
+    (["--learning_rate", "fast"], r"^--learning_rate: 'fast' is not a float"),
+    (["--resume", "yes"], r"^--resume: 'yes' is not a bool \(expected true, false, 1 or 0\)$"),
+    (["--nope", "1"], r"^unknown option --nope; valid options: --config, --model, "),
+    (["--config", "tiny"], r"^unknown preset 'tiny'; presets: small, lecture, bigram"),
+])
+def test_bad_overrides(argv, pattern):
+    with pytest.raises(C.ConfigError, match=pattern) as e:
+        C.parse_args(argv)
+    assert "\n" not in str(e.value)
+
+
+def test_default_preset_is_small():
+    cfg = C.make_config()
+    expect = dict(batch_size=12, block_size=64, n_embd=128, n_head=4, n_layer=4, dropout=0.0,
+                  learning_rate=1e-3, max_iters=2000, eval_interval=250, eval_iters=20,
+                  lr_decay="cosine", min_lr=1e-4)
+    assert {k: getattr(cfg, k) for k in expect} == expect
+
+
+def test_lecture_preset():
+    cfg = C.make_config("lecture")
+    expect = dict(batch_size=64, block_size=256, n_embd=384, n_head=6, n_layer=6, dropout=0.2,
+                  learning_rate=3e-4, max_iters=6000, eval_interval=500, eval_iters=200)
+    assert {k: getattr(cfg, k) for k in expect} == expect
+
+
+def test_every_preset_is_valid_and_names_a_model():
+    from gpt.model import MODELS
+    for name in MODELS:  # one preset per lecture stage
+        assert C.PRESETS[name]["model"] == name
+    for name in C.PRESETS:
+        C.make_config(name).validate(model_names=list(MODELS))
+
+
+def test_every_field_has_a_comment():
+    helps = C.field_help()
+    assert set(helps) == set(C.field_types())
+    assert all(h.strip() for h in helps.values())
+
+
+def test_validate_checks_batch_split_across_ranks():
+    cfg = C.make_config(None, {"batch_size": 12})
+    cfg.validate(world_size=4)
+    with pytest.raises(C.ConfigError, match=r"batch_size \(12\) must be divisible .* \(5\)"):
+        cfg.validate(world_size=5)
+
+
+def test_config_json_round_trip():
+    cfg = C.make_config("lecture", {"seed": 5})
+    assert C.config_from_dict(json.loads(cfg.to_json())) == cfg
+    with pytest.raises(C.ConfigError, match="unknown fields"):
+        C.config_from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_learning_rate_schedule():
+    from train.train import get_lr
+    const = C.make_config(None, {"learning_rate": 1.0, "warmup_iters": 3, "lr_decay": "none"})
+    assert [get_lr(s, const) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    cos = C.make_config(None, {"learning_rate": 1.0, "min_lr": 0.1, "lr_decay": "cosine",
+                               "warmup_iters": 0, "max_iters": 100})
+    assert get_lr(0, cos) == pytest.approx(1.0)
+    assert get_lr(50, cos) == pytest.approx(0.55)
+    assert get_lr(100, cos) == pytest.approx(0.1)
+    lrs = [get_lr(s, cos) for s in range(101)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_weight_decay_only_on_2d_parameters():
+    import tinytensor.nn as nn
+    from train.train import make_optimizer
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    opt = make_optimizer(model, C.make_config(None, {"weight_decay": 0.1}))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert sorted(p.ndim for p in decay["params"]) == [2, 2]
+    assert all(p.ndim == 1 for p in no_decay["params"]) and len(no_decay["params"]) == 4

@@ -1,0 +1,434 @@
+#!/usr/bin/env python3
+"""Train a character-level GPT (or any lecture stage) on a text file.
+
+    python train/train.py                                  # the small preset on tiny Shakespeare
+    python train/train.py --config lecture --device cuda   # the lecture's model, on a GPU
+    python train/train.py --max_iters 4000 --resume        # continue from out/ckpt.npz
+    mpirun -n 2 train/train.py                             # data parallel (batch_size is global)
+
+Writes to out_dir: metrics.jsonl, ckpt.npz (latest, for --resume), best.npz (best val loss)
+and loss.png. The run depends only on the seed and the config: training batches, evaluation
+batches and dropout each draw from their own stream, derived from (seed, stream, step), so
+evaluating more often or resuming from a checkpoint never changes the training losses.
+"""
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import replace
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)  # run from any directory, installed or not
+
+import numpy as np  # noqa: E402
+
+import tinytensor as tt  # noqa: E402
+from tinytensor import backend  # noqa: E402
+from tinytensor import distributed as dist  # noqa: E402
+from tinytensor.optim import AdamW, clip_grad_norm_, cosine_lr  # noqa: E402
+from train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
+from train.config import (MODEL_SHAPE_FIELDS, PRESETS, ConfigError, config_from_dict,  # noqa: E402
+                          format_config, make_config, parse_args, usage)
+
+# Ids of the independent random streams; each step's generator is derived from (seed, id, step).
+TRAIN_STREAM, EVAL_STREAM, DROPOUT_STREAM = 0, 1, 2
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message is one line for the user."""
+
+
+# ----- random streams ---------------------------------------------------------------------
+
+def stream(seed, *key):
+    """A NumPy Generator determined by (seed, *key) alone, e.g. stream(seed, TRAIN_STREAM, step)."""
+    return np.random.default_rng([seed, *key])
+
+
+def seed_dropout(seed, step, rank):
+    """Reseed tinytensor's stream (dropout masks) for this step and rank."""
+    state = np.random.SeedSequence([seed, DROPOUT_STREAM, step, rank]).generate_state(1, np.uint64)
+    tt.manual_seed(int(state[0]))
+
+
+# ----- pieces of the loop -------------------------------------------------------------------
+
+def get_lr(step, cfg):
+    """The learning rate for optimizer step `step` (0-based): warmup, then constant or cosine."""
+    if cfg.lr_decay == "cosine":
+        return cosine_lr(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters,
+                         cfg.lr_decay_iters or cfg.max_iters)
+    if step < cfg.warmup_iters:
+        return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
+    return cfg.learning_rate
+
+
+def make_optimizer(model, cfg):
+    """AdamW with weight decay on the 2-D weights (matmuls, embeddings) only, as nanoGPT."""
+    params = list(model.parameters())
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    return AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+
+
+def local_slice(x, global_batch):
+    """This rank's rows of a global batch: every rank draws the same batch, takes its part."""
+    b = global_batch // dist.world_size()
+    r = dist.rank()
+    return x[r * b:(r + 1) * b]
+
+
+def estimate_loss(model, dataset, cfg, step, device):
+    """The lecture's estimate_loss(): mean loss over eval_iters batches per split, in eval mode.
+
+    Batch k of split s comes from stream (seed, EVAL_STREAM, step, s, k), so the estimate
+    never consumes training randomness; under MPI rank r evaluates batches r, r+W, ...
+    and the sums are averaged over ranks.
+    """
+    model.eval()
+    out = {}
+    with tt.no_grad():
+        for split_id, split in enumerate(("train", "val")):
+            total, count = 0.0, 0
+            for k in range(dist.rank(), cfg.eval_iters, dist.world_size()):
+                x, y = dataset.get_batch(split, cfg.batch_size, cfg.block_size,
+                                         stream(cfg.seed, EVAL_STREAM, step, split_id, k))
+                _, loss = model(backend.to_device(x, device), backend.to_device(y, device))
+                total += loss.item()
+                count += 1
+            # mean over ranks of [sum, count] -> their ratio is the mean over all batches
+            s, n = np.asarray(dist.allreduce_mean(np.array([total, count], dtype=np.float64)))
+            out[split] = float(s / n)
+    model.train()
+    return out
+
+
+# ----- files in out_dir ---------------------------------------------------------------------
+
+class Metrics:
+    """metrics.jsonl (append, one JSON object per line) plus the in-memory history for the plot."""
+
+    def __init__(self, path, resume_step=None):
+        self.path = path
+        self.train, self.evals = [], []  # (step, loss), (step, train_loss, val_loss)
+        if resume_step is None:
+            open(path, "w").close()
+            return
+        # keep what the checkpoint covers: train rows before its step, eval rows up to it
+        kept = []
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                    except ValueError:
+                        continue  # a line cut short by a kill
+                    if "val_loss" in row and row["step"] <= resume_step:
+                        kept.append(row)
+                        self.evals.append((row["step"], row["train_loss"], row["val_loss"]))
+                    elif "loss" in row and row["step"] < resume_step:
+                        kept.append(row)
+                        self.train.append((row["step"], row["loss"]))
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row) + "\n" for row in kept)
+        os.replace(tmp, path)
+
+    def write(self, row):
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if "val_loss" in row:
+            self.evals.append((row["step"], row["train_loss"], row["val_loss"]))
+        else:
+            self.train.append((row["step"], row["loss"]))
+
+
+def plot_losses(metrics, path):
+    """Train (per log line) and eval curves to a PNG, replaced atomically."""
+    import logging
+    logging.getLogger("matplotlib").setLevel(logging.ERROR)  # no one-time font-cache notice on stderr
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if metrics.train:
+        s, loss = zip(*metrics.train)
+        ax.plot(s, loss, color="0.75", linewidth=0.8, label="train (batch)")
+    if metrics.evals:
+        s, tr, va = zip(*metrics.evals)
+        ax.plot(s, tr, "o-", label="train (estimate)")
+        ax.plot(s, va, "o-", label="val (estimate)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path + ".tmp"
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ----- setup ----------------------------------------------------------------------------
+
+def resolve_config(argv):
+    """The run's TrainConfig and, with --resume, the loaded checkpoint (meta, model, optim)."""
+    preset, overrides = parse_args(argv)
+    cfg = make_config(preset, overrides)
+    if not cfg.resume:
+        return cfg, None
+    path = os.path.join(cfg.out_dir, "ckpt.npz")
+    if not os.path.exists(path):
+        raise CheckpointError(f"--resume: no checkpoint at {path}; check --out_dir, or leave out "
+                              f"--resume to start afresh")
+    meta, model_state, optim_state = load_checkpoint(path)
+    if optim_state is None:
+        raise CheckpointError(f"{path} holds no optimizer state, so it cannot be resumed")
+    try:
+        saved = config_from_dict(meta["config"])
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{path}: unusable saved config ({e})") from None
+    # the saved config, updated by what this command line names explicitly
+    explicit = dict(PRESETS[preset]) if preset else {}
+    explicit.update(overrides)
+    cfg = replace(saved, **explicit)
+    cfg = replace(cfg, resume=True, out_dir=make_config(preset, overrides).out_dir)
+    changed = [f"{k}={getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in MODEL_SHAPE_FIELDS
+               if getattr(saved, k) != getattr(cfg, k)]
+    if changed:
+        raise ConfigError(f"--resume: the model in {path} has a different shape ({', '.join(changed)}); "
+                          f"these cannot change on resume: use the checkpoint's values or another out_dir")
+    return cfg, (meta, model_state, optim_state)
+
+
+def build(cfg, ckpt):
+    """Data, tokenizer, model (on its device) and optimizer, restored from ckpt when resuming."""
+    from gpt.data import CharDataset, DataError, load_text
+    from gpt.model import MODELS, GPTConfig, build_model
+    from gpt.tokenizer import CharTokenizer
+
+    cfg.validate(model_names=list(MODELS), world_size=dist.world_size())
+    try:
+        device = backend.check_device(cfg.device)
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(str(e)) from None
+
+    text = load_text(cfg.data or None)
+    tokenizer = CharTokenizer.from_json(ckpt[0]["tokenizer"]) if ckpt else None
+    try:
+        dataset = CharDataset(text, tokenizer)
+    except DataError:
+        raise
+    except ValueError as e:  # characters outside the checkpoint's vocabulary
+        raise DataError(f"{cfg.data or 'the dataset'} does not fit the checkpoint's vocabulary: "
+                        f"{e}") from None
+    dataset.check_block_size(cfg.block_size)
+
+    gconf = GPTConfig(vocab_size=dataset.tokenizer.vocab_size, block_size=cfg.block_size,
+                      n_embd=cfg.n_embd, n_head=cfg.n_head, n_layer=cfg.n_layer, dropout=cfg.dropout)
+    try:
+        gconf.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    tt.manual_seed(cfg.seed)  # parameter initialisation
+    model = build_model(cfg.model, gconf)
+    model.to(device)
+    optimizer = make_optimizer(model, cfg)
+    if ckpt:
+        meta, model_state, optim_state = ckpt
+        try:
+            model.load_state_dict(model_state)
+            optimizer.load_state_dict(optim_state)
+        except (KeyError, ValueError, IndexError) as e:
+            msg = str(e.args[0]) if e.args else type(e).__name__
+            raise CheckpointError(f"{cfg.out_dir}/ckpt.npz does not match the model: {msg}") from None
+    return dataset, model, optimizer, device
+
+
+# ----- the run ----------------------------------------------------------------------------
+
+def run(argv):
+    if any(a in ("-h", "--help") for a in argv):
+        if dist.is_main():
+            print(usage())
+        return 0
+    cfg, ckpt = resolve_config(argv)
+    dataset, model, optimizer, device = build(cfg, ckpt)
+    main = dist.is_main()
+    start = int(ckpt[0]["step"]) if ckpt else 0
+    best_val = ckpt[0].get("best_val_loss", math.inf) if ckpt else math.inf
+    best_val = math.inf if best_val is None else best_val
+    if start > cfg.max_iters:
+        raise ConfigError(f"max_iters ({cfg.max_iters}) is below the checkpoint's step ({start}); "
+                          f"pass --max_iters {start} or more")
+
+    params = list(model.parameters())
+    dist.broadcast_parameters(model)
+    dist.check_consistent(cfg.to_dict(), params)
+
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.npz")
+    best_path = os.path.join(cfg.out_dir, "best.npz")
+    metrics = None
+    if main:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        print("config:\n" + format_config(cfg), flush=True)
+        print(f"data: {cfg.data or 'tiny Shakespeare'}: {len(dataset.data):,} tokens "
+              f"({len(dataset.train):,} train, {len(dataset.val):,} val), "
+              f"vocab {dataset.tokenizer.vocab_size}")
+        print(f"model: {cfg.model}, {model.num_parameters():,} parameters, device {device}, "
+              f"{dist.world_size()} process(es)")
+        if ckpt:
+            print(f"resuming from {ckpt_path} at step {start}")
+        elif os.path.exists(ckpt_path):
+            print(f"note: starting afresh; {ckpt_path} will be overwritten at the first evaluation "
+                  f"(pass --resume to continue it)")
+        metrics = Metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), start if ckpt else None)
+    if start == cfg.max_iters:
+        if main:
+            print(f"nothing to do: the checkpoint is already at step {start}; raise --max_iters to go on")
+        return 0
+
+    last_saved = {"step": start if ckpt else None}
+    tokenizer_json = dataset.tokenizer.to_json()
+
+    def meta(step, losses):
+        return {"step": step, "config": cfg.to_dict(), "tokenizer": tokenizer_json,
+                "train_loss": losses["train"], "val_loss": losses["val"], "best_val_loss": best_val,
+                "world_size": dist.world_size(),
+                "rng": {"seed": cfg.seed, "next_step": step,
+                        "streams": "train batch (seed, 0, step); eval batch k of split s "
+                                   "(seed, 1, step, s, k); dropout (seed, 2, step, rank)"}}
+
+    def evaluate(step):
+        nonlocal best_val
+        losses = estimate_loss(model, dataset, cfg, step, device)
+        if main:
+            say(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        if not (math.isfinite(losses["train"]) and math.isfinite(losses["val"])):
+            raise TrainingError(nonfinite_message(step, "evaluation loss"))
+        if main:
+            metrics.write({"step": step, "train_loss": losses["train"], "val_loss": losses["val"]})
+            if losses["val"] < best_val:
+                best_val = losses["val"]
+                save_checkpoint(best_path, meta(step, losses), model)
+            save_checkpoint(ckpt_path, meta(step, losses), model, optimizer)
+            plot_losses(metrics, os.path.join(cfg.out_dir, "loss.png"))
+        last_saved["step"] = step
+
+    def nonfinite_message(step, what):
+        kept = (f"the last good checkpoint {ckpt_path} (step {last_saved['step']}) is kept"
+                if last_saved["step"] is not None else "no checkpoint was written")
+        return (f"non-finite {what} at step {step}: training stopped; {kept}; "
+                f"try a lower learning_rate (now {cfg.learning_rate:g}) or --grad_clip 1.0")
+
+    bar = None
+    if main and sys.stdout.isatty():
+        from tqdm import tqdm
+        sized = terminal_columns() > 0  # a bare pty reports 0 x 0: tqdm would draw nothing
+        bar = tqdm(total=cfg.max_iters, initial=start, unit="step", file=sys.stdout,
+                   dynamic_ncols=sized, ncols=None if sized else 100, nrows=None if sized else 24)
+
+    def say(line):
+        (bar.write if bar is not None else print)(line)
+        sys.stdout.flush()
+
+    tokens_per_step = cfg.batch_size * cfg.block_size
+    model.train()
+    t_log, steps_since_log = time.perf_counter(), 0
+    # non-finite values are caught by the loss check below, not by NumPy's warnings
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        for step in range(start, cfg.max_iters):
+            if step % cfg.eval_interval == 0 and step != last_saved["step"]:
+                evaluate(step)
+                t_log, steps_since_log = time.perf_counter(), 0  # evaluation is not step time
+            lr = get_lr(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = dataset.get_batch("train", cfg.batch_size, cfg.block_size,
+                                     stream(cfg.seed, TRAIN_STREAM, step))
+            x = backend.to_device(local_slice(x, cfg.batch_size), device)
+            y = backend.to_device(local_slice(y, cfg.batch_size), device)
+            seed_dropout(cfg.seed, step, dist.rank())
+            _, loss = model(x, y)
+            optimizer.zero_grad()
+            loss.backward()
+            dist.allreduce_gradients(params)
+            if cfg.grad_clip > 0:
+                clip_grad_norm_(params, cfg.grad_clip)
+            local_loss = loss.item()
+            if not dist.all_true(math.isfinite(local_loss)):
+                raise TrainingError(nonfinite_message(step, "training loss"))
+            optimizer.step()
+            step_loss = float(dist.allreduce_mean(local_loss))
+            steps_since_log += 1
+
+            if bar is not None:
+                bar.update(1)
+            if step % cfg.log_interval == 0 or step + 1 == cfg.max_iters:
+                backend.synchronize()
+                now = time.perf_counter()
+                ms = 1000.0 * (now - t_log) / steps_since_log
+                tokens_per_s = tokens_per_step / (ms / 1000.0)
+                t_log, steps_since_log = now, 0
+                if main:
+                    metrics.write({"step": step, "loss": step_loss, "lr": lr, "ms": ms,
+                                   "tokens_per_s": tokens_per_s})
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+                    else:
+                        eta = (cfg.max_iters - step - 1) * ms / 1000.0
+                        print(f"iter {step}: loss {step_loss:.4f}, lr {lr:.2e}, {ms:.1f} ms/step, "
+                              f"{tokens_per_s:,.0f} tokens/s, eta {format_eta(eta)}", flush=True)
+        evaluate(cfg.max_iters)
+    if bar is not None:
+        bar.close()
+    if main:
+        print(f"done: {cfg.max_iters} steps; best val loss {best_val:.4f}; wrote {ckpt_path}, "
+              f"{best_path}, {os.path.join(cfg.out_dir, 'metrics.jsonl')}, "
+              f"{os.path.join(cfg.out_dir, 'loss.png')}")
+    return 0
+
+
+def terminal_columns():
+    try:
+        return os.get_terminal_size(sys.stdout.fileno()).columns
+    except (OSError, ValueError):
+        return 0
+
+
+def format_eta(seconds):
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+def fail(message, code):
+    """One line on stderr (from rank 0 only under MPI: every rank hits the same error)."""
+    if dist.world_size() == 1 or dist.is_main():
+        print("error: " + " ".join(str(message).split("\n")), file=sys.stderr, flush=True)
+    return code
+
+
+def main(argv=None):
+    from gpt.data import DataError
+    argv = sys.argv[1:] if argv is None else list(argv)
+    dist.init()
+    try:
+        return run(argv)
+    except ConfigError as e:
+        return fail(e, 2)
+    except (DataError, CheckpointError, TrainingError) as e:
+        return fail(e, 1)
+    except OSError as e:  # e.g. out_dir not writable, disk full
+        return fail(f"{e.strerror or e}: {e.filename}" if e.filename else e, 1)
+    except KeyboardInterrupt:
+        return fail("interrupted; the last checkpoint in out_dir is intact (continue with --resume)", 130)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
