@@ -126,6 +126,7 @@ CASES = {
                                            randn(2, 3, 6)),
         "fused_linear_relu": (fused.linear_relu, randn(2, 3, 4), randn(5, 4, seed=1), randn(5, seed=2)),
         "fused_linear_relu_nobias": (fused.linear_relu, randn(3, 4), randn(5, 4, seed=1)),
+        "fused_dropout": (lambda x: _seeded(fused.dropout, x, 0.3), randn(3, 4)),
     }),
     "composite_mlp": (lambda x, w1, w2: F.cross_entropy(F.gelu(x @ w1).tanh() @ w2, np.array([1, 0, 2])),
                       randn(3, 4), randn(4, 5, seed=1), randn(5, 3, seed=2)),

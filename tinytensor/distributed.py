@@ -42,7 +42,7 @@ import traceback
 
 import numpy as np
 
-from . import backend
+from . import backend, flat
 
 MPI = None            # the mpi4py.MPI module, once init() has imported it
 _comm = None          # MPI.COMM_WORLD while running under MPI, else None
@@ -361,25 +361,31 @@ class _Bucket:
 
     def sum_over_ranks(self):
         """buf <- the sum of buf over all ranks, in place."""
-        buf = self.buf
-        if not backend.is_cuda(buf):
-            _comm.Allreduce(MPI.IN_PLACE, buf)
-        elif _nccl_comm is not None:  # GPU to GPU
-            _nccl_comm.allReduce(buf.data.ptr, buf.data.ptr, buf.size, backend.nccl_dtype(buf.dtype),
-                                 backend.nccl().NCCL_SUM, backend.current_stream_ptr())
-        else:  # stage through host memory: the PyPI MPI wheels cannot read GPU memory
-            if self.host is None:
-                self.host = np.empty(buf.shape, dtype=buf.dtype)
-            backend.synchronize()  # the gradients are written before MPI reads the copy
-            buf.get(out=self.host)
-            _comm.Allreduce(MPI.IN_PLACE, self.host)
-            buf.set(self.host)
+        self.host = _sum_over_ranks(self.buf, self.host)
 
     def finish(self):
         """p.grad = its view of the mean, or None if no rank had a gradient."""
         present = backend.to_numpy(self.flags) > 0
         for p, view, ok in zip(self.params, self.views, present):
             p.grad = view if ok else None
+
+
+def _sum_over_ranks(buf, host=None):
+    """buf <- the sum of buf over all ranks, in place (a contiguous array). For a GPU array
+    summed over MPI, host is the staging copy to reuse (returned, made when None)."""
+    if not backend.is_cuda(buf):
+        _comm.Allreduce(MPI.IN_PLACE, buf)
+    elif _nccl_comm is not None:  # GPU to GPU
+        _nccl_comm.allReduce(buf.data.ptr, buf.data.ptr, buf.size, backend.nccl_dtype(buf.dtype),
+                             backend.nccl().NCCL_SUM, backend.current_stream_ptr())
+    else:  # stage through host memory: the PyPI MPI wheels cannot read GPU memory
+        if host is None:
+            host = np.empty(buf.shape, dtype=buf.dtype)
+        backend.synchronize()  # the gradients are written before MPI reads the copy
+        buf.get(out=host)
+        _comm.Allreduce(MPI.IN_PLACE, host)
+        buf.set(host)
+    return host
 
 
 def _make_buckets(params, bucket_bytes):
@@ -401,7 +407,8 @@ def _make_buckets(params, bucket_bytes):
 _layouts = {}  # (bucket size, the parameters) -> their buckets, kept between calls
 
 
-def _buckets_for(params, bucket_mb):
+def _bucket_mb(bucket_mb):
+    """bucket_mb, or TT_BUCKET_MB, or the default."""
     if bucket_mb is None:
         setting = os.environ.get("TT_BUCKET_MB", str(DEFAULT_BUCKET_MB))
         try:
@@ -409,6 +416,11 @@ def _buckets_for(params, bucket_mb):
         except ValueError:
             raise DistributedError(f"TT_BUCKET_MB={setting!r}: expected a size in MB, "
                                    f"e.g. 25") from None
+    return bucket_mb
+
+
+def _buckets_for(params, bucket_mb):
+    bucket_mb = _bucket_mb(bucket_mb)
     key = (bucket_mb, tuple((id(p), p.shape, p.dtype, p.device) for p in params))
     if key not in _layouts:
         if len(_layouts) >= 4:  # a few models at most; the buckets hold their parameters alive
@@ -425,14 +437,52 @@ def allreduce_gradients(params, bucket_mb=None):
     TT_BUCKET_MB), and each bucket is summed with one in-place MPI Allreduce. Afterwards p.grad
     is a view into its bucket (overwritten by the next call). A parameter whose grad is None
     counts as zeros; it stays None only when it is None on every rank.
+
+    When these parameters' gradients live in a flat buffer (optim.AdamW keeps them in one, see
+    flat.py; backward writes them there), that buffer itself is summed in place, in slices of
+    the same size: no copy in or out, and p.grad stays the view it was.
     """
     if world_size() == 1:
         return
     params = _param_list(params)
+    fp = flat.find(params)
+    if fp is not None:  # the optimizer's flat buffers (flat.py): sum them in place
+        _allreduce_flat(fp, bucket_mb)
+        return
     for bucket in _buckets_for(params, bucket_mb):
         bucket.fill(world_size())
         bucket.sum_over_ranks()
         bucket.finish()
+
+
+def _allreduce_flat(fp, bucket_mb):
+    """allreduce_gradients for parameters whose gradients live in a flat.FlatParameters
+    (AdamW keeps them there): the backward pass wrote them into fp.grad already, so they are
+    divided and summed in place, in slices of about bucket_mb MB, with the 'has a gradient'
+    flags that end the same storage. The same semantics as the buckets."""
+    n = world_size()
+    for p, view in zip(fp.params, fp.grad_views):
+        if p.grad is None:
+            view[...] = 0
+        elif p.grad.shape != p.shape:
+            raise ValueError(f"gradient of shape {p.grad.shape} for a parameter of shape {p.shape}")
+        elif p.grad is not view:  # e.g. set by hand: copy it in
+            view[...] = p.grad
+    fp.flags[...] = backend.to_device(np.array([p.grad is not None for p in fp.params],
+                                               dtype=fp.flags.dtype), backend.device_of(fp.flags))
+    fp.grad /= n                  # the sum over ranks is then the mean
+    storage = fp.grad_and_flags
+    host = None
+    if backend.is_cuda(storage) and _nccl_comm is None:  # a host staging copy, kept with fp
+        host = getattr(fp, "host_staging", None)
+        if host is None:
+            host = fp.host_staging = np.empty(storage.shape, dtype=storage.dtype)
+    step = max(1, int(_bucket_mb(bucket_mb) * 1e6) // storage.itemsize)
+    for start in range(0, storage.size, step):
+        _sum_over_ranks(storage[start:start + step], None if host is None else host[start:start + step])
+    present = backend.to_numpy(fp.flags) > 0
+    for p, view, ok in zip(fp.params, fp.grad_views, present):
+        p.grad = view if ok else None
 
 
 class DistributedDataParallel:

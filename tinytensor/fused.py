@@ -15,8 +15,9 @@ Shapes: B batch, T time, C = nh * hs channels, nh heads of size hs.
 """
 import numpy as np
 
-from . import backend
+from . import backend, parallel
 from . import random as _random
+from .ops import column_sums
 from .tensor import Function
 
 # queries are processed in chunks of this many positions once T reaches 2 chunks: a chunk
@@ -31,19 +32,93 @@ def _xp(*a):
 def dropout_keep(shape, p, xp=np):
     """A bool array of `shape`: True (keep) with probability 1 - p, from the library's stream.
 
-    The draw F.dropout makes, so a fused op with dropout equals the composed one."""
-    return _random.rng(xp).random(shape, dtype=np.float32) >= p
+    Exactly the draw `rng.random(shape, dtype=float32) >= p` (F.dropout's), so fused ops
+    with dropout equal the composed ones; large draws are split over threads (_parallel_uniform).
+    """
+    gen = _random.rng(xp)
+    n = int(np.prod(shape))
+    if xp is not np or n < parallel.MIN_ELEMENTS or parallel.threads() < 2 \
+            or not isinstance(gen.bit_generator, np.random.PCG64):
+        return gen.random(shape, dtype=np.float32) >= p
+    keep = np.empty(n, dtype=bool)
+    _parallel_uniform(gen, n, lambda a, b, u: np.greater_equal(u, p, out=keep[a:b]))
+    return keep.reshape(shape)
 
 
-def _causal_softmax_(att, scale, start):
-    """att (..., Tq, Tk) <- softmax(scale * att) over the last axis, in place, with key j
-    masked out of query row i when j > start + i (row i sits at position start + i)."""
+def _parallel_uniform(gen, n, use):
+    """Draw gen.random(n, dtype=float32) in parallel parts; use(a, b, u) gets elements a..b-1.
+
+    PCG64 makes one 64-bit output per step and float32 draws take its halves in turn (low,
+    then high), so element i comes from output i // 2: a copy of the generator advanced by
+    a // 2 steps draws elements a.. exactly as the single draw would (a even). Afterwards gen
+    is left where the single draw leaves it, half-used output included.
+    """
+    bitgen = gen.bit_generator
+    state = bitgen.state
+    start = 0
+    if state["has_uint32"]:  # the first element is the high half of an output already made
+        use(0, 1, gen.random(1, dtype=np.float32))
+        state, start = bitgen.state, 1
+
+    m = n - start                      # elements drawn from `state` on
+
+    def part(a, b):                    # elements start + a .. start + b - 1, a made even
+        a, b = 2 * (a // 2), (2 * (b // 2) if b < m else m)
+        if a < b:
+            g = np.random.PCG64()
+            g.state = state
+            g.advance(a // 2)
+            use(start + a, start + b, np.random.Generator(g).random(b - a, dtype=np.float32))
+
+    parallel.for_ranges(m, part)
+    bitgen.state = state
+    bitgen.advance(m // 2)
+    if m % 2:                          # the last element took the low half of one more output
+        high = int(bitgen.random_raw()) >> 32
+        st = bitgen.state
+        st["has_uint32"], st["uinteger"] = 1, high
+        bitgen.state = st
+
+
+class Dropout(Function):
+    """Inverted dropout: x * keep / (1 - p) with keep drawn by dropout_keep. Equal to F.dropout's
+    composition x * (keep.astype(dtype) / (1 - p)) but keeps a bool mask, not a float one."""
+
+    def forward(self, x, p):
+        xp = _xp(x)
+        self.keep, self.scale = dropout_keep(x.shape, p, xp), x.dtype.type(1.0 / (1.0 - p))
+        return self._masked(x)
+
+    def backward(self, gy):
+        return self._masked(gy)
+
+    def _masked(self, a):
+        """a * keep * scale, over row ranges in parallel when large."""
+        xp = _xp(a)
+        out = xp.empty_like(a)
+        if a.ndim == 0:
+            return a * self.keep * self.scale
+
+        def rows(r0, r1):
+            xp.multiply(a[r0:r1], self.keep[r0:r1], out=out[r0:r1])
+            out[r0:r1] *= self.scale
+        parallel.rows(len(a), rows, a.size, xp, block=parallel.block_rows(a[0].size))
+        return out
+
+
+def dropout(x, p):
+    """Inverted dropout of x (a Tensor with at least one dimension), 0 < p < 1, in one op."""
+    return Dropout.apply(x, p=float(p))
+
+
+def _causal_softmax_(att, start):
+    """att (..., Tq, Tk) <- softmax(att) over the last axis, in place, with key j masked out
+    of query row i when j > start + i (row i sits at position start + i, start = Tk - Tq)."""
     xp = _xp(att)
-    tq, tk = att.shape[-2:]
-    att *= att.dtype.type(scale)
-    if tk > start + 1:
-        future = xp.triu(xp.ones((tq, tk), dtype=bool), k=start + 1)     # (Tq, Tk)
-        att += xp.where(future, -xp.inf, 0.0).astype(att.dtype)           # -inf where j > start + i
+    tq = att.shape[-2]
+    if tq > 1:  # the future lies in the last Tq columns: j - start > i
+        block = att[..., start:]                                        # (..., Tq, Tq)
+        block += xp.where(xp.triu(xp.ones((tq, tq), dtype=bool), k=1), -xp.inf, 0.0).astype(att.dtype)
     att -= att.max(axis=-1, keepdims=True)
     xp.exp(att, out=att)
     att /= att.sum(axis=-1, keepdims=True)
@@ -54,17 +129,20 @@ class CausalAttention(Function):
     """Multi-head causal self-attention from the output of the fused q/k/v projection.
 
     qkv (B, T, 3*C): every head's queries (head h in columns h*hs:(h+1)*hs), then the keys,
-    then the values. Returns (B, T, C), the heads' outputs side by side. Equal to
+    then the values. Returns (B, T, C), the heads' outputs side by side. Equal (up to
+    rounding) to
 
         q, k, v = qkv.reshape(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4)   # each (B, nh, T, hs)
         att = causal_softmax(q @ k.transpose(-2, -1), scale=hs ** -0.5)  # (B, nh, T, T)
         att = dropout(att, p)
         y = (att @ v).transpose(1, 2).reshape(B, T, C)
 
-    with the dropout keep-mask drawn as F.dropout draws it. Backward keeps only the attention
-    weights and a bool keep-mask, and writes the q/k/v gradients into one (B, T, 3*C) array.
-    For T >= 2 * ATTENTION_CHUNK the queries go in chunks, each against the keys up to its
-    own position only: the masked future (nearly half of the scores) is never computed.
+    with the dropout keep-mask drawn as F.dropout draws it. The work on the (T, T) scores is
+    what costs; so the scale goes onto q (hs wide, not T), 1 / (1 - p) onto the (T, hs) result,
+    only the diagonal block is masked, and backward keeps only the attention weights and a
+    bool keep-mask. For T >= 2 * ATTENTION_CHUNK the queries go in chunks, each against the
+    keys up to its own position only: most of the masked future is never computed. The q/k/v
+    gradients are written into one (B, T, 3*C) array; large batches are split over threads.
     """
 
     def forward(self, qkv, n_head, p=0.0):
@@ -73,52 +151,78 @@ class CausalAttention(Function):
         nh, hs = n_head, C3 // (3 * n_head)
         qkv5 = qkv.reshape(B, T, 3, nh, hs)                         # (B, T, 3, nh, hs)
         q, k, v = (qkv5[:, :, i].transpose(0, 2, 1, 3) for i in range(3))   # each (B, nh, T, hs)
-        self.q, self.k, self.v, self.p, self.scale = q, k, v, p, hs ** -0.5
+        self.q, self.k, self.v = q, k, v
+        self.scale, self.rescale = qkv.dtype.type(hs ** -0.5), qkv.dtype.type(1.0 / (1.0 - p))
         self.keep = dropout_keep((B, nh, T, T), p, xp) if p > 0 else None   # (B, nh, T, T)
         chunk = ATTENTION_CHUNK if T >= 2 * ATTENTION_CHUNK else T
-        self.chunks = [(s, min(s + chunk, T)) for s in range(0, T, chunk)]
-        self.att = []                                               # per chunk (B, nh, c, e)
+        self.chunks = [(s, min(s + chunk, T)) for s in range(0, T, chunk)]  # queries s..e-1 see keys ..e-1
+        self.att = [xp.empty((B, nh, e - s, e), dtype=qkv.dtype) for s, e in self.chunks]
         y = xp.empty((B, T, nh, hs), dtype=qkv.dtype)               # (B, T, nh, hs)
-        for s, e in self.chunks:
-            att = q[:, :, s:e] @ k[:, :, :e].transpose(0, 1, 3, 2)  # (B, nh, c, e) scores
-            _causal_softmax_(att, self.scale, s)
-            self.att.append(att)
-            y[:, s:e] = (self._dropped(att, s, e) @ v[:, :, :e]).transpose(0, 2, 1, 3)
+        y_heads = y.transpose(0, 2, 1, 3)                           # (B, nh, T, hs) view of y
+
+        def rows(b0, b1):  # batch rows b0..b1-1, all chunks
+            q_s = q[b0:b1] * self.scale                             # (b, nh, T, hs) scaled queries
+            for (s, e), att in zip(self.chunks, self.att):
+                a = att[b0:b1]                                      # (b, nh, c, e) scores
+                xp.matmul(q_s[:, :, s:e], k[b0:b1, :, :e].transpose(0, 1, 3, 2), out=a)
+                _causal_softmax_(a, s)                              # attention weights
+                out = y_heads[b0:b1, :, s:e]                        # (b, nh, c, hs)
+                xp.matmul(self._kept(a, b0, b1, s, e), v[b0:b1, :, :e], out=out)
+                if self.keep is not None:
+                    out *= self.rescale
+
+        parallel.rows(B, rows, B * nh * T * T, xp, block=parallel.block_rows(nh * T * T))
         return y.reshape(B, T, nh * hs)                             # (B, T, C): heads side by side
 
-    def _dropped(self, att, s, e):
-        """The chunk's attention weights after dropout (a new array), or att itself."""
-        if self.keep is None:
-            return att
-        d = att * self.keep[:, :, s:e, :e]
-        d *= d.dtype.type(1.0 / (1.0 - self.p))
-        return d
+    def _kept(self, att, b0, b1, s, e):
+        """att * keep for batch rows b0..b1, chunk s..e (a new array; not yet scaled by
+        1 / (1 - p)), or att itself without dropout."""
+        return att if self.keep is None else att * self.keep[b0:b1, :, s:e, :e]
 
     def backward(self, gy):
         xp = _xp(gy)
         q, k, v = self.q, self.k, self.v
         B, nh, T, hs = q.shape
         g = gy.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)          # (B, nh, T, hs)
-        gq = xp.empty((B, nh, T, hs), dtype=gy.dtype)
-        gk = xp.zeros((B, nh, T, hs), dtype=gy.dtype)
-        gv = xp.zeros((B, nh, T, hs), dtype=gy.dtype)
-        rescale = 1.0 if self.keep is None else 1.0 / (1.0 - self.p)
-        for (s, e), att in zip(self.chunks, self.att):
-            gc = g[:, :, s:e]                                       # (B, nh, c, hs)
-            gv[:, :, :e] += self._dropped(att, s, e).transpose(0, 1, 3, 2) @ gc
-            ga = gc @ v[:, :, :e].transpose(0, 1, 3, 2)             # (B, nh, c, e) d(dropped att)
-            if self.keep is not None:
-                ga *= self.keep[:, :, s:e, :e]                      # the 1/(1-p) goes in below
-            dot = (ga * att).sum(axis=-1, keepdims=True)            # (B, nh, c, 1)
-            ga -= dot
-            ga *= att
-            ga *= ga.dtype.type(self.scale * rescale)               # d(scores)
-            gq[:, :, s:e] = ga @ k[:, :, :e]
-            gk[:, :, :e] += ga.transpose(0, 1, 3, 2) @ q[:, :, s:e]
         gqkv = xp.empty((B, T, 3, nh, hs), dtype=gy.dtype)          # (B, T, 3, nh, hs)
-        for i, gi in enumerate((gq, gk, gv)):
-            gqkv[:, :, i] = gi.transpose(0, 2, 1, 3)                # (B, T, nh, hs)
+        gq, gk, gv = (gqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (B, nh, T, hs) views
+
+        def rows(b0, b1):
+            q_s = q[b0:b1] * self.scale                             # (b, nh, T, hs) scaled queries
+            # the last chunk sees every key: it writes gk and gv, the earlier ones add to them
+            for (s, e), att in reversed(list(zip(self.chunks, self.att))):
+                att = att[b0:b1]                                    # (b, nh, c, e)
+                gc = g[b0:b1, :, s:e]                               # (b, nh, c, hs)
+                if self.keep is not None:
+                    gc = gc * self.rescale                          # d(kept weights @ v)
+                kept_t = self._kept(att, b0, b1, s, e).transpose(0, 1, 3, 2)   # (b, nh, e, c)
+                if e == T:
+                    xp.matmul(kept_t, gc, out=gv[b0:b1])
+                else:
+                    gv[b0:b1, :, :e] += kept_t @ gc
+                del kept_t
+                ga = gc @ v[b0:b1, :, :e].transpose(0, 1, 3, 2)     # (b, nh, c, e) d(weights)
+                if self.keep is not None:
+                    ga *= self.keep[b0:b1, :, s:e, :e]
+                ga -= _rowdot(ga, att)
+                ga *= att                                           # d(scaled scores)
+                gq_c = gq[b0:b1, :, s:e]                            # (b, nh, c, hs)
+                xp.matmul(ga, k[b0:b1, :, :e], out=gq_c)
+                gq_c *= self.scale
+                if e == T:
+                    xp.matmul(ga.transpose(0, 1, 3, 2), q_s[:, :, s:e], out=gk[b0:b1])
+                else:
+                    gk[b0:b1, :, :e] += ga.transpose(0, 1, 3, 2) @ q_s[:, :, s:e]
+
+        parallel.rows(B, rows, B * nh * T * T, xp, block=parallel.block_rows(nh * T * T))
         return gqkv.reshape(B, T, 3 * nh * hs)                      # (B, T, 3*C)
+
+
+def _rowdot(a, b):
+    """sum(a * b, axis=-1, keepdims=True) without the (a * b) temporary."""
+    if _xp(a) is np:
+        return np.einsum("...i,...i->...", a, b)[..., None]
+    return (a * b).sum(axis=-1, keepdims=True)
 
 
 def causal_attention(qkv, n_head, dropout_p=0.0):
@@ -138,19 +242,28 @@ class LinearReLU(Function):
     a pre-activation and a mask."""
 
     def forward(self, x, w, b=None):
+        xp = _xp(x)
         y = x.reshape(-1, x.shape[-1]) @ w.T                        # (N, out)
-        if b is not None:
-            y += b
-        y *= y > 0                                                  # relu (as ReLU: x * (x > 0))
+
+        def rows(r0, r1):  # bias and relu (as ReLU: x * (x > 0)), large y over threads
+            yr = y[r0:r1]
+            if b is not None:
+                yr += b
+            yr *= yr > 0
+        parallel.rows(len(y), rows, y.size, xp, block=parallel.block_rows(y.shape[1]))
         self.x, self.w, self.y = x, w, y
         return y.reshape(x.shape[:-1] + (w.shape[0],))              # (..., out)
 
     def backward(self, gy):
-        x, w = self.x, self.w
-        g = gy.reshape(self.y.shape) * (self.y > 0)                 # (N, out)
+        xp = _xp(gy)
+        x, w, y = self.x, self.w, self.y
+        gy2 = gy.reshape(y.shape)                                   # (N, out)
+        g = xp.empty_like(gy2)
+        parallel.rows(len(g), lambda r0, r1: xp.multiply(gy2[r0:r1], y[r0:r1] > 0, out=g[r0:r1]),
+                      g.size, xp)
         gx = (g @ w).reshape(x.shape) if self.needs_grad[0] else None
         gw = g.T @ x.reshape(-1, x.shape[-1]) if self.needs_grad[1] else None
-        gb = g.sum(axis=0) if len(self.needs_grad) > 2 and self.needs_grad[2] else None
+        gb = column_sums(g) if len(self.needs_grad) > 2 and self.needs_grad[2] else None
         return gx, gw, gb
 
 

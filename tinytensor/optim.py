@@ -8,7 +8,9 @@ import math
 
 import numpy as np
 
-from . import backend
+from . import backend, parallel
+from .flat import FlatParameters
+from .kernels.adamw import adamw_step
 from .tensor import Tensor
 
 
@@ -89,9 +91,83 @@ class AdamW(Optimizer):
             raise ValueError(f"invalid AdamW hyperparameters: lr={lr}, betas={betas}, eps={eps}, "
                              f"weight_decay={weight_decay}")
         super().__init__(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        self._flat = None  # FlatParameters of every parameter, built at the first step
 
     def step(self):
-        for g, p in self._params():
+        """One AdamW update of every parameter that has a gradient.
+
+        The parameters, gradients and both moments live in flat buffers (flat.py), so a group
+        whose parameters all have gradients is updated by one kernels.adamw_step call over its
+        stretch of the buffers. Parameters of mixed dtypes or devices, a group in which some
+        parameter has no gradient, or moments at different step counts (a partly loaded
+        state) take the per-parameter path; both compute the same update.
+        """
+        flat = self._flat_buffers()
+        start = 0
+        for g in self.param_groups:
+            n = len(g["params"])
+            if flat is None or not self._flat_step(g, flat, start, start + n):
+                self._step_each(g)
+            start += n
+
+    def _flat_buffers(self):
+        """The FlatParameters of all parameters (rebuilt when p.data was replaced), or None."""
+        params = [p for _, p in self._params()]
+        if self._flat is not None and self._flat.intact():
+            return self._flat
+        if self._flat is not None:
+            self._flat.release()
+        try:
+            self._flat = FlatParameters(params)
+        except ValueError:  # mixed dtypes or devices, or a parameter in two groups
+            self._flat = None
+            return None
+        flat = self._flat
+        self._m = backend.get_array_module(flat.data).zeros_like(flat.data)  # exp_avg of all
+        self._v = self._m.copy()                                             # exp_avg_sq of all
+        spans = list(zip(params, flat.offsets, flat.offsets[1:]))
+        self._m_views = [self._m[a:b].reshape(p.shape) for p, a, b in spans]
+        self._v_views = [self._v[a:b].reshape(p.shape) for p, a, b in spans]
+        return flat
+
+    def _flat_step(self, g, flat, i, j):
+        """Update parameters i .. j-1 (group g) with one flat kernel; False if it cannot."""
+        params = g["params"]
+        if any(p.grad is None for p in params):
+            return False
+        a, b = flat.span(i, j)
+        steps = set()
+        for k, p in enumerate(params, start=i):  # the moments are views of the flat ones
+            m, v = self._m_views[k], self._v_views[k]
+            st = self.state.get(id(p))
+            if st is None:
+                m[...] = 0
+                v[...] = 0
+                st = self.state[id(p)] = {"step": 0, "exp_avg": m, "exp_avg_sq": v}
+            elif st["exp_avg"] is not m or st["exp_avg_sq"] is not v:
+                m[...] = st["exp_avg"]  # loaded or per-parameter state: move it in
+                v[...] = st["exp_avg_sq"]
+                st["exp_avg"], st["exp_avg_sq"] = m, v
+            steps.add(st["step"])
+            if p.grad is not flat.grad_views[k]:  # e.g. an allreduced gradient: copy it in
+                flat.grad_views[k][...] = p.grad
+        if len(steps) != 1:
+            return False
+        (b1, b2), t = g["betas"], steps.pop() + 1
+        P, G, M, V = flat.data[a:b], flat.grad[a:b], self._m[a:b], self._v[a:b]
+
+        def update(r0, r1):  # element-wise: large buffers are split over threads
+            adamw_step(P[r0:r1], G[r0:r1], M[r0:r1], V[r0:r1], g["lr"], b1, b2, g["eps"],
+                       g["weight_decay"], t)
+        parallel.rows(b - a, update, b - a, backend.get_array_module(P),
+                      block=parallel.CACHE_ELEMENTS)
+        for p in params:
+            self.state[id(p)]["step"] = t
+        return True
+
+    def _step_each(self, g):
+        """The per-parameter update of group g (parameters without a gradient are skipped)."""
+        for p in g["params"]:
             if p.grad is None:
                 continue
             lr, (b1, b2), eps, wd = g["lr"], g["betas"], g["eps"], g["weight_decay"]

@@ -11,7 +11,7 @@ import functools
 
 import numpy as np
 
-from . import backend
+from . import backend, parallel
 
 _default_dtype = np.float32
 _grad_enabled = True
@@ -74,7 +74,9 @@ def _as_array(data, dtype=None):
 class Tensor:
     """An n-dimensional array with reverse-mode automatic differentiation."""
 
-    __slots__ = ("data", "grad", "requires_grad", "_ctx", "__weakref__")
+    # _grad_view: where backward() writes this leaf's first gradient (flat.FlatParameters sets
+    # it to a view of a flat gradient buffer); unset, a copy of the gradient is made
+    __slots__ = ("data", "grad", "requires_grad", "_ctx", "_grad_view", "__weakref__")
     __array_priority__ = 1000  # so ndarray + Tensor defers to Tensor.__radd__
 
     def __init__(self, data, requires_grad=False, dtype=None):
@@ -191,7 +193,7 @@ class Tensor:
                 if g is None:
                     continue
                 if t.grad is None:  # a copy: g may be shared with other inputs' gradients
-                    t.grad = g.astype(t.dtype, copy=True)
+                    t.grad = _first_grad(t, g)
                 else:
                     t.grad += g
                 continue
@@ -207,7 +209,7 @@ class Tensor:
                     if pg.dtype != parent.dtype:  # e.g. through a cast: grads keep their input's dtype
                         pg = pg.astype(parent.dtype)
                     prev = grads.get(id(parent))
-                    grads[id(parent)] = pg if prev is None else prev + pg
+                    grads[id(parent)] = pg if prev is None else parallel.add(prev, pg)
             if ctx is not _RELEASED:  # free the graph as we go: saved arrays and links go
                 t._ctx = _RELEASED
                 ctx.parents = None
@@ -248,6 +250,17 @@ def _topo_order(root):
                 if p is not None and p.requires_grad and id(p) not in visited:
                     stack.append((p, False))
     return order
+
+
+def _first_grad(leaf, g):
+    """A copy of g for a leaf's .grad: written into the leaf's _grad_view (a view of a flat
+    gradient buffer, see flat.py) when it has a matching one, else a new array."""
+    view = getattr(leaf, "_grad_view", None)
+    if view is not None and view.shape == g.shape and view.dtype == leaf.dtype \
+            and type(view) is type(g):
+        view[...] = g
+        return view
+    return g.astype(leaf.dtype, copy=True)
 
 
 def _unbroadcast(g, shape):

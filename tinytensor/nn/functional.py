@@ -4,8 +4,7 @@ import numbers
 
 import numpy as np
 
-from .. import backend
-from .. import random as _random
+from .. import backend, fused
 from ..ops import (CrossEntropy, LayerNorm, Linear, Softmax, LogSoftmax, gelu, getitem, linear,
                    log_softmax, relu, softmax)
 from ..tensor import Tensor
@@ -64,10 +63,7 @@ def dropout(x, p=0.5, training=True):
     xp = backend.get_array_module(x.data)
     if p == 1.0:
         return x * xp.zeros(x.shape, dtype=x.dtype)
-    keep = _random.rng(xp).random(x.shape, dtype=np.float32) >= p
-    mask = keep.astype(x.dtype)
-    mask *= 1.0 / (1.0 - p)
-    return x * Tensor(mask)
+    return fused.dropout(x, p)  # x * keep / (1 - p), keep drawn as rng.random(shape) >= p
 
 
 def embedding(idx, weight):
