@@ -9,7 +9,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=["tinytensor", "tinytensor.nn", "tinytensor.kernels", "gpt"],
     python_requires=">=3.10",
-    install_requires=["numpy>=1.24", "tqdm", "matplotlib"],
+    install_requires=["numpy>=1.24", "tqdm", "matplotlib", "threadpoolctl"],
     extras_require={
         # torch is a test-only dependency: the CPU build is enough (see README)
         "test": ["pytest", "hypothesis", "torch"],
