@@ -107,7 +107,8 @@ def main(argv=None):
             wk = common.Worker(os.path.abspath(__file__), "torch",
                                ["--preset", preset, "--threads", str(args.threads)], args.threads)
             try:
-                row["torch_tokens_per_s"] = tokens / wk.ask(cmd="generate", tokens=tokens, seed=args.seed)["s"]
+                took = wk.ask(cmd="generate", tokens=tokens, seed=args.seed)["s"]
+                row["torch_tokens_per_s"] = tokens / took
             finally:
                 wk.close()
         res["presets"][preset] = row
@@ -117,7 +118,8 @@ def main(argv=None):
         return
     print(f"machine: {res['machine']}")
     print("batch 1, from a 1-token prompt\n")
-    print(f"{'preset':8s} {'block':>5s} {'tokens':>6s} {'KV cache tok/s':>15s} {'recompute tok/s':>16s} {'speed-up':>9s} "
+    print(f"{'preset':8s} {'block':>5s} {'tokens':>6s} {'KV cache tok/s':>15s} {'recompute tok/s':>16s} "
+          f"{'speed-up':>9s} "
           f"{'same tokens':>12s} {'torch (no cache) tok/s':>23s}")
     for preset, r in res["presets"].items():
         torch_col = f"{r['torch_tokens_per_s']:23.0f}" if "torch_tokens_per_s" in r else f"{'-':>23s}"

@@ -178,7 +178,8 @@ def torch_ops(cfg, threads):
             wte, wpe = leaf(common.VOCAB, C), leaf(T, C)
             idx = torch.from_numpy(np.random.default_rng(0).integers(0, common.VOCAB, (B, T)))
             pos = torch.arange(T)
-            inputs, fn, g = [wte, wpe], (lambda: F.embedding(idx, wte) + F.embedding(pos, wpe)), torch.randn(B, T, C)
+            inputs, g = [wte, wpe], torch.randn(B, T, C)
+            fn = (lambda: F.embedding(idx, wte) + F.embedding(pos, wpe))
         elif name == "cross_entropy":
             x = leaf(B * T, common.VOCAB)
             t = torch.from_numpy(np.random.default_rng(0).integers(0, common.VOCAB, B * T))
@@ -245,7 +246,8 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = common.PRESETS[args.preset]
     if args._worker:
-        common.serve(tinytensor_ops(cfg) if args._worker == "tinytensor" else torch_ops(cfg, args.threads))
+        common.serve(tinytensor_ops(cfg) if args._worker == "tinytensor"
+                     else torch_ops(cfg, args.threads))
         return
     extra = ["--preset", args.preset, "--threads", str(args.threads)]
     script = os.path.abspath(__file__)
@@ -259,14 +261,16 @@ def main(argv=None):
                     times[wk.kind].append(wk.ask(cmd="time", name=op, reps=args.reps)["ms"])
             rows[op] = {k: common.median(v) for k, v in times.items()}
             if not args.json:
-                print(f"  {op:14s} tinytensor {rows[op]['tinytensor']:8.3f} ms   torch {rows[op]['torch']:8.3f} ms",
+                print(f"  {op:14s} tinytensor {rows[op]['tinytensor']:8.3f} ms   "
+                      f"torch {rows[op]['torch']:8.3f} ms",
                       file=sys.stderr, flush=True)
     finally:
         for wk in workers:
             wk.close()
     res = {"preset": args.preset, "config": cfg, "machine": common.machine(args.threads),
            "reps": args.reps, "rounds": args.rounds,
-           "ops": {op: dict(r, shape=shapes(cfg)[op], ratio=r["tinytensor"] / r["torch"]) for op, r in rows.items()}}
+           "ops": {op: dict(r, shape=shapes(cfg)[op], ratio=r["tinytensor"] / r["torch"])
+                   for op, r in rows.items()}}
     if args.json:
         print(json.dumps(res, indent=1))
         return

@@ -20,7 +20,8 @@ why), with the weights of one initialisation:
 After --warmup untimed steps each, the models take turns: a turn is --lead untimed steps and
 --block timed steps back to back (as in training), after --gap seconds of rest (so the previous
 model's BLAS/OpenMP threads have stopped spinning); the order rotates from turn to turn. The
-table shows the median ms/step, the ratio tinytensor / model (< 1: tinytensor is faster),
+table shows the median ms/step and the fastest step (on a shared machine the best step is the
+one least disturbed), the ratio of medians tinytensor / model (< 1: tinytensor is faster),
 tokens/s, achieved GFLOP/s and MFU, and each process's peak memory (VmHWM), which includes
 the framework itself. FLOPs per step are nanoGPT's count (common.train_flops). MFU is against
 the best fp32 GEMM rate measured in the same run by either framework, at the model's own
@@ -49,7 +50,8 @@ MODELS = ("tinytensor", "torch", "torch-fused")
 def batch(cfg, seed, i):
     """The i-th batch (x, y) of random tokens, int64 (B, T): y is x shifted by one."""
     import numpy as np
-    d = np.random.default_rng([seed, i]).integers(0, common.VOCAB, (cfg["batch_size"], cfg["block_size"] + 1))
+    shape = (cfg["batch_size"], cfg["block_size"] + 1)
+    d = np.random.default_rng([seed, i]).integers(0, common.VOCAB, shape)
     return np.ascontiguousarray(d[:, :-1]), np.ascontiguousarray(d[:, 1:])
 
 
@@ -78,7 +80,8 @@ def tinytensor_worker(cfg, seed, lr, weights):
             _, loss = model(*batch(cfg, seed, 0))
         model.train()
         w["model"] = model
-        return {"params": model.num_parameters(), "eval_loss": loss.item(), "rss_mb": common.memory_mb()[0]}
+        return {"params": model.num_parameters(), "eval_loss": loss.item(),
+                "rss_mb": common.memory_mb()[0]}
 
     def step(i):
         import time
@@ -127,7 +130,8 @@ def torch_worker(cfg, seed, lr, weights, fused, threads):
         torch.manual_seed(seed)
         arrays = np.load(weights)
         prefix = "ours/" if fused else "lecture/"
-        sd = {k[len(prefix):]: torch.from_numpy(arrays[k]) for k in arrays.files if k.startswith(prefix)}
+        sd = {k[len(prefix):]: torch.from_numpy(arrays[k])
+              for k in arrays.files if k.startswith(prefix)}
         if fused:
             model = fused_torch_model(cfg)
         else:
@@ -136,9 +140,9 @@ def torch_worker(cfg, seed, lr, weights, fused, threads):
                                      cfg["n_layer"], cfg["dropout"])
         model.load_state_dict(sd)
         params = list(model.parameters())
-        w["opt"] = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.01},
-                                      {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-                                     lr=lr)
+        w["opt"] = torch.optim.AdamW(
+            [{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.01},
+             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=lr)
         model.eval()
         with torch.no_grad():
             _, loss = model(*(torch.from_numpy(a) for a in batch(cfg, seed, 0)))
@@ -185,12 +189,14 @@ def fused_torch_model(cfg):
             self.qkv = nn.Linear(C, 3 * C, bias=False)
             self.proj = nn.Linear(C, C)
             self.attn_dropout, self.dropout = nn.Dropout(p), nn.Dropout(p)
-            self.register_buffer("future", torch.triu(torch.ones(T, T, dtype=torch.bool), 1), persistent=False)
+            future = torch.triu(torch.ones(T, T, dtype=torch.bool), 1)              # (T, T)
+            self.register_buffer("future", future, persistent=False)
 
         def forward(self, x):
             B, T, C = x.shape
             hs = C // self.nh
-            q, k, v = self.qkv(x).view(B, T, 3, self.nh, hs).permute(2, 0, 3, 1, 4)  # each (B, nh, T, hs)
+            qkv = self.qkv(x).view(B, T, 3, self.nh, hs)                          # (B, T, 3, nh, hs)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)                                  # each (B, nh, T, hs)
             att = (q @ k.transpose(-2, -1)) * hs ** -0.5                          # (B, nh, T, T)
             att = self.attn_dropout(att.masked_fill(self.future[:T, :T], float("-inf")).softmax(-1))
             y = (att @ v).transpose(1, 2).reshape(B, T, C)                        # (B, T, C)
@@ -217,7 +223,8 @@ def fused_torch_model(cfg):
     class GPT(nn.Module):
         def __init__(self, V, T, C, nh, L, p):
             super().__init__()
-            self.token_embedding_table, self.position_embedding_table = nn.Embedding(V, C), nn.Embedding(T, C)
+            self.token_embedding_table = nn.Embedding(V, C)
+            self.position_embedding_table = nn.Embedding(T, C)
             self.blocks = nn.Sequential(*[Block(C, nh, T, p) for _ in range(L)])
             self.ln_f, self.lm_head = nn.LayerNorm(C), nn.Linear(C, V)
 
@@ -227,7 +234,8 @@ def fused_torch_model(cfg):
             logits = self.lm_head(self.ln_f(self.blocks(x)))                       # (B, T, V)
             return logits, F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))
 
-    return GPT(common.VOCAB, cfg["block_size"], cfg["n_embd"], cfg["n_head"], cfg["n_layer"], cfg["dropout"])
+    return GPT(common.VOCAB, cfg["block_size"], cfg["n_embd"], cfg["n_head"], cfg["n_layer"],
+               cfg["dropout"])
 
 
 # ----------------------------------------------------------------- the parent
@@ -236,7 +244,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small", choices=sorted(common.PRESETS))
     p.add_argument("--iters", type=int, default=None, help="timed steps per model (default: small 30, lecture 3)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps per model first (default: small 5, lecture 1)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed steps per model first (default: small 5, lecture 1)")
     p.add_argument("--block", type=int, default=None,
                    help="timed steps per turn, back to back as in training (default: small 5, lecture 1)")
     p.add_argument("--lead", type=int, default=None,
@@ -256,7 +265,8 @@ def parse_args(argv=None):
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     bad = [m for m in models if m not in MODELS]
     if bad or not models or models[0] != "tinytensor":
-        p.error(f"--models must start with tinytensor and name only {', '.join(MODELS)}; got {args.models!r}")
+        p.error(f"--models must start with tinytensor and name only {', '.join(MODELS)}; "
+                f"got {args.models!r}")
     if args.threads < 1:
         p.error(f"--threads must be at least 1, got {args.threads}")
     args.models = models
@@ -286,7 +296,8 @@ def run(args):
             times = {wk.kind: [] for wk in workers}
             losses = {wk.kind: [] for wk in workers}
             for wk in workers:  # warm-up: fills malloc's free lists, BLAS buffers, caches
-                losses[wk.kind] += [a["loss"] for a in wk.ask(cmd="steps", start=0, n=args.warmup)["steps"]]
+                got = wk.ask(cmd="steps", start=0, n=args.warmup)["steps"]
+                losses[wk.kind] += [a["loss"] for a in got]
             turns = -(-args.iters // args.block)
             step = args.warmup
             for r in range(turns):
@@ -348,13 +359,15 @@ def print_table(res):
           f"after {res['warmup']} warm-up")
     rates = ", ".join(f"{k} ({g['lib']}) {g['best']:.0f}" for k, g in res["gemm_gflops"].items())
     print(f"fp32 GEMM peak, GFLOP/s: {rates}; MFU below is against {res['peak_gflops']:.0f}\n")
-    print(f"{'model':12s} {'ms/step':>9s} {'tt/model':>9s} {'tokens/s':>9s} {'GFLOP/s':>8s} "
-          f"{'MFU':>5s} {'peak MB':>8s} {'eval loss':>10s}")
+    print(f"{'model':12s} {'ms/step':>9s} {'best ms':>9s} {'tt/model':>9s} {'tokens/s':>9s} "
+          f"{'GFLOP/s':>8s} {'MFU':>5s} {'peak MB':>8s} {'eval loss':>10s}")
     for kind, r in res["results"].items():
-        print(f"{kind:12s} {r['ms_per_step']:9.1f} {r['tinytensor_ratio']:8.2f}x {r['tokens_per_s']:9,.0f} "
-              f"{r['gflops']:8.1f} {r['mfu']:5.0%} {r['peak_mb']:8.0f} {r['eval_loss']:10.5f}")
+        print(f"{kind:12s} {r['ms_per_step']:9.1f} {min(r['ms_all']):9.1f} {r['tinytensor_ratio']:8.2f}x "
+              f"{r['tokens_per_s']:9,.0f} {r['gflops']:8.1f} {r['mfu']:5.0%} {r['peak_mb']:8.0f} "
+              f"{r['eval_loss']:10.5f}")
     if "torch" in res["results"]:
-        print(f"\nratio tinytensor / torch (lecture model): {res['results']['torch']['tinytensor_ratio']:.2f}")
+        ratio = res["results"]["torch"]["tinytensor_ratio"]
+        print(f"\nratio tinytensor / torch (lecture model): {ratio:.2f}")
 
 
 def worker_main(args):

@@ -426,7 +426,8 @@ def test_layer_norm_row_parallel_equals_serial(monkeypatch, shape):
     x, g = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
     w, b = (rng.standard_normal(shape[-1]).astype(np.float32) for _ in range(2))
     outs = []
-    for threshold, parts, cache in ((1 << 60, 1, 1 << 17), (0, 2, 1 << 17), (0, 3, 1 << 17), (0, 2, 1024)):
+    for threshold, parts, cache in ((1 << 60, 1, 1 << 17), (0, 2, 1 << 17), (0, 3, 1 << 17),
+                                    (0, 2, 1024)):
         monkeypatch.setattr(parallel, "MIN_ELEMENTS", threshold)
         monkeypatch.setattr(parallel, "threads", lambda parts=parts: parts)
         monkeypatch.setattr(parallel, "CACHE_ELEMENTS", cache)  # 1024: blocks of 64 rows

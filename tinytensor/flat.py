@@ -43,7 +43,8 @@ class FlatParameters:
                                  f"got {p.dtype} on {p.device} and {first.dtype} on {first.device}")
         xp = backend.get_array_module(first.data)
         self.params = params
-        self.offsets = np.cumsum([0] + [p.size for p in params]).tolist()  # p i: [offsets[i], offsets[i+1])
+        # parameter i lives in [offsets[i], offsets[i + 1]) of the flat buffers
+        self.offsets = np.cumsum([0] + [p.size for p in params]).tolist()
         n = self.offsets[-1]
         self.data = xp.empty(n, dtype=first.dtype)
         # the gradients, then one flag per parameter ("has a gradient"): an allreduce sums both

@@ -155,7 +155,8 @@ class CausalAttention(Function):
         self.scale, self.rescale = qkv.dtype.type(hs ** -0.5), qkv.dtype.type(1.0 / (1.0 - p))
         self.keep = dropout_keep((B, nh, T, T), p, xp) if p > 0 else None   # (B, nh, T, T)
         chunk = ATTENTION_CHUNK if T >= 2 * ATTENTION_CHUNK else T
-        self.chunks = [(s, min(s + chunk, T)) for s in range(0, T, chunk)]  # queries s..e-1 see keys ..e-1
+        # chunk (s, e): queries s..e-1, which see keys 0..e-1
+        self.chunks = [(s, min(s + chunk, T)) for s in range(0, T, chunk)]
         self.att = [xp.empty((B, nh, e - s, e), dtype=qkv.dtype) for s, e in self.chunks]
         y = xp.empty((B, T, nh, hs), dtype=qkv.dtype)               # (B, T, nh, hs)
         y_heads = y.transpose(0, 2, 1, 3)                           # (B, nh, T, hs) view of y

@@ -61,7 +61,8 @@ def _get_pool(n):
         if _pool is None or _pool_size < n:
             if _pool is not None:
                 _pool.shutdown(wait=False)
-            _pool = concurrent.futures.ThreadPoolExecutor(max_workers=n, thread_name_prefix="tt-parallel")
+            _pool = concurrent.futures.ThreadPoolExecutor(max_workers=n,
+                                                          thread_name_prefix="tt-parallel")
             _pool_size = n
         return _pool
 

@@ -65,7 +65,8 @@ def train(data, rank, ranks, lr=0.05):
         if ranks > 1:
             dist.allreduce_gradients(list(model.parameters()))
         opt.step()
-    assert opt._flat is not None and all(p.grad is v for p, v in zip(opt._flat.params, opt._flat.grad_views))
+    flat = opt._flat  # built at the first step; afterwards the gradients live in it
+    assert flat is not None and all(p.grad is v for p, v in zip(flat.params, flat.grad_views))
     return np.concatenate([p.data.ravel() for p in model.parameters()])
 
 
