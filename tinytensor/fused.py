@@ -10,6 +10,9 @@ PyTorch and with float64 central differences.
                                                 q/k/v projection to the heads side by side
     linear_relu(x, weight, bias)               relu(x @ weight.T + bias), the feed-forward's
                                                 first layer
+    dropout(x, p)                              inverted dropout with a bool mask (F.dropout)
+
+Large inputs are split over threads by rows (parallel.py); the results do not depend on it.
 
 Shapes: B batch, T time, C = nh * hs channels, nh heads of size hs.
 """
@@ -81,8 +84,8 @@ def _parallel_uniform(gen, n, use):
 
 
 class Dropout(Function):
-    """Inverted dropout: x * keep / (1 - p) with keep drawn by dropout_keep. Equal to F.dropout's
-    composition x * (keep.astype(dtype) / (1 - p)) but keeps a bool mask, not a float one."""
+    """Inverted dropout: x * keep / (1 - p) with keep drawn by dropout_keep. Equal to the
+    composition x * (keep.astype(dtype) / (1 - p)), but keeps a bool mask, not a float one."""
 
     def forward(self, x, p):
         xp = _xp(x)
@@ -94,10 +97,10 @@ class Dropout(Function):
 
     def _masked(self, a):
         """a * keep * scale, over row ranges in parallel when large."""
-        xp = _xp(a)
-        out = xp.empty_like(a)
         if a.ndim == 0:
             return a * self.keep * self.scale
+        xp = _xp(a)
+        out = xp.empty_like(a)
 
         def rows(r0, r1):
             xp.multiply(a[r0:r1], self.keep[r0:r1], out=out[r0:r1])
@@ -107,18 +110,18 @@ class Dropout(Function):
 
 
 def dropout(x, p):
-    """Inverted dropout of x (a Tensor with at least one dimension), 0 < p < 1, in one op."""
+    """Inverted dropout of the Tensor x with probability p (0 < p < 1), in one op."""
     return Dropout.apply(x, p=float(p))
 
 
-def _causal_softmax_(att, start):
-    """att (..., Tq, Tk) <- softmax(att) over the last axis, in place, with key j masked out
-    of query row i when j > start + i (row i sits at position start + i, start = Tk - Tq)."""
+def _causal_softmax_(att):
+    """att (..., Tq, Tk) <- softmax(att) over the last axis, in place, for the last Tq of Tk
+    positions: query row i sits at position Tk - Tq + i and sees the keys up to it."""
     xp = _xp(att)
-    tq = att.shape[-2]
-    if tq > 1:  # the future lies in the last Tq columns: j - start > i
-        block = att[..., start:]                                        # (..., Tq, Tq)
-        block += xp.where(xp.triu(xp.ones((tq, tq), dtype=bool), k=1), -xp.inf, 0.0).astype(att.dtype)
+    tq, tk = att.shape[-2:]
+    if tq > 1:  # the future lies in the last Tq columns, above their diagonal
+        future = xp.triu(xp.ones((tq, tq), dtype=bool), k=1)               # (Tq, Tq)
+        att[..., tk - tq:] += xp.where(future, -xp.inf, 0.0).astype(att.dtype)
     att -= att.max(axis=-1, keepdims=True)
     xp.exp(att, out=att)
     att /= att.sum(axis=-1, keepdims=True)
@@ -165,10 +168,10 @@ class CausalAttention(Function):
             q_s = q[b0:b1] * self.scale                             # (b, nh, T, hs) scaled queries
             for (s, e), att in zip(self.chunks, self.att):
                 a = att[b0:b1]                                      # (b, nh, c, e) scores
-                xp.matmul(q_s[:, :, s:e], k[b0:b1, :, :e].transpose(0, 1, 3, 2), out=a)
-                _causal_softmax_(a, s)                              # attention weights
+                _matmul_into(q_s[:, :, s:e], k[b0:b1, :, :e].transpose(0, 1, 3, 2), a)
+                _causal_softmax_(a)                                 # attention weights
                 out = y_heads[b0:b1, :, s:e]                        # (b, nh, c, hs)
-                xp.matmul(self._kept(a, b0, b1, s, e), v[b0:b1, :, :e], out=out)
+                _matmul_into(self._kept(a, b0, b1, s, e), v[b0:b1, :, :e], out)
                 if self.keep is not None:
                     out *= self.rescale
 
@@ -198,7 +201,7 @@ class CausalAttention(Function):
                     gc = gc * self.rescale                          # d(kept weights @ v)
                 kept_t = self._kept(att, b0, b1, s, e).transpose(0, 1, 3, 2)   # (b, nh, e, c)
                 if e == T:
-                    xp.matmul(kept_t, gc, out=gv[b0:b1])
+                    _matmul_into(kept_t, gc, gv[b0:b1])
                 else:
                     gv[b0:b1, :, :e] += kept_t @ gc
                 del kept_t
@@ -208,15 +211,23 @@ class CausalAttention(Function):
                 ga -= _rowdot(ga, att)
                 ga *= att                                           # d(scaled scores)
                 gq_c = gq[b0:b1, :, s:e]                            # (b, nh, c, hs)
-                xp.matmul(ga, k[b0:b1, :, :e], out=gq_c)
+                _matmul_into(ga, k[b0:b1, :, :e], gq_c)
                 gq_c *= self.scale
                 if e == T:
-                    xp.matmul(ga.transpose(0, 1, 3, 2), q_s[:, :, s:e], out=gk[b0:b1])
+                    _matmul_into(ga.transpose(0, 1, 3, 2), q_s[:, :, s:e], gk[b0:b1])
                 else:
                     gk[b0:b1, :, :e] += ga.transpose(0, 1, 3, 2) @ q_s[:, :, s:e]
 
         parallel.rows(B, rows, B * nh * T * T, xp, block=parallel.block_rows(nh * T * T))
         return gqkv.reshape(B, T, 3 * nh * hs)                      # (B, T, 3*C)
+
+
+def _matmul_into(a, b, out):
+    """out[...] = a @ b, written in place by NumPy's matmul (out may be a strided view)."""
+    if _xp(a) is np:
+        np.matmul(a, b, out=out)
+    else:
+        out[...] = a @ b
 
 
 def _rowdot(a, b):
