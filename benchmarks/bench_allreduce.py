@@ -12,7 +12,8 @@ each repeat, so a busy machine slows them all alike.
 
 'raw' is MPI Allreduce(IN_PLACE) on one preallocated buffer of the same size: the floor that
 allreduce_gradients (copy and divide into buckets, allreduce, point p.grad at the buckets) is
-measured against.
+measured against. The last variant is the path training takes: the gradients already live in
+AdamW's flat buffer, which is divided and summed in place (no copies).
 """
 import argparse
 import os
@@ -25,6 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from gpt.model import GPTConfig, build_model  # noqa: E402
 from tinytensor import distributed as dist  # noqa: E402
+from tinytensor.optim import AdamW  # noqa: E402
 
 PRESETS = {  # vocab, block_size, n_embd, n_head, n_layer
     "small": (65, 64, 128, 4, 4),
@@ -89,6 +91,23 @@ def main():
                     p.grad = g  # what zero_grad() + backward() leave: fresh arrays
                 dist.allreduce_gradients(params, bucket_mb=bucket_mb)
             rows.append((f"allreduce_gradients, {label}", ours))
+
+        # what training does: AdamW keeps the gradients in one flat buffer (tinytensor/flat.py)
+        # that backward writes into, and allreduce_gradients sums that buffer in place
+        model_f = build_model("gpt", GPTConfig(vocab_size=vocab, block_size=block, n_embd=n_embd,
+                                               n_head=n_head, n_layer=n_layer, dropout=0.0))
+        params_f = list(model_f.parameters())
+        opt = AdamW(params_f, lr=1e-3)
+        for p, g in zip(params_f, grads[0]):
+            p.grad = g
+        opt.step()  # builds the flat buffers; from here p.grad is a view into them
+        views = list(zip(params_f, opt._flat.grad_views))
+
+        def flat_buffer(i):
+            for p, v in views:
+                p.grad = v  # as backward leaves them
+            dist.allreduce_gradients(params_f)
+        rows.append(("allreduce_gradients, AdamW flat buffer", flat_buffer))
         results = timed(rows, args.repeats, comm)
         base = results[rows[0][0]]
         for label, ms in results.items():

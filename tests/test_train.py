@@ -356,6 +356,19 @@ def test_help_lists_every_option():
     assert "presets: small, lecture" in p.stdout
 
 
+def test_help_shows_the_presets_values_as_defaults():
+    """--help's defaults are what a run would use: the small preset's (cosine decay, 2000
+    steps), or another preset's when --config names one."""
+    p = run_train("--help")
+    assert re.search(r"--lr_decay .*\[default 'cosine'\]", p.stdout)
+    assert re.search(r"--max_iters .*\[default 2000\]", p.stdout)
+    p = run_train("--config", "lecture", "--help")
+    assert p.returncode == 0
+    assert re.search(r"--lr_decay .*\[default 'none'\]", p.stdout)
+    assert re.search(r"--n_embd .*\[default 384\]", p.stdout)
+    assert re.search(r"--dropout .*\[default 0.2\]", p.stdout)
+
+
 # ----- config parsing (in process) ----------------------------------------------------------
 
 def test_parse_key_value_and_key_equals_value():

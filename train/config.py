@@ -166,10 +166,13 @@ def field_help():
     return dict(re.findall(r"^\s+(\w+): \w+ = .*?#\s*(.*)$", source, flags=re.M))
 
 
-def usage():
+def usage(preset=None):
+    """The --help text; each option's default is its value in the preset (default: small)."""
+    preset = preset or DEFAULT_PRESET
     lines = ["usage: train.py [--config PRESET] [--key value | --key=value ...]",
-             f"presets: {', '.join(PRESETS)} (default {DEFAULT_PRESET})", "options:"]
-    helps, defaults = field_help(), TrainConfig()
+             f"presets: {', '.join(PRESETS)} (default {DEFAULT_PRESET})",
+             f"options (defaults: the {preset!r} preset; `--config NAME --help` shows another's):"]
+    helps, defaults = field_help(), make_config(preset)
     for name, kind in field_types().items():
         lines.append(f"  --{name} {kind.__name__.upper():5s} {helps.get(name, '')} "
                      f"[default {getattr(defaults, name)!r}]")

@@ -254,7 +254,11 @@ def build(cfg, ckpt):
 def run(argv):
     if any(a in ("-h", "--help") for a in argv):
         if dist.is_main():
-            print(usage())
+            try:
+                preset = parse_args([a for a in argv if a not in ("-h", "--help")])[0]
+            except ConfigError:
+                preset = None  # the help is still wanted: show the default preset's
+            print(usage(preset))
         return 0
     cfg, ckpt = resolve_config(argv)
     dataset, model, optimizer, device = build(cfg, ckpt)
