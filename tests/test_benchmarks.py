@@ -1,0 +1,83 @@
+"""The benchmark scripts run and compare like with like (one short run each, about 30 s).
+
+These are not speed tests: no timing is asserted, only that each script finishes, reports
+what it promises, and that what it compares is the same computation (the same model,
+weights and batches give the same losses in tinytensor and PyTorch; the KV cache gives the
+same tokens as recomputing).
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
+
+
+def run_json(script, *args, timeout=300):
+    p = subprocess.run([sys.executable, str(BENCH / script), *args, "--json"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return json.loads(p.stdout)
+
+
+def test_bench_step_compares_the_same_training_step():
+    r = run_json("bench_step.py", "--preset", "small", "--iters", "2", "--warmup", "0",
+                 "--block", "1", "--lead", "0", "--gap", "0")
+    res = r["results"]
+    assert set(res) == {"tinytensor", "torch", "torch-fused"}
+    tt_losses = res["tinytensor"]["losses"]
+    assert len(tt_losses) == 2
+    for name in ("torch", "torch-fused"):
+        # same weights and batches: the same losses step by step (float32)
+        assert res[name]["losses"] == pytest.approx(tt_losses, rel=1e-5)
+        assert res[name]["eval_loss"] == pytest.approx(res["tinytensor"]["eval_loss"], rel=1e-5)
+    for name, m in res.items():
+        assert m["ms_per_step"] > 0 and m["tokens_per_s"] > 0 and m["peak_mb"] > 0, name
+        assert 0 < m["mfu"] < 1.5, name
+        assert m["tinytensor_ratio"] == pytest.approx(
+            res["tinytensor"]["ms_per_step"] / m["ms_per_step"])
+    assert r["peak_gflops"] > 0 and r["flops_per_step"] > 0
+
+
+def test_bench_ops_times_every_op():
+    r = run_json("bench_ops.py", "--reps", "1", "--rounds", "1")
+    assert len(r["ops"]) == 10
+    for name, m in r["ops"].items():
+        assert m["tinytensor"] > 0 and m["torch"] > 0, name
+        assert m["ratio"] == pytest.approx(m["tinytensor"] / m["torch"]), name
+
+
+def test_bench_generate_cache_gives_the_same_tokens():
+    r = run_json("bench_generate.py", "--preset", "small", "--tokens", "8")
+    small = r["presets"]["small"]
+    assert small["same_tokens"] is True
+    assert small["cache_tokens_per_s"] > 0 and small["recompute_tokens_per_s"] > 0
+    assert small["torch_tokens_per_s"] > 0
+
+
+@pytest.mark.skipif(MPIRUN is None, reason="mpirun not found: pip install -e '.[mpi]'")
+def test_bench_allreduce_under_mpirun():
+    p = subprocess.run([MPIRUN, "-n", "2", sys.executable, str(BENCH / "bench_allreduce.py"),
+                        "--repeats", "2", "--presets", "small"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = [line.split() for line in p.stdout.splitlines() if line.startswith("small ")]
+    labels = [" ".join(r[3:-3]) for r in rows]
+    assert labels == ["raw Allreduce (1 buffer)", "allreduce_gradients, 25 MB buckets",
+                      "allreduce_gradients, one buffer", "allreduce_gradients, 4 MB buckets",
+                      "allreduce_gradients, AdamW flat buffer"]
+    assert all(float(r[-3]) > 0 for r in rows)
+    assert rows[0][-2] == "1.00x"
+
+
+def test_bench_allreduce_refuses_to_run_without_mpi():
+    p = subprocess.run([sys.executable, str(BENCH / "bench_allreduce.py")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    assert "mpirun -n 2" in p.stderr
