@@ -196,10 +196,10 @@ def _fail(exc_type, exc, tb):
     r = _comm.Get_rank()
     same_everywhere = issubclass(exc_type, (DistributedError, KeyboardInterrupt))
     if not same_everywhere:
-        traceback.print_exception(exc_type, exc, tb, file=sys.stderr)
-        print(f"rank {r}: {exc_type.__name__}: {exc}", file=sys.stderr, flush=True)
+        _say("".join(traceback.format_exception(exc_type, exc, tb))
+             + f"rank {r}: {exc_type.__name__}: {exc}")
     elif r == 0:  # raised on every rank: rank 0 alone says it
-        print(f"{exc_type.__name__}: {exc}".rstrip(": "), file=sys.stderr, flush=True)
+        _say(f"{exc_type.__name__}: {exc}".rstrip(": "))
     else:
         time.sleep(10)  # give rank 0 time to print; its Abort ends this rank first
     _end_all(1)
@@ -214,14 +214,29 @@ def abort(message, code=1):
     if _comm is None:
         print(message, file=sys.stderr, flush=True)
         sys.exit(code)
-    print(f"rank {_comm.Get_rank()}: {message}", file=sys.stderr, flush=True)
+    _say(f"rank {_comm.Get_rank()}: {message}")
     _end_all(code)
 
 
+# seconds between the last words of a failing rank and MPI Abort: mpirun forwards a rank's
+# output through a pipe it reads in its own time, and once Abort reaches it, what it has not
+# read yet is lost (on a busy machine, the last lines of the error)
+ABORT_DRAIN_S = 1.0
+
+
+def _say(text):
+    """text and a newline to stderr in one write, flushed."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
 def _end_all(code):
-    """MPI Abort, which ends every rank. MPICH's Abort can return before mpirun has killed this
-    process, so leave at once either way (never run on into the next collective)."""
+    """MPI Abort, which ends every rank, once mpirun has had time to forward what this rank
+    printed. MPICH's Abort can return before mpirun has killed this process, so leave at once
+    either way (never run on into the next collective)."""
     sys.stdout.flush()
+    sys.stderr.flush()
+    time.sleep(ABORT_DRAIN_S)
     if not MPI.Is_finalized():
         _comm.Abort(code)
     os._exit(code)
