@@ -88,6 +88,41 @@ def test_attention_vs_torch(monkeypatch, chunk, dtype, device):
           randn(2, 7, 3 * 2 * 4, seed=3), dtype=dtype, device=device)
 
 
+def _scores_qkv(kind, B=2, T=6, nh=2, hs=4):
+    """qkv whose attention scores are moderate, huge (exp would overflow) or all very negative
+    (exp would underflow to 0 in every row): the last two need softmax's max shift."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((B, T, 3, nh, hs))
+    if kind != "moderate":
+        a = rng.standard_normal(hs)
+        a *= 40.0 / np.linalg.norm(a)                          # |a|^2 / sqrt(hs) = 800
+        x[:, :, 0] += a                                        # queries
+        x[:, :, 1] += a if kind == "huge" else -a              # keys: scores +-800
+    return x.reshape(B, T, 3 * nh * hs)
+
+
+@dtypes
+@pytest.mark.parametrize("kind", ["moderate", "huge", "very negative"])
+def test_attention_softmax_shift_is_skipped_only_when_safe(kind, dtype, device):
+    """On NumPy the causal softmax skips the row-max shift when the scores are in a safe range
+    (fused.SOFTMAX_NO_SHIFT_MAX); out of it the shift must happen, or exp overflows to inf or
+    every row sums to 0 and the result is NaN."""
+    x = _scores_qkv(kind)
+    if kind != "moderate":
+        assert x.dtype == np.float64
+    check("fused_attention", lambda t: fused.causal_attention(t, 2), lambda t: torch_attention(t, 2),
+          x, dtype=dtype, device=device)
+
+
+def test_attention_softmax_without_shift_equals_with_it(monkeypatch):
+    """Forcing the shift everywhere gives the same result to rounding."""
+    x = tt.Tensor(_scores_qkv("moderate").astype(np.float32), requires_grad=True)
+    y1 = fused.causal_attention(x, 2).numpy()
+    monkeypatch.setattr(fused, "SOFTMAX_NO_SHIFT_MAX", -np.inf)  # the checks always fail
+    y2 = fused.causal_attention(x, 2).numpy()
+    close(y1, y2, np.float32, "output")
+
+
 @pytest.mark.parametrize("chunk", [64, 2])
 def test_attention_gradcheck(monkeypatch, chunk, device):
     monkeypatch.setattr(fused, "ATTENTION_CHUNK", chunk)

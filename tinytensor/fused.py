@@ -114,14 +114,40 @@ def dropout(x, p):
     return Dropout.apply(x, p=float(p))
 
 
+# softmax is shift-invariant, and the usual shift by each row's max only guards exp against
+# overflow and the row sum against underflow. Computing a row max over short rows costs NumPy
+# more than the exp itself, so on NumPy the shift is skipped when two cheap checks prove it
+# unneeded: no score above SOFTMAX_NO_SHIFT_MAX (exp(60) ~ 1e26: no overflow, even summed over
+# 10**12 keys) and no query's own score (its diagonal key, never masked, a lower bound on its row
+# max) below -SOFTMAX_NO_SHIFT_MAX (so each row sum is at least exp(-60) ~ 1e-26, a normal float).
+# Without the shift nothing is lost: exp(x) / sum(exp(x)) rounds as exp(x - m) / sum(exp(x - m)).
+SOFTMAX_NO_SHIFT_MAX = 60.0
+_future_masks = {}  # (Tq, dtype) -> (Tq, Tq) additive mask: -inf above the diagonal, else 0
+
+
+def _future_mask(tq, dtype, xp):
+    key = (tq, np.dtype(dtype).str, xp.__name__)
+    mask = _future_masks.get(key)
+    if mask is None:
+        future = xp.triu(xp.ones((tq, tq), dtype=bool), k=1)
+        mask = _future_masks[key] = xp.where(future, -xp.inf, 0.0).astype(dtype)
+    return mask
+
+
 def _causal_softmax_(att):
     """att (..., Tq, Tk) <- softmax(att) over the last axis, in place, for the last Tq of Tk
     positions: query row i sits at position Tk - Tq + i and sees the keys up to it."""
     xp = _xp(att)
     tq, tk = att.shape[-2:]
     if tq > 1:  # the future lies in the last Tq columns, above their diagonal
-        future = xp.triu(xp.ones((tq, tq), dtype=bool), k=1)               # (Tq, Tq)
-        att[..., tk - tq:] += xp.where(future, -xp.inf, 0.0).astype(att.dtype)
+        att[..., tk - tq:] += _future_mask(tq, att.dtype, xp)
+    if xp is np:
+        own = np.diagonal(att[..., tk - tq:], axis1=-2, axis2=-1)     # (..., Tq) own-key scores
+        if not (att.max() <= SOFTMAX_NO_SHIFT_MAX and own.min() >= -SOFTMAX_NO_SHIFT_MAX):
+            att -= att.max(axis=-1, keepdims=True)                    # (NaN lands here too)
+        np.exp(att, out=att)
+        att /= (att @ np.ones(tk, dtype=att.dtype))[..., None]        # row sums by BLAS
+        return att
     att -= att.max(axis=-1, keepdims=True)
     xp.exp(att, out=att)
     att /= att.sum(axis=-1, keepdims=True)
