@@ -445,6 +445,35 @@ def test_malloc_tuning():
     assert out.stdout.strip() == "False"
 
 
+_REUSE_SCRIPT = """
+import resource, numpy as np, tinytensor.malloc as m, tinytensor
+def step():  # 3 GB in 100 MB temporaries, as a lecture-preset step's activations
+    arrays = [np.ones(25_000_000, np.float32) for _ in range(30)]
+    del arrays
+step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+step()
+print(m.tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="glibc malloc only")
+def test_malloc_tuning_reuses_more_than_2gb_of_temporaries():
+    """A second 'step' of 3 GB of freed-and-reallocated temporaries page-faults nothing: the
+    heap is never trimmed (a trim threshold of even 2 GiB returned it all every step)."""
+    import os
+    import platform
+    import subprocess
+    import sys
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc malloc only")
+    out = subprocess.run([sys.executable, "-c", _REUSE_SCRIPT], capture_output=True, text=True,
+                         check=True, env={**os.environ, "TT_MALLOC_TUNING": "1"}).stdout.split()
+    assert out[0] == "True"
+    faults = int(out[1])
+    assert faults < 1_000, f"{faults} page faults (~{faults * 4 // 1024} MB) re-allocating 3 GB"
+
+
 @pytest.mark.parametrize("n", [2, 4])
 def test_allreduce_sums_adamw_flat_buffer_in_place(n):
     """Under mpirun: allreduce_gradients on flat-buffer parameters (tests/mpi/check_flat_allreduce.py)."""
