@@ -99,9 +99,10 @@ def pytest_terminal_summary(terminalreporter):
         return
     tr = terminalreporter
     tr.section("worst relative error against PyTorch per op family")
-    tr.write_line(f"{'family':<24}{'float64':>12}{'float32':>12}")
+    width = max(24, 2 + max(map(len, _merged_worst)))
+    tr.write_line(f"{'family':<{width}}{'float64':>12}{'float32':>12}")
     for family, d in sorted(_merged_worst.items()):
         cells = "".join(f"{d[k]:>12.2e}" if k in d else f"{'-':>12}" for k in ("float64", "float32"))
-        tr.write_line(f"{family:<24}{cells}")
+        tr.write_line(f"{family:<{width}}{cells}")
     tr.write_line(f"(written to {WORST_ERRORS_PATH})")
 

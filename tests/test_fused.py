@@ -110,7 +110,9 @@ def test_attention_softmax_shift_is_skipped_only_when_safe(kind, dtype, device):
     x = _scores_qkv(kind)
     if kind != "moderate":
         assert x.dtype == np.float64
-    check("fused_attention", lambda t: fused.causal_attention(t, 2), lambda t: torch_attention(t, 2),
+    # scores of +-800 carry float32 rounding of ~800 * 6e-8 into exp: reported apart
+    family = "fused_attention" if kind == "moderate" else "fused_attention, scores +-800"
+    check(family, lambda t: fused.causal_attention(t, 2), lambda t: torch_attention(t, 2),
           x, dtype=dtype, device=device)
 
 
