@@ -382,3 +382,21 @@ def test_bad_input_errors():
         x + None                                               # not silently nan
     with pytest.raises(IndexError, match="out of range"):
         x.transpose(0, 2)
+
+
+@pytest.mark.parametrize("target_shape, idx", [
+    ((7, 3), [0, 6, -1, 2, 2, 0, -7]),           # repeats and negative indices, rows of 3
+    ((5,), [4, 4, 1, -2]),                      # a 1-D target: single elements
+    ((6, 2, 2), [[1, 5], [1, 1]]),              # a 2-D index array, rows of shape (2, 2)
+])
+def test_scatter_add_equals_numpy_add_at(target_shape, idx):
+    """backend.scatter_add's NumPy fast path for integer index arrays (sorted runs summed by
+    add.reduceat) gives what np.add.at gives."""
+    rng = np.random.default_rng(0)
+    idx = np.asarray(idx)
+    target = rng.standard_normal(target_shape)
+    values = rng.standard_normal(idx.shape + target_shape[1:])
+    expected = target.copy()
+    np.add.at(expected, idx, values)
+    backend.scatter_add(target, idx, values)
+    np.testing.assert_allclose(target, expected, rtol=1e-15, atol=1e-15)

@@ -141,17 +141,22 @@ def _causal_softmax_(att):
     tq, tk = att.shape[-2:]
     if tq > 1:  # the future lies in the last Tq columns, above their diagonal
         att[..., tk - tq:] += _future_mask(tq, att.dtype, xp)
-    if xp is np and att.dtype in (np.float32, np.float64):  # (exp(60) overflows float16)
-        own = np.diagonal(att[..., tk - tq:], axis1=-2, axis2=-1)     # (..., Tq) own-key scores
-        if not (att.max() <= SOFTMAX_NO_SHIFT_MAX and own.min() >= -SOFTMAX_NO_SHIFT_MAX):
-            att -= att.max(axis=-1, keepdims=True)                    # (NaN lands here too)
-        np.exp(att, out=att)
-        att /= (att @ np.ones(tk, dtype=att.dtype))[..., None]        # row sums by BLAS
-        return att
-    att -= att.max(axis=-1, keepdims=True)
+    if not _shift_unneeded(att):
+        att -= att.max(axis=-1, keepdims=True)
     xp.exp(att, out=att)
-    att /= att.sum(axis=-1, keepdims=True)
+    att /= (att @ xp.ones(tk, dtype=att.dtype))[..., None]            # row sums by BLAS
     return att
+
+
+def _shift_unneeded(att):
+    """True when softmax may skip the row-max shift (see SOFTMAX_NO_SHIFT_MAX): on NumPy only
+    (on a GPU the check would stop the step for a device-to-host copy), float32/float64 only
+    (exp(60) overflows float16). NaN scores fail the check."""
+    if _xp(att) is not np or att.dtype not in (np.float32, np.float64):
+        return False
+    tq, tk = att.shape[-2:]
+    own = np.diagonal(att[..., tk - tq:], axis1=-2, axis2=-1)         # (..., Tq) own-key scores
+    return bool(att.max() <= SOFTMAX_NO_SHIFT_MAX and own.min() >= -SOFTMAX_NO_SHIFT_MAX)
 
 
 class CausalAttention(Function):

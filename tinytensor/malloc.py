@@ -6,8 +6,8 @@ with mmap and hands them back to the kernel on free, so the next step page-fault
 again and the kernel zero-fills every page: about a quarter of a small GPT step on a 2-core
 CPU. Raising M_MMAP_THRESHOLD (to 2 GiB) and turning heap trimming off (M_TRIM_THRESHOLD -1)
 keeps freed blocks in the heap, where the next step reuses them: at the lecture preset a step
-went from 11.1 s (2 GB faulted in again, 2.9 s of it in the kernel) to 8.2 s. The process's peak memory is the same; it is just not returned between
-steps (it is returned at exit).
+went from 11.1 s (2 GB faulted in again, 2.9 s of it in the kernel) to 8.2 s. The process's
+peak memory is the same; it is just not returned between steps (it is returned at exit).
 
 It only touches glibc (Linux); elsewhere it does nothing. Set TT_MALLOC_TUNING=0 in the
 environment to leave malloc alone.

@@ -423,28 +423,11 @@ class GetItem(Function):
     def backward(self, gy):
         xp = _xp(gy)
         gx = xp.zeros(self.shape, dtype=gy.dtype)
-        idx = self.idx
-        if xp is np and isinstance(idx, np.ndarray) and idx.dtype.kind in "iu" and idx.size:
-            _add_rows(gx, idx, gy)  # an embedding lookup: rows picked by integer indices
-        elif _is_advanced(idx):
-            backend.scatter_add(gx, idx, gy)
+        if _is_advanced(self.idx):
+            backend.scatter_add(gx, self.idx, gy)
         else:
-            gx[idx] = gy
+            gx[self.idx] = gy
         return gx
-
-
-def _add_rows(target, idx, values):
-    """target[idx] += values for integer indices into axis 0, repeats accumulating (what
-    np.add.at does, element by element): sort the indices, sum each run of equal ones with
-    np.add.reduceat, add the sums once per distinct row. Many times faster for embeddings."""
-    n = target.shape[0]
-    rows = idx.reshape(-1)
-    rows = np.where(rows < 0, rows + n, rows)                       # numpy's negative indices
-    vals = values.reshape(rows.size, -1)                            # (N, rest of a row)
-    order = np.argsort(rows, kind="stable")
-    rows = rows[order]
-    starts = np.flatnonzero(np.concatenate(([True], rows[1:] != rows[:-1])))  # first of each run
-    target.reshape(n, -1)[rows[starts]] += np.add.reduceat(vals[order], starts, axis=0)
 
 
 def getitem(x, idx):
@@ -672,9 +655,8 @@ class LayerNorm(Function):
 
         parallel.rows(n, rows, g2.size, xp, align=parallel.ROW_BLOCK,
                       block=parallel.block_rows(d, parallel.ROW_BLOCK))
-        ones = xp.ones(n, dtype=gy.dtype)                           # ones @ m: m's column sums
-        gw = (ones @ gyx).reshape(param_shape) if needs[1] else None
-        gb = (ones @ g2).reshape(param_shape) if needs[2] else None
+        gw = column_sums(gyx).reshape(param_shape) if needs[1] else None
+        gb = column_sums(g2).reshape(param_shape) if needs[2] else None
         return (None if gx is None else gx.reshape(self.shape)), gw, gb
 
 
