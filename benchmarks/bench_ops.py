@@ -59,6 +59,31 @@ def _timer(run, reset):
     return time_it
 
 
+def _forward_backward(fn, inputs, g):
+    """(run, reset) for timing fn() and its backward from g; reset clears the inputs' grads
+    (a tinytensor and a torch tensor alike)."""
+    def run():
+        fn().backward(g)
+
+    def reset():
+        for t in inputs:
+            t.grad = None
+    return run, reset
+
+
+def _op_timing(make):
+    """A worker's handlers: {"time": time_op}, where make(name) gives (run, reset), built and
+    warmed up at an op's first timing."""
+    built = {}
+
+    def time_op(name, reps):
+        if name not in built:
+            built[name] = _timer(*make(name))
+            built[name](1)  # warm-up
+        return {"ms": built[name](reps)}
+    return {"time": time_op}
+
+
 # ----------------------------------------------------------------- tinytensor
 def tinytensor_ops(cfg):
     import numpy as np
@@ -79,8 +104,6 @@ def tinytensor_ops(cfg):
     def leaf(*shape, scale=1.0):
         return tt.Tensor(arr(*shape, scale=scale), requires_grad=True)
 
-    built = {}
-
     def make(name):
         if name == "adamw":
             model = GPTLanguageModel(GPTConfig(vocab_size=common.VOCAB, **{k: cfg[k] for k in (
@@ -93,7 +116,7 @@ def tinytensor_ops(cfg):
             opt.step()  # builds the flat buffers
             for p, v in zip(opt._flat.params, opt._flat.grad_views):
                 p.grad = v  # as backward leaves them
-            return opt.step, [], lambda: None
+            return opt.step, (lambda: None)
         if name == "embedding":
             wte, wpe = leaf(common.VOCAB, C), leaf(T, C)
             idx = rng.integers(0, common.VOCAB, (B, T))
@@ -119,24 +142,9 @@ def tinytensor_ops(cfg):
             }
             inputs, width, op = table[name]()
             fn, g = (lambda: op(*inputs)), arr(B, T, width)
+        return _forward_backward(fn, inputs, g)
 
-        def run():
-            out = fn()
-            out.backward(g)
-
-        def reset():
-            for t in inputs:
-                t.grad = None
-        return run, inputs, reset
-
-    def time_op(name, reps):
-        if name not in built:
-            run, _, reset = make(name)
-            built[name] = _timer(run, reset)
-            built[name](1)  # warm-up
-        return {"ms": built[name](reps)}
-
-    return {"time": time_op}
+    return _op_timing(make)
 
 
 # ----------------------------------------------------------------- PyTorch
@@ -161,8 +169,6 @@ def torch_ops(cfg, threads):
         att = F.dropout(att, p_att) if p_att else att
         return (att @ v).transpose(1, 2).reshape(B, T, C)
 
-    built = {}
-
     def make(name):
         if name == "adamw":
             sys.path.insert(0, os.path.join(common.ROOT, "tests"))
@@ -173,7 +179,7 @@ def torch_ops(cfg, threads):
                                      {"params": [p for p in ps if p.ndim < 2], "weight_decay": 0.0}], lr=1e-3)
             for p in ps:
                 p.grad = 0.01 * torch.randn(p.shape, generator=gen)
-            return opt.step, [], lambda: None
+            return opt.step, (lambda: None)
         if name == "embedding":
             wte, wpe = leaf(common.VOCAB, C), leaf(T, C)
             idx = torch.from_numpy(np.random.default_rng(0).integers(0, common.VOCAB, (B, T)))
@@ -199,24 +205,9 @@ def torch_ops(cfg, threads):
             }
             inputs, width, op = table[name]()
             fn, g = (lambda: op(*inputs)), torch.randn(B, T, width, generator=gen)
+        return _forward_backward(fn, inputs, g)
 
-        def run():
-            out = fn()
-            out.backward(g)
-
-        def reset():
-            for t in inputs:
-                t.grad = None
-        return run, inputs, reset
-
-    def time_op(name, reps):
-        if name not in built:
-            run, _, reset = make(name)
-            built[name] = _timer(run, reset)
-            built[name](1)
-        return {"ms": built[name](reps)}
-
-    return {"time": time_op}
+    return _op_timing(make)
 
 
 # ----------------------------------------------------------------- the parent

@@ -84,15 +84,7 @@ def tinytensor_worker(cfg, seed, lr, weights):
                 "rss_mb": common.memory_mb()[0]}
 
     def step(i):
-        import time
-        x, y = batch(cfg, seed, i)
-        t0 = time.perf_counter()
-        w["opt"].zero_grad()
-        _, loss = w["model"](x, y)
-        loss.backward()
-        w["opt"].step()
-        value = loss.item()
-        return {"ms": 1e3 * (time.perf_counter() - t0), "loss": value}
+        return common.timed_train_step(w["model"], w["opt"], *batch(cfg, seed, i))
 
     def steps(start, n):
         return {"steps": [step(i) for i in range(start, start + n)]}
@@ -152,15 +144,8 @@ def torch_worker(cfg, seed, lr, weights, fused, threads):
                 "rss_mb": common.memory_mb()[0]}
 
     def step(i):
-        import time
         x, y = (torch.from_numpy(a) for a in batch(cfg, seed, i))
-        t0 = time.perf_counter()
-        w["opt"].zero_grad(set_to_none=True)
-        _, loss = w["model"](x, y)
-        loss.backward()
-        w["opt"].step()
-        value = loss.item()
-        return {"ms": 1e3 * (time.perf_counter() - t0), "loss": value}
+        return common.timed_train_step(w["model"], w["opt"], x, y)
 
     def steps(start, n):
         return {"steps": [step(i) for i in range(start, start + n)]}
