@@ -363,11 +363,11 @@ def run(argv):
             dist.allreduce_gradients(params)
             if cfg.grad_clip > 0:
                 clip_grad_norm_(params, cfg.grad_clip)
-            local_loss = loss.item()
-            if not dist.all_true(math.isfinite(local_loss)):
+            # the mean over ranks is non-finite when any rank's loss is: every rank stops alike
+            step_loss = float(dist.allreduce_mean(loss.item()))
+            if not math.isfinite(step_loss):
                 raise TrainingError(nonfinite_message(step, "training loss"))
             optimizer.step()
-            step_loss = float(dist.allreduce_mean(local_loss))
             steps_since_log += 1
 
             if bar is not None:
