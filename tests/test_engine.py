@@ -185,7 +185,9 @@ def test_default_dtype_rules():
     assert tt.Tensor(np.ones(3)).dtype == np.float64           # an ndarray keeps its dtype
     assert tt.Tensor(arr32).dtype == np.float32
     assert tt.Tensor(np.arange(3)).dtype == np.int64
-    assert tt.Tensor([1, 2, 3]).dtype == np.float32            # lists and scalars: the default
+    assert tt.Tensor([1, 2, 3]).dtype == np.int64              # Python data as torch infers it:
+    assert tt.Tensor([1, 2.0]).dtype == np.float32             # a float makes the default float,
+    assert tt.Tensor([True]).dtype == np.bool_                 # bools stay bool
     assert tt.Tensor(2.5).dtype == np.float32
     assert tt.tensor([[1.0, 2.0]]).dtype == np.float32
     x = tt.Tensor(arr32, requires_grad=True)

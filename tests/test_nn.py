@@ -231,7 +231,7 @@ def test_train_eval_propagate():
     assert all(mod.training for mod in m.modules())
     assert m.eval() is m
     assert not any(mod.training for mod in m.modules())
-    x = tt.Tensor(randn(50, 4))
+    x = tt.Tensor(randn(50, 4).astype(np.float32))
     np.testing.assert_array_equal(m(x).numpy(), m(x).numpy())        # eval: dropout is off
     m.train()
     assert all(mod.training for mod in m.modules())

@@ -374,10 +374,10 @@ def test_bad_input_errors():
         F.gelu(x, approximate="fast")
     with pytest.raises(IndexError, match="out of range"):
         x.sum(dim=2)
-    with pytest.raises(ValueError, match="permutation"):
+    with pytest.raises(RuntimeError, match="duplicate dims"):
         x.permute(0, 0)
-    with pytest.raises(TypeError, match="scalar exponent"):
-        tt.ops.pow(x, x)
+    with pytest.raises(TypeError, match="exponent"):
+        tt.ops.pow(x, "2")
     with pytest.raises(TypeError, match="unsupported operand"):
         x + None                                               # not silently nan
     with pytest.raises(IndexError, match="out of range"):

@@ -40,9 +40,12 @@ class Optimizer:
             for p in g["params"]:
                 yield g, p
 
-    def zero_grad(self):
+    def zero_grad(self, set_to_none=True):
         for _, p in self._params():
-            p.grad = None
+            if set_to_none or p.grad is None:
+                p.grad = None
+            else:
+                p.grad[...] = 0
 
     # state_dict keyed by parameter position, as torch does
     def state_dict(self):

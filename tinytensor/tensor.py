@@ -12,22 +12,9 @@ import functools
 import numpy as np
 
 from . import backend, parallel
+from .dtypes import get_default_dtype, set_default_dtype  # noqa: F401 - re-exported
 
-_default_dtype = np.float32
 _grad_enabled = True
-
-
-def set_default_dtype(dtype):
-    """Set the float dtype for Python scalars/lists and new parameters (float32 or float64)."""
-    global _default_dtype
-    dtype = np.dtype(dtype).type
-    if dtype not in (np.float16, np.float32, np.float64):
-        raise ValueError(f"default dtype must be a float type (float32 or float64), got {dtype}")
-    _default_dtype = dtype
-
-
-def get_default_dtype():
-    return _default_dtype
 
 
 def is_grad_enabled():
@@ -61,14 +48,26 @@ class no_grad:
 
 
 def _as_array(data, dtype=None):
-    """Turn data into an ndarray. Arrays keep their dtype; Python data gets the default float."""
+    """Turn data into an ndarray, as torch.tensor does: an array keeps its dtype (unless dtype
+    is given); Python data gets bool, int64 or the default float dtype from its values."""
     if isinstance(data, Tensor):
         data = data.data
     if isinstance(data, np.ndarray) or backend.is_cuda(data):
         return data if dtype is None else data.astype(dtype, copy=False)
     if isinstance(data, np.generic):
         return np.asarray(data, dtype=dtype)
-    return np.asarray(data, dtype=dtype or _default_dtype)
+    arr = np.asarray(data)
+    kind = arr.dtype.kind
+    if kind not in "biuf":
+        raise TypeError(f"tensor(): cannot make a tensor from {type(data).__name__} {data!r:.60}: "
+                        f"expected numbers, bools, (nested) lists of them or an array")
+    if dtype is not None:
+        return arr.astype(dtype, copy=False)
+    if kind == "f":
+        return arr.astype(get_default_dtype(), copy=False)
+    if kind in "iu":
+        return arr.astype(np.int64, copy=False)
+    return arr
 
 
 class Tensor:
@@ -138,6 +137,27 @@ class Tensor:
     def tolist(self):
         return self.numpy().tolist()
 
+    def _one_value(self, what):
+        if self.data.size != 1:
+            raise RuntimeError(f"{what} of a tensor with {self.data.size} elements (shape "
+                               f"{self.shape}) is ambiguous: only a single-element tensor converts")
+        return self.data.reshape(()).item()
+
+    def __bool__(self):  # as torch: `if t:` needs a single element (use .any() or .all())
+        return bool(self._one_value("the truth value"))
+
+    def __float__(self):
+        return float(self._one_value("float()"))
+
+    def __int__(self):
+        return int(self._one_value("int()"))
+
+    def __index__(self):
+        if self.dtype.kind not in "iu":
+            raise TypeError(f"only integer tensors of a single element can be converted to an "
+                            f"index, got dtype {self.dtype}")
+        return int(self._one_value("an index"))
+
     def detach(self):
         """A new leaf tensor sharing this tensor's data, cut from the graph."""
         return Tensor(self.data)
@@ -160,8 +180,6 @@ class Tensor:
         from .ops import Cast
         return Cast.apply(self, dtype=np.dtype(dtype))
 
-    float = lambda self: self.astype(np.float32)  # noqa: E731
-    double = lambda self: self.astype(np.float64)  # noqa: E731
 
     # ----- the engine -----------------------------------------------------------------
     def backward(self, grad=None):
@@ -184,7 +202,7 @@ class Tensor:
             if grad.shape != self.shape:
                 raise ValueError(f"backward(grad) shape {grad.shape} does not match tensor shape {self.shape}")
 
-        order = _topo_order(self)
+        order, multi = _topo_order(self)
         grads = {id(self): grad}
         for t in reversed(order):
             g = grads.pop(id(t), None)
@@ -197,6 +215,14 @@ class Tensor:
                 else:
                     t.grad += g
                 continue
+            if id(ctx) in multi:  # one output of several: backward runs once, after the last
+                waiting = multi[id(ctx)]
+                waiting[ctx.outputs.index(id(t))] = g
+                t._ctx = _RELEASED
+                waiting.count -= 1
+                if waiting.count:
+                    continue
+                g = tuple(waiting) if any(w is not None for w in waiting) else None
             if g is not None:
                 in_grads = ctx.backward(g)  # _RELEASED raises: this graph was freed already
                 if not isinstance(in_grads, tuple):
@@ -220,6 +246,7 @@ class _Released:
     """Stands in for the Function of a tensor whose graph backward() has freed."""
 
     parents = ()
+    outputs = None
 
     def backward(self, gy):
         raise RuntimeError("backward() through a graph that an earlier backward() already freed: "
@@ -232,9 +259,16 @@ class _Released:
 _RELEASED = _Released()
 
 
+class _Waiting(list):
+    """The gradients of a several-output Function's outputs, gathered until the last comes."""
+
+    count = 0
+
+
 def _topo_order(root):
-    """Tensors reachable from root, parents before children (iterative DFS)."""
-    order, visited = [], set()
+    """Tensors reachable from root, parents before children (iterative DFS), and for each
+    Function with several outputs among them, a _Waiting list (by id of the Function)."""
+    order, visited, multi = [], set(), {}
     stack = [(root, False)]
     while stack:
         t, done = stack.pop()
@@ -245,11 +279,17 @@ def _topo_order(root):
             continue
         visited.add(id(t))
         stack.append((t, True))
-        if t._ctx is not None:
-            for p in t._ctx.parents:
+        ctx = t._ctx
+        if ctx is not None:
+            if ctx.outputs is not None:
+                waiting = multi.get(id(ctx))
+                if waiting is None:
+                    waiting = multi[id(ctx)] = _Waiting([None] * len(ctx.outputs))
+                waiting.count += 1
+            for p in ctx.parents:
                 if p is not None and p.requires_grad and id(p) not in visited:
                     stack.append((p, False))
-    return order
+    return order, multi
 
 
 def _first_grad(leaf, g):
@@ -281,28 +321,30 @@ class Function:
     returns an array; it may store what backward needs on self. backward receives the
     output gradient and returns one gradient (or None) per positional input.
     `self.needs_grad[i]` says whether input i wants a gradient.
+
+    A Function with several outputs (split) returns a tuple of arrays from forward and gets a
+    tuple of their gradients in backward (None for an output that got none); apply returns a
+    tuple of Tensors. Integer and bool outputs (indices) never require gradients.
     """
 
     __slots__ = ("parents", "needs_grad", "__dict__")
+    outputs = None  # ids of the output Tensors, for a Function with several
 
     @classmethod
     def apply(cls, *inputs, **kwargs):
         ctx = cls()
         arrays = [x.data if isinstance(x, Tensor) else x for x in inputs]
         out = ctx.forward(*arrays, **kwargs)
-        if isinstance(out, np.generic):  # a NumPy scalar (full reduction): .data stays an ndarray
-            out = np.asarray(out)
         record = _grad_enabled and any(isinstance(x, Tensor) and x.requires_grad for x in inputs)
-        result = Tensor.__new__(Tensor)
-        result.data = out
-        result.grad = None
-        result.requires_grad = record
-        result._ctx = None
         if record:
             ctx.parents = [x if isinstance(x, Tensor) else None for x in inputs]
             ctx.needs_grad = [isinstance(x, Tensor) and x.requires_grad for x in inputs]
-            result._ctx = ctx
-        return result
+        if isinstance(out, tuple):
+            results = tuple(_output(o, record and o.dtype.kind in "fc", ctx) for o in out)
+            if record:
+                ctx.outputs = [id(r) for r in results]
+            return results
+        return _output(out, record, ctx)
 
     def forward(self, *arrays, **kwargs):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -313,6 +355,18 @@ class Function:
     def release(self):
         """Drop saved arrays once backward has run."""
         self.__dict__.clear()
+
+
+def _output(out, record, ctx):
+    """A Tensor for the array `out` that `ctx` made (recorded in the graph when `record`)."""
+    if isinstance(out, np.generic):  # a NumPy scalar (full reduction): .data stays an ndarray
+        out = np.asarray(out)
+    result = Tensor.__new__(Tensor)
+    result.data = out
+    result.grad = None
+    result.requires_grad = record
+    result._ctx = ctx if record else None
+    return result
 
 
 def tensor(data, requires_grad=False, dtype=None):

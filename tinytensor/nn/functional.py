@@ -5,11 +5,11 @@ import numbers
 import numpy as np
 
 from .. import backend, fused
-from ..ops import (CrossEntropy, LayerNorm, Linear, Softmax, LogSoftmax, gelu, getitem, linear,
-                   log_softmax, relu, softmax)
+from ..ops import (CrossEntropy, LayerNorm, Linear, Softmax, LogSoftmax, gelu, getitem,  # noqa: F401
+                   leaky_relu, linear, log_softmax, relu, sigmoid, silu, softmax)
 from ..tensor import Tensor
 
-__all__ = ["softmax", "log_softmax", "cross_entropy", "layer_norm", "dropout", "relu", "gelu",
+__all__ = ["sigmoid", "silu", "leaky_relu", "softmax", "log_softmax", "cross_entropy", "layer_norm", "dropout", "relu", "gelu",
            "linear", "embedding", "tanh"]
 
 

@@ -32,6 +32,8 @@ class Module:
     def __init__(self):
         object.__setattr__(self, "_parameters", OrderedDict())
         object.__setattr__(self, "_modules", OrderedDict())
+        object.__setattr__(self, "_buffers", OrderedDict())
+        object.__setattr__(self, "_non_persistent", set())
         object.__setattr__(self, "training", True)
 
     def __setattr__(self, name, value):
@@ -40,7 +42,12 @@ class Module:
                                f"before assigning attributes")
         self._parameters.pop(name, None)
         self._modules.pop(name, None)
-        if isinstance(value, Parameter):
+        if name in self._buffers:  # assigning to a buffer's name replaces the buffer
+            if value is not None and not isinstance(value, Tensor):
+                raise TypeError(f"cannot assign {type(value).__name__} to buffer {name!r}: "
+                                f"expected a Tensor or None")
+            self._buffers[name] = value
+        elif isinstance(value, Parameter):
             self._parameters[name] = value
         elif isinstance(value, Module):
             self._modules[name] = value
@@ -49,7 +56,44 @@ class Module:
     def __delattr__(self, name):
         self._parameters.pop(name, None)
         self._modules.pop(name, None)
+        self._buffers.pop(name, None)
         object.__delattr__(self, name)
+
+    def register_buffer(self, name, tensor, persistent=True):
+        """A Tensor that belongs to the module but is not trained (the lecture's `tril` mask):
+        moved by .to(), and in state_dict() unless persistent=False, as in torch."""
+        if "_buffers" not in self.__dict__:
+            raise RuntimeError(f"{type(self).__name__}.__init__ must call super().__init__() "
+                               f"before register_buffer")
+        if not isinstance(name, str) or not name or "." in name:
+            raise KeyError(f"buffer name must be a non-empty string without '.', got {name!r}")
+        if tensor is not None and not isinstance(tensor, Tensor):
+            raise TypeError(f"register_buffer({name!r}) expects a Tensor or None, got "
+                            f"{type(tensor).__name__}")
+        if name in self._parameters or name in self._modules:
+            raise KeyError(f"attribute {name!r} already exists as a parameter or module")
+        self._buffers[name] = tensor
+        if persistent:
+            self._non_persistent.discard(name)
+        else:
+            self._non_persistent.add(name)
+        object.__setattr__(self, name, tensor)
+
+    def named_buffers(self, prefix=""):
+        for mname, m in self.named_modules(prefix):
+            for bname, b in m._buffers.items():
+                if b is not None:
+                    yield (f"{mname}.{bname}" if mname else bname), b
+
+    def buffers(self):
+        for _, b in self.named_buffers():
+            yield b
+
+    def _persistent_buffers(self):
+        for mname, m in self.named_modules():
+            for bname, b in m._buffers.items():
+                if b is not None and bname not in m._non_persistent:
+                    yield (f"{mname}.{bname}" if mname else bname), b
 
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
@@ -101,11 +145,13 @@ class Module:
 
     # ----- state ----------------------------------------------------------------------
     def state_dict(self):
-        """{dotted name: NumPy array copy} of every parameter (host arrays, also from GPU).
-
-        A shared (tied) parameter appears under each of its names, as in torch."""
-        return OrderedDict((n, backend.to_numpy(p.data).copy())
-                           for n, p in self.named_parameters(remove_duplicate=False))
+        """{dotted name: NumPy array copy} of every parameter and persistent buffer (host
+        arrays, also from GPU). A shared (tied) parameter appears under each of its names, as
+        in torch."""
+        sd = OrderedDict((n, backend.to_numpy(p.data).copy())
+                         for n, p in self.named_parameters(remove_duplicate=False))
+        sd.update((n, backend.to_numpy(b.data).copy()) for n, b in self._persistent_buffers())
+        return sd
 
     def load_state_dict(self, state_dict, strict=True):
         """Copy arrays into the existing parameters (cast to their dtype and device).
@@ -114,6 +160,7 @@ class Module:
         shape mismatch; nothing is changed unless every check passes.
         """
         own = dict(self.named_parameters(remove_duplicate=False))
+        own.update(self._persistent_buffers())
         missing = [k for k in own if k not in state_dict]
         unexpected = [k for k in state_dict if k not in own]
         if strict and (missing or unexpected):
@@ -148,9 +195,12 @@ class Module:
     def eval(self):
         return self.train(False)
 
-    def zero_grad(self):
+    def zero_grad(self, set_to_none=True):
         for p in self.parameters():
-            p.grad = None
+            if set_to_none or p.grad is None:
+                p.grad = None
+            else:
+                p.grad[...] = 0
 
     def to(self, device):
         """Move every parameter to `device` in place; returns self."""
@@ -158,6 +208,8 @@ class Module:
             p.data = backend.to_device(p.data, device)
             if p.grad is not None:
                 p.grad = backend.to_device(p.grad, device)
+        for b in self.buffers():
+            b.data = backend.to_device(b.data, device)
         return self
 
     def astype(self, dtype):

@@ -1,0 +1,170 @@
+"""Primitive operations: one Function subclass per op, forward and backward side by side,
+the lowercase wrapper right below; composite ops are plain functions. By topic:
+
+    elementwise.py    arithmetic with torch's type promotion, activations, comparisons
+    linalg.py         matmul, linear, einsum
+    reduce.py         sum, mean, amax/amin, max/min with indices, var, std, logsumexp, ...
+    shape.py          reshape, permute, indexing, masks, cat/stack/split, expand, repeat, tril
+    normalization.py  softmax, log_softmax, cross-entropy, layer_norm, causal softmax (fused)
+    creation.py       zeros, ones, full, eye, arange, *_like, randn, rand, randint, multinomial
+
+forward/backward work on raw arrays; `xp` (numpy or cupy) is taken from the inputs.
+Gradients returned here may have a broadcast shape: the engine un-broadcasts them.
+This module also attaches the Tensor operators and methods (the end of this file).
+"""
+import numpy as np
+
+from ..tensor import Tensor
+from ._common import Cast, _xp, cast, lift, promote, result_type, wrap_dim, wrap_dims  # noqa: F401
+from .creation import *  # noqa: F401,F403
+from .creation import arange, full, full_like, ones, ones_like, zeros, zeros_like  # noqa: F401
+from .elementwise import *  # noqa: F401,F403
+from .elementwise import (abs, add, clamp, cos, div, exp, floor_divide, isfinite, isinf, isnan,  # noqa: F401
+                          leaky_relu, log, maximum, minimum, mul, neg, pow, relu, rsqrt, sigmoid,
+                          silu, sin, sqrt, sub, tanh)
+from .linalg import *  # noqa: F401,F403
+from .linalg import add_rows_, column_sums, einsum, matmul  # noqa: F401
+from .normalization import *  # noqa: F401,F403
+from .normalization import causal_softmax, log_softmax, softmax  # noqa: F401
+from .reduce import *  # noqa: F401,F403
+from .reduce import all, amax, amin, any, max, mean, min, sum  # noqa: F401
+from .shape import *  # noqa: F401,F403
+from .shape import (chunk, expand, expand_as, flatten, getitem, masked_fill, permute, repeat,  # noqa: F401
+                    reshape, setitem, split, squeeze, transpose, tril, triu, unbind, unflatten,
+                    unsqueeze, view, where)
+
+
+# ---------------------------------------------------------------- Tensor operators
+def _binary(fn, reverse=False):
+    def op(self, other):
+        other = lift(other, self)
+        if other is NotImplemented:
+            return NotImplemented
+        return fn(other, self) if reverse else fn(self, other)
+    return op
+
+
+def _compare(ufunc):
+    """Elementwise comparison, as torch: a bool tensor, never a gradient (`tril == 0`)."""
+    def op(self, other):
+        if other is None:
+            return NotImplemented
+        other = lift(other, self)
+        if other is NotImplemented:
+            return NotImplemented
+        dt, (a, b) = promote(self, other)
+        b = b.data if isinstance(b, Tensor) else b
+        return Tensor(getattr(_xp(a.data), ufunc)(a.data, b))
+    return op
+
+
+def _logical(ufunc, what):
+    def op(self, other):
+        other = lift(other, self)
+        if other is NotImplemented:
+            return NotImplemented
+        dt, (a, b) = promote(self, other)
+        if dt.kind not in "biu":
+            raise TypeError(f"{what} is only defined for bool and integer tensors, got {dt}")
+        b = b.data if isinstance(b, Tensor) else b
+        return Tensor(getattr(_xp(a.data), ufunc)(a.data, b))
+    return op
+
+
+def _invert(self):
+    if self.dtype.kind not in "biu":
+        raise TypeError(f"~ (bitwise_not) is only defined for bool and integer tensors, got {self.dtype}")
+    return Tensor(~self.data)
+
+
+def allclose(a, b, rtol=1e-05, atol=1e-08, equal_nan=False):
+    """torch.allclose: True when |a - b| <= atol + rtol * |b| everywhere (a Python bool)."""
+    a, b = (x.data if isinstance(x, Tensor) else x for x in (a, b))
+    return bool(_xp(a).allclose(a, b, rtol=rtol, atol=atol, equal_nan=equal_nan))
+
+
+def _max(x, dim=None, keepdim=False):
+    if isinstance(dim, Tensor):  # x.max(other): elementwise, as torch
+        return maximum(x, dim)
+    return max(x, dim, keepdim)
+
+
+def _min(x, dim=None, keepdim=False):
+    if isinstance(dim, Tensor):
+        return minimum(x, dim)
+    return min(x, dim, keepdim)
+
+
+def _to(self, *args, **kwargs):
+    """x.to(device), x.to(dtype) or x.to(device, dtype), as torch."""
+    device = kwargs.pop("device", None)
+    dtype = kwargs.pop("dtype", None)
+    if kwargs:
+        raise TypeError(f"to() got unexpected arguments {sorted(kwargs)}")
+    for a in args:
+        if isinstance(a, str):
+            device = a
+        else:
+            dtype = a
+    out = self
+    if device is not None:
+        out = Tensor.to_device(out, device)
+    if dtype is not None:
+        out = cast(out, dtype)
+    return out
+
+
+Tensor.__add__ = _binary(add)
+Tensor.__radd__ = _binary(add, reverse=True)
+Tensor.__sub__ = _binary(sub)
+Tensor.__rsub__ = _binary(sub, reverse=True)
+Tensor.__mul__ = _binary(mul)
+Tensor.__rmul__ = _binary(mul, reverse=True)
+Tensor.__truediv__ = _binary(div)
+Tensor.__rtruediv__ = _binary(div, reverse=True)
+Tensor.__floordiv__ = _binary(floor_divide)
+Tensor.__rfloordiv__ = _binary(floor_divide, reverse=True)
+Tensor.__pow__ = _binary(pow)
+Tensor.__rpow__ = _binary(pow, reverse=True)
+Tensor.__matmul__ = _binary(matmul)
+Tensor.__rmatmul__ = _binary(matmul, reverse=True)
+Tensor.__neg__ = neg
+Tensor.__abs__ = abs
+Tensor.__getitem__ = getitem
+Tensor.__setitem__ = setitem
+Tensor.__lt__ = _compare("less")
+Tensor.__le__ = _compare("less_equal")
+Tensor.__gt__ = _compare("greater")
+Tensor.__ge__ = _compare("greater_equal")
+Tensor.__eq__ = _compare("equal")
+Tensor.__ne__ = _compare("not_equal")
+Tensor.__hash__ = object.__hash__  # by identity, as torch: tensors stay usable as dict keys
+Tensor.__and__ = Tensor.__rand__ = _logical("bitwise_and", "&")
+Tensor.__or__ = Tensor.__ror__ = _logical("bitwise_or", "|")
+Tensor.__xor__ = Tensor.__rxor__ = _logical("bitwise_xor", "^")
+Tensor.__invert__ = _invert
+Tensor.logical_not = _invert
+
+for _name in ["sum", "mean", "amax", "amin", "all", "any", "exp", "log", "tanh", "relu", "sqrt",
+              "rsqrt", "sigmoid", "abs", "sin", "cos", "clamp", "maximum", "minimum", "isnan",
+              "isinf", "isfinite", "reshape", "view", "permute", "transpose", "masked_fill",
+              "unsqueeze", "squeeze", "flatten", "unflatten", "expand", "expand_as", "repeat",
+              "split", "chunk", "unbind", "tril", "triu", "softmax", "log_softmax", "matmul",
+              "pow", "add", "sub", "mul", "div", "floor_divide", "neg", "t"]:
+    setattr(Tensor, _name, globals()[_name])
+Tensor.clip = clamp
+Tensor.max = _max
+Tensor.min = _min
+Tensor.to_device = Tensor.to
+Tensor.to = _to
+Tensor.long = lambda self: cast(self, np.int64)
+Tensor.int = lambda self: cast(self, np.int32)
+Tensor.bool = lambda self: cast(self, np.bool_)
+Tensor.float = lambda self: cast(self, np.float32)
+Tensor.double = lambda self: cast(self, np.float64)
+Tensor.type_as = lambda self, other: cast(self, other.dtype)
+Tensor.is_floating_point = lambda self: self.dtype.kind == "f"
+Tensor.dim = lambda self: self.ndim
+Tensor.numel = lambda self: self.size
+Tensor.contiguous = lambda self: self
+Tensor.mT = property(lambda self: transpose(self, -2, -1))

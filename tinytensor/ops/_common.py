@@ -1,0 +1,117 @@
+"""What every op module shares: the array module of the inputs, torch's dimension checks and
+type promotion, and the Cast Function that promotion inserts into the graph."""
+import builtins
+import numbers
+
+import numpy as np
+
+from .. import backend, dtypes
+from ..tensor import Function, Tensor, _as_array
+
+
+def _xp(*a):
+    return backend.get_array_module(*a)
+
+
+def wrap_dim(dim, ndim):
+    """dim in [-n, n) as a non-negative index, as torch checks it (a 0-d tensor takes 0 and -1);
+    IndexError naming the dim and the valid range otherwise."""
+    n = builtins.max(ndim, 1)
+    if not isinstance(dim, numbers.Integral) or isinstance(dim, bool):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__} {dim!r}")
+    if not -n <= dim < n:
+        raise IndexError(f"Dimension out of range (expected to be in range of [{-n}, {n - 1}], "
+                         f"but got {dim})")
+    return dim % n
+
+
+def wrap_dims(dim, ndim):
+    """None, an int or a sequence of ints as a tuple of distinct non-negative dims (None stays
+    None: all of them). A 0-d tensor's dims 0 and -1 become the empty tuple."""
+    if dim is None:
+        return None
+    dims = (dim,) if isinstance(dim, numbers.Integral) else tuple(dim)
+    out = tuple(wrap_dim(d, ndim) for d in dims)
+    if len(set(out)) != len(out):
+        raise RuntimeError(f"dim {dims} appears multiple times in the list of dims")
+    return out if ndim else ()
+
+
+class Cast(Function):
+    def forward(self, x, dtype):
+        self.src = x.dtype
+        return x.astype(dtype)
+
+    def backward(self, gy):
+        return gy.astype(self.src)
+
+
+def cast(x, dtype):
+    """x as dtype: itself when it has it, through Cast when it needs a gradient, else a copy."""
+    dtype = np.dtype(dtype)
+    if x.dtype == dtype:
+        return x
+    if x.requires_grad:
+        if dtype.kind not in "fc":
+            raise RuntimeError(f"cannot cast a tensor that requires grad to {dtype}: detach() it first")
+        return Cast.apply(x, dtype=dtype)
+    return Tensor(x.data.astype(dtype))
+
+
+def lift(other, like):
+    """The other operand of a binary op: a Tensor, a Python scalar (weakly typed, as torch's
+    wrapped numbers: a float32 tensor plus 0.5 stays float32), or an array or list as a constant
+    Tensor (a float array takes `like`'s float dtype). NotImplemented for anything else."""
+    if isinstance(other, Tensor):
+        return other
+    if isinstance(other, np.generic) and other.dtype.kind in "biuf":
+        return other.item()
+    if isinstance(other, numbers.Real):  # bool, int, float (not complex)
+        return other
+    if not isinstance(other, (np.ndarray, list, tuple)) and not backend.is_cuda(other):
+        return NotImplemented  # e.g. None or a str: Python raises a TypeError naming both types
+    arr = _as_array(other)
+    if arr.dtype.kind == "f" and like.dtype.kind == "f":
+        arr = arr.astype(like.dtype, copy=False)
+    return Tensor(backend.to_device(arr, like.device))
+
+
+def _raw(x):
+    return x.data if isinstance(x, Tensor) else x
+
+
+def result_type(*operands):
+    """torch.result_type of Tensors and Python scalars."""
+    return dtypes.result_type(*(_raw(o) for o in operands))
+
+
+def promote(*operands, floating=False):
+    """The operands cast to torch's result dtype of them (Python scalars stay Python scalars:
+    NumPy treats them as weakly typed, as torch does). With floating=True an integer or bool
+    result becomes the default float dtype (true division, exp, sqrt...)."""
+    dt = result_type(*operands)
+    if floating and dt.kind != "f":
+        dt = np.dtype(dtypes.get_default_dtype())
+    return dt, [cast(o, dt) if isinstance(o, Tensor) else o for o in operands]
+
+
+def to_float(x):
+    """x itself when it is floating point, else x as the default float dtype (torch's unary
+    float ops on integer input)."""
+    if x.dtype.kind == "f":
+        return x
+    return Tensor(x.data.astype(dtypes.get_default_dtype()))
+
+
+def as_tensor(x, like=None):
+    """x as a Tensor (arrays and Python data as torch.tensor would make them), on like's device."""
+    if isinstance(x, Tensor):
+        return x
+    t = Tensor(x)
+    return t if like is None else t.to(like.device)
+
+
+def expect_tensor(x, what):
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{what} expects a Tensor, got {type(x).__name__}")
+    return x

@@ -1,0 +1,215 @@
+"""Products: matmul, linear (one GEMM over all leading dimensions) and einsum."""
+import numbers
+
+import numpy as np
+
+from .. import parallel
+from ..tensor import Function, Tensor
+from ._common import _xp, as_tensor
+
+
+class MatMul(Function):
+    """a @ b with numpy.matmul semantics (1-D operands, broadcast batch dimensions)."""
+
+    def forward(self, a, b):
+        self.a, self.b = a, b
+        return a @ b
+
+    def backward(self, gy):
+        xp = _xp(gy)
+        a, b = self.a, self.b
+        a2 = a[None, :] if a.ndim == 1 else a           # (.., m, k)
+        b2 = b[:, None] if b.ndim == 1 else b           # (.., k, n)
+        g2 = gy
+        if b.ndim == 1:                                 # b's axis first: gy may be 0-d
+            g2 = xp.expand_dims(g2, -1)
+        if a.ndim == 1:
+            g2 = xp.expand_dims(g2, -2)                 # (.., m, n)
+        ga = gb = None
+        if self.needs_grad[0]:
+            ga = g2 @ xp.swapaxes(b2, -1, -2)           # (.., m, k)
+            if a.ndim == 1:
+                ga = ga.reshape(ga.shape[:-2] + (ga.shape[-1],))
+            ga = _sum_to_ndim(ga, a.ndim, keep=2 if a.ndim > 1 else 1)
+        if self.needs_grad[1]:
+            gb = xp.swapaxes(a2, -1, -2) @ g2           # (.., k, n)
+            if b.ndim == 1:
+                gb = gb[..., 0]
+            gb = _sum_to_ndim(gb, b.ndim, keep=2 if b.ndim > 1 else 1)
+        return ga, gb
+
+
+def _sum_to_ndim(g, ndim, keep):
+    """Sum leading batch dims that a lower-rank operand was broadcast over."""
+    if g.ndim > ndim:
+        g = g.sum(axis=tuple(range(g.ndim - ndim)))
+    return g
+
+
+def _check_matmul(a, b, what):
+    if a.dtype != b.dtype:
+        raise RuntimeError(f"{what}: expected both operands to have the same dtype, but got "
+                           f"{a.dtype} and {b.dtype}: convert one with .to(dtype)")
+    if a.ndim == 0 or b.ndim == 0:
+        raise RuntimeError(f"{what}: both arguments need at least 1 dimension, got shapes "
+                           f"{a.shape} and {b.shape}")
+
+
+def matmul(a, b):
+    a, b = as_tensor(a), as_tensor(b)
+    _check_matmul(a, b, "matmul")
+    k_a = a.shape[-1]
+    k_b = b.shape[0] if b.ndim == 1 else b.shape[-2]
+    batch_ok = True
+    try:
+        np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    except ValueError:
+        batch_ok = False
+    if k_a != k_b or not batch_ok:
+        raise RuntimeError(f"matmul: shapes {a.shape} and {b.shape} cannot be multiplied "
+                           f"({k_a} != {k_b} in the contracted dimension, or batch dimensions "
+                           f"that do not broadcast)")
+    return MatMul.apply(a, b)
+
+
+class Linear(Function):
+    """y = x @ W.T + b, x (..., in), W (out, in): one GEMM over all leading dimensions."""
+
+    def forward(self, x, w, b=None):
+        self.x, self.w = x, w
+        x2 = x.reshape(-1, x.shape[-1])                 # (N, in)
+        y = x2 @ w.T                                    # (N, out)
+        if b is not None:
+            add_rows_(y, b)
+        return y.reshape(x.shape[:-1] + (w.shape[0],))
+
+    def backward(self, gy):
+        x, w = self.x, self.w
+        g2 = gy.reshape(-1, gy.shape[-1])               # (N, out)
+        gx = (g2 @ w).reshape(x.shape) if self.needs_grad[0] else None
+        gw = g2.T @ x.reshape(-1, x.shape[-1]) if self.needs_grad[1] else None
+        gb = column_sums(g2) if len(self.needs_grad) > 2 and self.needs_grad[2] else None
+        return gx, gw, gb
+
+
+def add_rows_(y, b):
+    """y += b for y (N, out) and b (out,), in place; large y in row ranges over threads."""
+    xp = _xp(y)
+    parallel.rows(len(y), lambda r0, r1: xp.add(y[r0:r1], b, out=y[r0:r1]), y.size, xp)
+
+
+def column_sums(g):
+    """g.sum(axis=0) of a matrix g (N, out) as ones @ g: BLAS's matrix-vector product is
+    several times faster than NumPy's reduction at these shapes."""
+    return _xp(g).ones(g.shape[0], dtype=g.dtype) @ g
+
+
+def linear(x, weight, bias=None):
+    _check_matmul(x, weight, "linear")
+    if weight.ndim != 2 or x.shape[-1] != weight.shape[1]:
+        raise RuntimeError(f"linear: input of shape {x.shape} and weight of shape {weight.shape} "
+                           f"cannot be multiplied: expected weight (out_features, {x.shape[-1]})")
+    if bias is None:
+        return Linear.apply(x, weight)
+    return Linear.apply(x, weight, bias)
+
+
+
+# ---------------------------------------------------------------- einsum
+_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _parse_einsum(equation, shapes):
+    """Explicit subscripts: one letter string per operand and the output's, '...' replaced by
+    letters (the same dims of every operand must then have equal sizes)."""
+    eq = equation.replace(" ", "")
+    lhs, arrow, out = eq.partition("->")
+    subs = lhs.split(",")
+    if len(subs) != len(shapes):
+        raise ValueError(f"einsum(): {len(subs)} operands in the equation {equation!r} but "
+                         f"{len(shapes)} tensors given")
+    used = set(c for c in eq if c.isalpha())
+    free = [c for c in _LETTERS if c not in used]
+    n_ell = max([len(s) - len(sub.replace("...", "")) for sub, s in zip(subs, shapes)
+                 if "..." in sub] or [0])
+    ell = "".join(free[:n_ell])
+    sizes = {}
+    new_subs = []
+    for sub, shape in zip(subs, shapes):
+        if any(not (c.isalpha() or c == ".") for c in sub):
+            raise ValueError(f"einsum(): invalid subscript {sub!r} in {equation!r}: use letters a-z, A-Z")
+        if "..." in sub:
+            k = len(shape) - len(sub.replace("...", ""))
+            sub = sub.replace("...", ell[n_ell - k:] if k else "")
+        if len(sub) != len(shape):
+            raise ValueError(f"einsum(): subscript {sub!r} has {len(sub)} letters for an operand "
+                             f"with {len(shape)} dimensions {shape}")
+        if len(set(sub)) != len(sub):
+            raise NotImplementedError(f"einsum(): a letter repeated within one operand ({sub!r}: a "
+                                      f"diagonal or trace) is not supported")
+        for c, n in zip(sub, shape):
+            if sizes.setdefault(c, n) != n:
+                raise RuntimeError(f"einsum(): subscript {c} has size {n} for an operand which does "
+                                   f"not broadcast with previously seen size {sizes[c]} (sizes must "
+                                   f"be equal: broadcasting is not supported)")
+        new_subs.append(sub)
+    if arrow:
+        out = out.replace("...", ell)
+        if len(set(out)) != len(out) or any(c not in sizes for c in out):
+            raise ValueError(f"einsum(): output subscripts {out!r} must be distinct letters that "
+                             f"appear in the inputs")
+    else:  # implicit: ellipsis dims, then the letters seen once, in alphabetical order
+        counts = "".join(new_subs)
+        out = ell + "".join(sorted((c for c in set(counts) if counts.count(c) == 1 and c not in ell),
+                                   key=_LETTERS.index))
+    return new_subs, out, sizes
+
+
+class Einsum(Function):
+    """Sums of products over the letters of subscripts (no letter repeated in one operand).
+    The gradient of operand i is the einsum of the output gradient with the other operands into
+    i's subscripts; letters only operand i has (summed away) are broadcast back."""
+
+    def forward(self, *ops, subs, out, sizes):
+        self.ops, self.subs, self.out, self.sizes = ops, subs, out, sizes
+        return _einsum(f"{','.join(subs)}->{out}", *ops)
+
+    def backward(self, gy):
+        xp = _xp(gy)
+        grads = []
+        for i, sub in enumerate(self.subs):
+            if not self.needs_grad[i]:
+                grads.append(None)
+                continue
+            others = [s for j, s in enumerate(self.subs) if j != i]
+            reach = set(self.out).union(*others)
+            kept = "".join(c for c in sub if c in reach)
+            ops = [gy] + [o for j, o in enumerate(self.ops) if j != i]
+            g = _einsum(f"{','.join([self.out] + others)}->{kept}", *ops)
+            if kept != sub:  # letters only this operand had: its gradient is constant along them
+                g = g.reshape([self.sizes[c] if c in kept else 1 for c in sub])
+                g = xp.broadcast_to(g, [self.sizes[c] for c in sub])
+            grads.append(g)
+        return tuple(grads)
+
+
+def _einsum(eq, *ops):
+    xp = _xp(*ops)
+    return xp.einsum(eq, *ops, optimize=True) if xp is np else xp.einsum(eq, *ops)
+
+
+def einsum(equation, *operands):
+    """torch.einsum(equation, *operands) (operands also as one list)."""
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = tuple(operands[0])
+    if not isinstance(equation, str):
+        raise TypeError(f"einsum(): the equation must be a str, got {type(equation).__name__}")
+    operands = [as_tensor(o) for o in operands]
+    if not operands:
+        raise ValueError("einsum(): must provide at least one operand")
+    for o in operands[1:]:
+        if o.dtype != operands[0].dtype:
+            raise RuntimeError(f"einsum(): expected operands of one dtype, got {operands[0].dtype} "
+                               f"and {o.dtype}")
+    subs, out, sizes = _parse_einsum(equation, [o.shape for o in operands])
+    return Einsum.apply(*operands, subs=subs, out=out, sizes=sizes)
