@@ -282,3 +282,25 @@ def test_reference_torch_check_fails_on_a_wrong_gradient():
             assert_close("sloppy", np.float32, np.ones(2) * (1 + 2e-5), torch.ones(2).numpy(), "output")
     finally:
         WORST.pop("sloppy", None)  # not an op family: keep it out of the report
+
+
+# ---------------------------------------------------------------- in-place assignment
+def test_setitem_outside_autograd_and_refused_inside():
+    x = tt.zeros(2, 3)
+    x[0, 1] = 5.0
+    x[1] = tt.tensor([1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(x.numpy(), [[0, 5, 0], [1, 2, 3]])
+    w = tt.Tensor(np.ones(3, dtype=np.float32), requires_grad=True)
+    with pytest.raises(RuntimeError, match="requires grad cannot be assigned"):
+        w[0] = 2.0
+    with pytest.raises(NotImplementedError, match="in-place autograd"):
+        x[0] = w * 2
+
+
+def test_several_output_function_gets_all_gradients_in_one_backward():
+    x = tt.Tensor(np.arange(6.0).reshape(2, 3), requires_grad=True)
+    a, b, c = x.split(1, dim=1)
+    (a * 2 + c * 3).sum().backward()                   # b unused: its gradient is zero
+    np.testing.assert_array_equal(x.grad, [[2, 0, 3], [2, 0, 3]])
+    with pytest.raises(RuntimeError, match="freed"):
+        (a * 2).sum().backward()

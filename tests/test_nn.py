@@ -300,3 +300,44 @@ def test_manual_seed_reproducibility():
     np.testing.assert_array_equal(r1, r2)
     assert not np.array_equal(sd1["wte.weight"], sd3["wte.weight"])
     assert not np.array_equal(d1, d3)
+
+
+# ---------------------------------------------------------------- buffers (the lecture's tril)
+class _Head(nn.Module):
+    def __init__(self, block_size):
+        super().__init__()
+        self.proj = nn.Linear(2, 2)
+        self.register_buffer("tril", tt.tril(tt.ones(block_size, block_size)))
+        self.register_buffer("scratch", tt.zeros(3), persistent=False)
+
+
+def test_register_buffer_as_torch():
+    m = _Head(4)
+    ref = torch.nn.Module()
+    ref.proj = torch.nn.Linear(2, 2)
+    ref.register_buffer("tril", torch.tril(torch.ones(4, 4)))
+    ref.register_buffer("scratch", torch.zeros(3), persistent=False)
+    assert list(m.state_dict()) == list(ref.state_dict())          # persistent buffers only
+    assert [n for n, _ in m.named_buffers()] == [n for n, _ in ref.named_buffers()]
+    assert [n for n, _ in m.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    sd = m.state_dict()
+    sd["tril"] = np.triu(np.ones((4, 4)))
+    m.load_state_dict(sd)
+    np.testing.assert_array_equal(m.tril.numpy(), np.triu(np.ones((4, 4))))
+    assert not m.tril.requires_grad and all(p is not m.tril for p in m.parameters())
+    m.tril = tt.ones(2, 2)                                         # reassigning keeps it a buffer
+    assert "tril" in m.state_dict()
+    with pytest.raises(TypeError, match="expects a Tensor"):
+        m.register_buffer("bad", np.ones(2))
+    with pytest.raises(KeyError, match="already exists"):
+        m.register_buffer("proj", tt.ones(1))
+
+
+def test_zero_grad_set_to_none_false_zeroes_in_place():
+    m = nn.Linear(2, 2)
+    opt = tt.optim.AdamW(m.parameters())
+    m(tt.ones(1, 2)).sum().backward()
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in m.parameters())
+    m.zero_grad()
+    assert all(p.grad is None for p in m.parameters())

@@ -218,6 +218,14 @@ def test_shape_errors_as_torch():
     same_error(lambda m: m.cat([m.ones(2, 3), m.ones(3, 3)], dim=1), "must match")
     same_error(lambda m: m.ones(2, 3) @ m.ones(2, 3), "")
     same_error(lambda m: m.einsum("ij,jk->ik", m.ones(2, 3), m.ones(2, 3)))
+    same_error(lambda m: m.ones(2, 3, 4).transpose(1, 2).view(2, 12), "view size is not compatible")
+
+
+def test_view_after_contiguous_and_views_that_need_no_copy():
+    same_result(lambda m: m.arange(24).reshape(2, 3, 4).transpose(1, 2).contiguous().view(2, 12))
+    same_result(lambda m: m.arange(24).reshape(2, 3, 4).transpose(0, 1).view(3, 2, 2, 2))
+    same_result(lambda m: m.arange(24).reshape(2, 3, 4)[:, 1].view(2, 2, 2))
+    same_error(lambda m: m.arange(24).reshape(2, 3, 4)[:, 1].view(8), "view size")
 
 
 # ---------------------------------------------------------------- 5. advanced indexing
@@ -314,6 +322,7 @@ add(same("split", lambda a: a.split(2)[2], randn(5, 2)))
 add(same("split", lambda a: a.chunk(3, dim=1)[1], randn(3, 7)))
 add(same("split", lambda a: a.chunk(3)[0] + 1, randn(4, 3)))
 add(same("split", lambda a: a.unbind(1)[2], randn(3, 4)))
+add(same("contiguous", lambda a: a.transpose(0, 1).contiguous().view(-1), randn(3, 4)))
 add(same("unflatten", lambda a: a.unflatten(1, (2, 3)), randn(4, 6)))
 add(same("unflatten", lambda a: a.unflatten(-1, (-1, 2)), randn(4, 6)))
 for eq, sa, sb in [("bhtd,bhsd->bhts", (2, 2, 3, 4), (2, 2, 5, 4)),   # attention scores

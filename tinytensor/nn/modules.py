@@ -89,11 +89,16 @@ class Module:
         for _, b in self.named_buffers():
             yield b
 
-    def _persistent_buffers(self):
-        for mname, m in self.named_modules():
+    def _named_state(self):
+        """What state_dict holds, in torch's order: each module's parameters, then its
+        persistent buffers, module by module (a shared one under each of its names)."""
+        for mname, m in self.named_modules(remove_duplicate=False):
+            pre = f"{mname}." if mname else ""
+            for pname, p in m._parameters.items():
+                yield pre + pname, p
             for bname, b in m._buffers.items():
                 if b is not None and bname not in m._non_persistent:
-                    yield (f"{mname}.{bname}" if mname else bname), b
+                    yield pre + bname, b
 
     def __call__(self, *args, **kwargs):
         return self.forward(*args, **kwargs)
@@ -148,10 +153,7 @@ class Module:
         """{dotted name: NumPy array copy} of every parameter and persistent buffer (host
         arrays, also from GPU). A shared (tied) parameter appears under each of its names, as
         in torch."""
-        sd = OrderedDict((n, backend.to_numpy(p.data).copy())
-                         for n, p in self.named_parameters(remove_duplicate=False))
-        sd.update((n, backend.to_numpy(b.data).copy()) for n, b in self._persistent_buffers())
-        return sd
+        return OrderedDict((n, backend.to_numpy(t.data).copy()) for n, t in self._named_state())
 
     def load_state_dict(self, state_dict, strict=True):
         """Copy arrays into the existing parameters (cast to their dtype and device).
@@ -159,8 +161,7 @@ class Module:
         Raises KeyError naming missing/unexpected keys (when strict) and ValueError on a
         shape mismatch; nothing is changed unless every check passes.
         """
-        own = dict(self.named_parameters(remove_duplicate=False))
-        own.update(self._persistent_buffers())
+        own = dict(self._named_state())
         missing = [k for k in own if k not in state_dict]
         unexpected = [k for k in state_dict if k not in own]
         if strict and (missing or unexpected):

@@ -29,7 +29,7 @@ from .normalization import causal_softmax, log_softmax, softmax  # noqa: F401
 from .reduce import *  # noqa: F401,F403
 from .reduce import all, amax, amin, any, max, mean, min, sum  # noqa: F401
 from .shape import *  # noqa: F401,F403
-from .shape import (chunk, expand, expand_as, flatten, getitem, masked_fill, permute, repeat,  # noqa: F401
+from .shape import (chunk, contiguous, expand, expand_as, flatten, getitem, masked_fill, permute, repeat,  # noqa: F401
                     reshape, setitem, split, squeeze, transpose, tril, triu, unbind, unflatten,
                     unsqueeze, view, where)
 
@@ -150,7 +150,7 @@ for _name in ["sum", "mean", "amax", "amin", "all", "any", "exp", "log", "tanh",
               "isinf", "isfinite", "reshape", "view", "permute", "transpose", "masked_fill",
               "unsqueeze", "squeeze", "flatten", "unflatten", "expand", "expand_as", "repeat",
               "split", "chunk", "unbind", "tril", "triu", "softmax", "log_softmax", "matmul",
-              "pow", "add", "sub", "mul", "div", "floor_divide", "neg", "t"]:
+              "pow", "add", "sub", "mul", "div", "floor_divide", "neg", "t", "contiguous"]:
     setattr(Tensor, _name, globals()[_name])
 Tensor.clip = clamp
 Tensor.max = _max
@@ -166,5 +166,4 @@ Tensor.type_as = lambda self, other: cast(self, other.dtype)
 Tensor.is_floating_point = lambda self: self.dtype.kind == "f"
 Tensor.dim = lambda self: self.ndim
 Tensor.numel = lambda self: self.size
-Tensor.contiguous = lambda self: self
 Tensor.mT = property(lambda self: transpose(self, -2, -1))

@@ -37,7 +37,41 @@ def reshape(x, *shape):
     return Reshape.apply(x, shape=shape)
 
 
-view = reshape
+def view(x, *shape):
+    """reshape that never copies, as torch's view: an error where the elements of x are not
+    laid out so that the new shape can share them (call .contiguous() first, or reshape)."""
+    shape = _sizes(shape, "view")
+    out = reshape(x, *shape)
+    if out.data.size and not _shares_layout(x.data, out.shape):
+        raise RuntimeError(f"view size is not compatible with input tensor's size and stride (at "
+                           f"least one dimension spans across two contiguous subspaces): shape "
+                           f"{x.shape} -> {list(shape)}. Use .reshape(...) instead")
+    return out
+
+
+def _shares_layout(a, shape):
+    if a.flags.c_contiguous or not isinstance(a, np.ndarray):
+        return True
+    try:
+        np.reshape(a, shape, copy=False)  # NumPy >= 2.1 raises where a copy would be needed
+    except TypeError:  # an older NumPy: no such check
+        return True
+    except ValueError:
+        return False
+    return True
+
+
+class Contiguous(Function):
+    def forward(self, x):
+        return _xp(x).ascontiguousarray(x)
+
+    def backward(self, gy):
+        return gy
+
+
+def contiguous(x):
+    """x itself when its elements are laid out in row-major order, else a row-major copy."""
+    return x if x.data.flags.c_contiguous else Contiguous.apply(x)
 
 
 class Permute(Function):
