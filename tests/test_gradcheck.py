@@ -124,6 +124,12 @@ CASES = {
         "fused_causal_attention_chunked": (lambda qkv: _chunked_attention(qkv, 2), randn(1, 5, 6)),
         "fused_causal_attention_dropout": (lambda qkv: _seeded(fused.causal_attention, qkv, 1, 0.4),
                                            randn(2, 3, 6)),
+        # F.scaled_dot_product_attention: its fused path (q, k, v apart) and its composition
+        "sdpa_fused_causal": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                              randn(2, 2, 3, 2), randn(2, 2, 3, 2, seed=1), randn(2, 2, 3, 2, seed=2)),
+        "sdpa_bool_mask": (lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, m),
+                           randn(2, 3, 2), randn(2, 4, 2, seed=1), randn(2, 4, 3, seed=2),
+                           np.array([[1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 0]], dtype=bool)),
         "fused_linear_relu": (fused.linear_relu, randn(2, 3, 4), randn(5, 4, seed=1), randn(5, seed=2)),
         "fused_linear_relu_nobias": (fused.linear_relu, randn(3, 4), randn(5, 4, seed=1)),
         "fused_dropout": (lambda x: _seeded(fused.dropout, x, 0.3), randn(3, 4)),

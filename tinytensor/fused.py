@@ -8,6 +8,8 @@ PyTorch and with float64 central differences.
 
     causal_attention(qkv, n_head, dropout_p)   the attention of a GPT block, from its fused
                                                 q/k/v projection to the heads side by side
+    causal_sdpa(q, k, v, dropout_p, scale)      the same from q, k, v (B, nh, T, hs):
+                                                F.scaled_dot_product_attention's fused path
     linear_relu(x, weight, bias)               relu(x @ weight.T + bias), the feed-forward's
                                                 first layer
     dropout(x, p)                              inverted dropout with a bool mask (F.dropout)
@@ -160,39 +162,38 @@ def _shift_unneeded(att):
 
 
 class CausalAttention(Function):
-    """Multi-head causal self-attention from the output of the fused q/k/v projection.
+    """Causal attention of every head: q, k, v (B, nh, T, hs), any strides (typically views
+    of the fused q/k/v projection), to y (B, nh, T, hs). Equal (up to rounding) to
 
-    qkv (B, T, 3*C): every head's queries (head h in columns h*hs:(h+1)*hs), then the keys,
-    then the values. Returns (B, T, C), the heads' outputs side by side. Equal (up to
-    rounding) to
-
-        q, k, v = qkv.reshape(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4)   # each (B, nh, T, hs)
-        att = causal_softmax(q @ k.transpose(-2, -1), scale=hs ** -0.5)  # (B, nh, T, T)
+        att = causal_softmax(q @ k.transpose(-2, -1), scale)   # (B, nh, T, T), scale hs ** -0.5
         att = dropout(att, p)
-        y = (att @ v).transpose(1, 2).reshape(B, T, C)
+        y = att @ v                                              # (B, nh, T, hs)
 
     with the dropout keep-mask drawn as F.dropout draws it. The work on the (T, T) scores is
     what costs; so the scale goes onto q (hs wide, not T), 1 / (1 - p) onto the (T, hs) result,
     only the diagonal block is masked, and backward keeps only the attention weights and a
     bool keep-mask. For T >= 2 * ATTENTION_CHUNK the queries go in chunks, each against the
-    keys up to its own position only: most of the masked future is never computed. The q/k/v
-    gradients are written into one (B, T, 3*C) array; large batches are split over threads.
+    keys up to its own position only: most of the masked future is never computed. Large
+    batches are split over threads.
+
+    y is a (B, nh, T, hs) view of a contiguous (B, T, nh, hs) array, so the heads side by side,
+    y.transpose(1, 2).reshape(B, T, nh * hs), cost no copy. The gradients gq, gk, gv are views
+    of one (B, T, 3, nh, hs) array, laid out as the fused projection's output.
     """
 
-    def forward(self, qkv, n_head, p=0.0):
-        xp = _xp(qkv)
-        B, T, C3 = qkv.shape
-        nh, hs = n_head, C3 // (3 * n_head)
-        qkv5 = qkv.reshape(B, T, 3, nh, hs)                         # (B, T, 3, nh, hs)
-        q, k, v = (qkv5[:, :, i].transpose(0, 2, 1, 3) for i in range(3))   # each (B, nh, T, hs)
+    def forward(self, q, k, v, p=0.0, scale=None):
+        xp = _xp(q)
+        B, nh, T, hs = q.shape
+        dtype = q.dtype
         self.q, self.k, self.v = q, k, v
-        self.scale, self.rescale = qkv.dtype.type(hs ** -0.5), qkv.dtype.type(1.0 / (1.0 - p))
+        self.scale = dtype.type(hs ** -0.5 if scale is None else scale)
+        self.rescale = dtype.type(1.0 / (1.0 - p))
         self.keep = dropout_keep((B, nh, T, T), p, xp) if p > 0 else None   # (B, nh, T, T)
         chunk = ATTENTION_CHUNK if T >= 2 * ATTENTION_CHUNK else T
         # chunk (s, e): queries s..e-1, which see keys 0..e-1
         self.chunks = [(s, min(s + chunk, T)) for s in range(0, T, chunk)]
-        self.att = [xp.empty((B, nh, e - s, e), dtype=qkv.dtype) for s, e in self.chunks]
-        y = xp.empty((B, T, nh, hs), dtype=qkv.dtype)               # (B, T, nh, hs)
+        self.att = [xp.empty((B, nh, e - s, e), dtype=dtype) for s, e in self.chunks]
+        y = xp.empty((B, T, nh, hs), dtype=dtype)                   # (B, T, nh, hs)
         y_heads = y.transpose(0, 2, 1, 3)                           # (B, nh, T, hs) view of y
 
         def rows(b0, b1):  # batch rows b0..b1-1, all chunks
@@ -207,7 +208,7 @@ class CausalAttention(Function):
                     out *= self.rescale
 
         parallel.rows(B, rows, B * nh * T * T, xp, block=parallel.block_rows(nh * T * T))
-        return y.reshape(B, T, nh * hs)                             # (B, T, C): heads side by side
+        return y_heads
 
     def _kept(self, att, b0, b1, s, e):
         """att * keep for batch rows b0..b1, chunk s..e (a new array; not yet scaled by
@@ -215,11 +216,16 @@ class CausalAttention(Function):
         return att if self.keep is None else att * self.keep[b0:b1, :, s:e, :e]
 
     def backward(self, gy):
-        xp = _xp(gy)
+        gqkv = self._gradients(gy)                                  # (B, T, 3, nh, hs)
+        return tuple(gqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # gq, gk, gv
+
+    def _gradients(self, g):
+        """The gradients of q, k and v for the output gradient g (B, nh, T, hs), any strides,
+        in one (B, T, 3, nh, hs) array: the layout of the fused projection's output."""
+        xp = _xp(g)
         q, k, v = self.q, self.k, self.v
         B, nh, T, hs = q.shape
-        g = gy.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)          # (B, nh, T, hs)
-        gqkv = xp.empty((B, T, 3, nh, hs), dtype=gy.dtype)          # (B, T, 3, nh, hs)
+        gqkv = xp.empty((B, T, 3, nh, hs), dtype=g.dtype)           # (B, T, 3, nh, hs)
         gq, gk, gv = (gqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (B, nh, T, hs) views
 
         def rows(b0, b1):
@@ -250,7 +256,29 @@ class CausalAttention(Function):
                     gk[b0:b1, :, :e] += ga.transpose(0, 1, 3, 2) @ q_s[:, :, s:e]
 
         parallel.rows(B, rows, B * nh * T * T, xp, block=parallel.block_rows(nh * T * T))
-        return gqkv.reshape(B, T, 3 * nh * hs)                      # (B, T, 3*C)
+        return gqkv
+
+
+class PackedCausalAttention(CausalAttention):
+    """CausalAttention straight from the fused q/k/v projection qkv (B, T, 3*C) to the heads
+    side by side (B, T, C): the same computation, with the split of qkv into q, k, v views
+    inside the op. Its gradient is then CausalAttention's (B, T, 3, nh, hs) array as it is;
+    split by getitem ops instead, each getitem's backward would write its part into a zero
+    (B, T, 3*C) array and the engine would add the three (fwd+bwd at B=16, T=256, C=384,
+    nh=6: 41 ms packed, 53 ms split by getitem)."""
+
+    def forward(self, qkv, n_head, p=0.0):
+        B, T, C3 = qkv.shape
+        nh, hs = n_head, C3 // (3 * n_head)
+        qkv5 = qkv.reshape(B, T, 3, nh, hs)                         # (B, T, 3, nh, hs)
+        q, k, v = (qkv5[:, :, i].transpose(0, 2, 1, 3) for i in range(3))   # each (B, nh, T, hs)
+        y = super().forward(q, k, v, p)                             # (B, nh, T, hs)
+        return y.transpose(0, 2, 1, 3).reshape(B, T, nh * hs)       # (B, T, C), no copy
+
+    def backward(self, gy):
+        B, nh, T, hs = self.q.shape
+        g = gy.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)          # (B, nh, T, hs)
+        return self._gradients(g).reshape(B, T, 3 * nh * hs)        # (B, T, 3*C)
 
 
 def _matmul_into(a, b, out):
@@ -276,7 +304,20 @@ def causal_attention(qkv, n_head, dropout_p=0.0):
                          f"got {qkv.shape} with n_head={n_head}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {dropout_p}")
-    return CausalAttention.apply(qkv, n_head=int(n_head), p=float(dropout_p))
+    return PackedCausalAttention.apply(qkv, n_head=int(n_head), p=float(dropout_p))
+
+
+def causal_sdpa(q, k, v, dropout_p=0.0, scale=None):
+    """Causal attention of q, k, v (B, nh, T, hs) in one op (F.scaled_dot_product_attention's
+    fused path): softmax(scale * q @ k^T, future masked), dropped with probability
+    dropout_p (0 <= dropout_p < 1), @ v. scale defaults to hs ** -0.5."""
+    if not (q.ndim == 4 and q.shape == k.shape == v.shape):
+        raise ValueError(f"causal_sdpa needs q, k, v of one shape (B, nh, T, hs), got "
+                         f"{q.shape}, {k.shape}, {v.shape}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {dropout_p}")
+    return CausalAttention.apply(q, k, v, p=float(dropout_p),
+                                 scale=None if scale is None else float(scale))
 
 
 class LinearReLU(Function):
