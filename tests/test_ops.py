@@ -94,17 +94,17 @@ for dim, keep in [(None, False), (None, True), (0, False), (-1, True), (1, False
                   ((0, 2), True), ((-1, 0, 1), False)]:
     add(same("sum", lambda a, d=dim, k=keep: a.sum(dim=d, keepdim=k), randn(2, 3, 4)))
     add(same("mean", lambda a, d=dim, k=keep: a.mean(dim=d, keepdim=k), randn(2, 3, 4)))
-    add(pair("max", lambda a, d=dim, k=keep: a.max(dim=d, keepdim=k),
+    add(pair("amax", lambda a, d=dim, k=keep: a.amax(dim=() if d is None else d, keepdim=k),
              lambda a, d=dim, k=keep: torch.amax(a, dim=() if d is None else d, keepdim=k),
              randn(2, 3, 4)))
 add(same("sum", lambda a: a.sum(), randn(5)))
 add(same("sum", lambda a: a.sum(1), randn(3, 4)))
 add(same("mean", lambda a: a.mean(-1), randn(3, 4)))
-add(pair("max", lambda a: a.max(0), lambda a: torch.amax(a, 0), randn(3, 4)))
+add(pair("amax", lambda a: a.amax(0), lambda a: torch.amax(a, 0), randn(3, 4)))
 ties = np.array([[1.0, 3.0, 3.0, 0.5], [2.0, 2.0, 2.0, 2.0], [-1.0, 0.0, -1.0, 0.0]])
-add(pair("max", lambda a: a.max(dim=1), lambda a: torch.amax(a, 1), ties))       # ties share the gradient
+add(pair("amax", lambda a: a.amax(dim=1), lambda a: torch.amax(a, 1), ties))   # ties share the gradient
 add(pair("max", lambda a: a.max(), lambda a: a.max(), ties))
-add(pair("max", lambda a: a.max(dim=0, keepdim=True), lambda a: torch.amax(a, 0, keepdim=True), ties))
+add(pair("amax", lambda a: a.amax(dim=0, keepdim=True), lambda a: torch.amax(a, 0, keepdim=True), ties))
 
 # ---------------------------------------------------------------- shapes
 add(same("reshape", lambda a: a.reshape(6, 4), randn(2, 3, 4)))

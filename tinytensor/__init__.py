@@ -4,12 +4,14 @@ from .backend import cuda_available
 from .dtypes import (bool, double, float, float16, float32, float64, half, int, int8,  # noqa: A004
                      int16, int32, int64, is_floating_point, long, promote_types, result_type,
                      short, uint8)
-from .ops import (abs, all, allclose, amax, amin, any, arange, cat, chunk, clamp, clip,  # noqa: A004
-                  concat, cos, einsum, erf, exp, expand, eye, flatten, floor_divide, full,
-                  full_like, isfinite, isinf, isnan, log, matmul, max, maximum,
-                  mean, min, minimum, multinomial, ones, ones_like, permute, rand, randint, randn,
-                  relu, repeat, reshape, rsqrt, sigmoid, sin, softmax, split, sqrt, squeeze, stack,
-                  sum, tanh, transpose, tril, triu, unbind, unflatten, unsqueeze, where, zeros, zeros_like)
+from .ops import (abs, all, allclose, amax, amin, any, arange, argmax, argmin, cat, chunk,
+                  clamp, clip, concat, cos, cumsum, einsum, erf, exp, expand, eye, flatten,
+                  floor_divide, full, full_like, gather, isfinite, isinf, isnan, log,
+                  logsumexp, matmul, max, maximum, mean, min, minimum, multinomial, ones,
+                  ones_like, permute, rand, randint, randn, relu, repeat, reshape, rsqrt,
+                  sigmoid, sin, softmax, split, sqrt, squeeze, stack, std, sum, tanh, topk,
+                  transpose, tril, triu, unbind, unflatten, unsqueeze, var, where, zeros,
+                  zeros_like)  # noqa: A004
 from .random import manual_seed
 from .tensor import (Function, Tensor, get_default_dtype, is_grad_enabled, no_grad,
                      set_default_dtype, tensor)

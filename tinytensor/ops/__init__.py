@@ -27,7 +27,8 @@ from .linalg import add_rows_, column_sums, einsum, matmul  # noqa: F401
 from .normalization import *  # noqa: F401,F403
 from .normalization import causal_softmax, log_softmax, softmax  # noqa: F401
 from .reduce import *  # noqa: F401,F403
-from .reduce import all, amax, amin, any, max, mean, min, sum  # noqa: F401
+from .reduce import (all, amax, amin, any, argmax, argmin, cumsum, gather, logsumexp, max,  # noqa: F401
+                     mean, min, std, sum, topk, var)
 from .shape import *  # noqa: F401,F403
 from .shape import (chunk, contiguous, expand, expand_as, flatten, getitem, masked_fill, permute, repeat,  # noqa: F401
                     reshape, setitem, split, squeeze, transpose, tril, triu, unbind, unflatten,
@@ -81,18 +82,6 @@ def allclose(a, b, rtol=1e-05, atol=1e-08, equal_nan=False):
     """torch.allclose: True when |a - b| <= atol + rtol * |b| everywhere (a Python bool)."""
     a, b = (x.data if isinstance(x, Tensor) else x for x in (a, b))
     return bool(_xp(a).allclose(a, b, rtol=rtol, atol=atol, equal_nan=equal_nan))
-
-
-def _max(x, dim=None, keepdim=False):
-    if isinstance(dim, Tensor):  # x.max(other): elementwise, as torch
-        return maximum(x, dim)
-    return max(x, dim, keepdim)
-
-
-def _min(x, dim=None, keepdim=False):
-    if isinstance(dim, Tensor):
-        return minimum(x, dim)
-    return min(x, dim, keepdim)
 
 
 def _to(self, *args, **kwargs):
@@ -150,11 +139,10 @@ for _name in ["sum", "mean", "amax", "amin", "all", "any", "exp", "log", "tanh",
               "isinf", "isfinite", "reshape", "view", "permute", "transpose", "masked_fill",
               "unsqueeze", "squeeze", "flatten", "unflatten", "expand", "expand_as", "repeat",
               "split", "chunk", "unbind", "tril", "triu", "softmax", "log_softmax", "matmul",
-              "pow", "add", "sub", "mul", "div", "floor_divide", "neg", "t", "contiguous"]:
+              "pow", "add", "sub", "mul", "div", "floor_divide", "neg", "t", "contiguous", "max", "min",
+              "argmax", "argmin", "topk", "logsumexp", "var", "std", "cumsum", "gather"]:
     setattr(Tensor, _name, globals()[_name])
 Tensor.clip = clamp
-Tensor.max = _max
-Tensor.min = _min
 Tensor.to_device = Tensor.to
 Tensor.to = _to
 Tensor.long = lambda self: cast(self, np.int64)

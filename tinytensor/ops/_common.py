@@ -26,15 +26,15 @@ def wrap_dim(dim, ndim):
 
 
 def wrap_dims(dim, ndim):
-    """None, an int or a sequence of ints as a tuple of distinct non-negative dims (None stays
-    None: all of them). A 0-d tensor's dims 0 and -1 become the empty tuple."""
+    """None, an int or a sequence of ints as a tuple of distinct non-negative dims, or None for
+    all of them: dim None or (), and any valid dim of a 0-d tensor (0 or -1), as torch."""
     if dim is None:
         return None
-    dims = (dim,) if isinstance(dim, numbers.Integral) else tuple(dim)
+    dims = tuple(dim) if isinstance(dim, (tuple, list)) else (dim,)
     out = tuple(wrap_dim(d, ndim) for d in dims)
     if len(set(out)) != len(out):
         raise RuntimeError(f"dim {dims} appears multiple times in the list of dims")
-    return out if ndim else ()
+    return out if out and ndim else None
 
 
 class Cast(Function):

@@ -118,7 +118,7 @@ def squeeze(x, dim=None):
     """Drop size-1 dims: all of them, or those of dim (an int or a tuple) that have size 1."""
     if dim is None:
         return Reshape.apply(x, shape=tuple(n for n in x.shape if n != 1))
-    dims = wrap_dims(dim, x.ndim)
+    dims = wrap_dims(dim, x.ndim) or ()
     return Reshape.apply(x, shape=tuple(n for i, n in enumerate(x.shape)
                                         if not (i in dims and n == 1)))
 
