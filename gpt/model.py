@@ -18,20 +18,65 @@ Every stage but "gpt" has no dropout and ignores config.dropout.
 
 Shapes: B batch, T time (context length), C = n_embd, nh heads of size hs = C // nh, V vocab.
 """
+import math
 import numbers
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from tinytensor import backend, nn, no_grad
-from tinytensor import random as tt_random
+import tinytensor as tt
+from tinytensor import nn
 from tinytensor.nn import functional as F
-from tinytensor.fused import causal_attention, linear_relu
-from tinytensor.ops import causal_softmax
-from tinytensor.tensor import Tensor
 
 
-# ---------------------------------------------------------------- attention
+# ---------------------------------------------------------------- attention, as the lecture writes it
+class Head(nn.Module):
+    """ one head of self-attention (the lecture's Head) """
+
+    def __init__(self, n_embd, head_size, block_size, dropout=0.0):
+        super().__init__()
+        self.key = nn.Linear(n_embd, head_size, bias=False)
+        self.query = nn.Linear(n_embd, head_size, bias=False)
+        self.value = nn.Linear(n_embd, head_size, bias=False)
+        self.register_buffer('tril', tt.tril(tt.ones(block_size, block_size)))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        # input of size (batch, time-step, channels)
+        # output of size (batch, time-step, head size)
+        B, T, C = x.shape
+        k = self.key(x)    # (B,T,hs)
+        q = self.query(x)  # (B,T,hs)
+        # compute attention scores ("affinities")
+        wei = q @ k.transpose(-2, -1) * k.shape[-1]**-0.5  # (B, T, hs) @ (B, hs, T) -> (B, T, T)
+        wei = wei.masked_fill(self.tril[:T, :T] == 0, float('-inf'))  # (B, T, T)
+        wei = F.softmax(wei, dim=-1)  # (B, T, T)
+        wei = self.dropout(wei)
+        # perform the weighted aggregation of the values
+        v = self.value(x)  # (B,T,hs)
+        out = wei @ v  # (B, T, T) @ (B, T, hs) -> (B, T, hs)
+        return out
+
+
+class MultiHeadAttention(nn.Module):
+    """ multiple heads of self-attention in parallel (the lecture's); proj=False: the
+    multi_head stage, which has no projection yet """
+
+    def __init__(self, n_embd, num_heads, head_size, block_size, dropout=0.0, proj=True):
+        super().__init__()
+        self.heads = nn.ModuleList([Head(n_embd, head_size, block_size, dropout)
+                                    for _ in range(num_heads)])
+        self.proj = nn.Linear(head_size * num_heads, n_embd) if proj else None
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        out = tt.cat([h(x) for h in self.heads], dim=-1)  # (B, T, nh*hs): heads side by side
+        if self.proj is not None:
+            out = self.dropout(self.proj(out))  # (B, T, C)
+        return out
+
+
+# ---------------------------------------------------------------- attention, batched (nanoGPT)
 class KVCache:
     """The keys and values of the positions seen so far, for one attention layer.
 
@@ -46,19 +91,17 @@ class KVCache:
 
     def update(self, k, v):
         """Append keys and values (B, nh, T, hs); return all cached so far, (B, nh, length, hs)."""
-        k, v = k.data, v.data
         B, nh, T, hs = k.shape
         end = self.length + T
         if end > self.max_len:
             raise ValueError(f"the KV cache holds {self.max_len} positions, {end} requested")
         if self.k is None:
-            xp = backend.get_array_module(k)
-            self.k = xp.empty((B, nh, self.max_len, hs), dtype=k.dtype)
-            self.v = xp.empty((B, nh, self.max_len, hs), dtype=v.dtype)
+            self.k = tt.zeros(B, nh, self.max_len, hs, dtype=k.dtype, device=k.device)
+            self.v = tt.zeros(B, nh, self.max_len, hs, dtype=v.dtype, device=v.device)
         self.k[:, :, self.length:end] = k
         self.v[:, :, self.length:end] = v
         self.length = end
-        return Tensor(self.k[:, :, :end]), Tensor(self.v[:, :, :end])
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 def _layer_cache(kv_cache, i):
@@ -66,56 +109,65 @@ def _layer_cache(kv_cache, i):
 
 
 class CausalSelfAttention(nn.Module):
-    """n_head causal self-attention heads computed together: the lecture's Head and
-    MultiHeadAttention in one module.
+    """The heads of MultiHeadAttention computed together, as nanoGPT does.
 
     One Linear gives the queries, keys and values of every head: its weight (3*nh*hs, C) stacks
     the lecture's per-head query, key and value weights (hs, C) - all queries first (head h in
-    rows h*hs:(h+1)*hs), then all keys, then all values. The heads' outputs sit side by side
-    (the lecture's torch.cat over heads), then go through the projection (proj=False: the
-    single_head and multi_head stages, which have none).
+    rows h*hs:(h+1)*hs), then all keys, then all values - so it equals MultiHeadAttention of
+    Heads with those weights (tests/test_gpt_model.py checks it). The heads' outputs sit side
+    by side (the lecture's torch.cat over heads), then go through the projection.
+
+    fused=True computes the attention with F.scaled_dot_product_attention (tinytensor's fused
+    causal attention behind torch's name, as nanoGPT's flash path); fused=False writes it out
+    as the lecture does (tril mask, softmax, dropout): the same result, slower.
     """
 
-    def __init__(self, n_embd, n_head, head_size, dropout=0.0, proj=True):
+    def __init__(self, n_embd, n_head, block_size, dropout=0.0, fused=True):
         super().__init__()
-        self.n_head, self.head_size = n_head, head_size
-        self.qkv = nn.Linear(n_embd, 3 * n_head * head_size, bias=False)
+        self.n_head, self.head_size, self.fused = n_head, n_embd // n_head, fused
+        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
         self.attn_dropout = nn.Dropout(dropout)  # on the attention weights (the lecture's Head.dropout)
-        self.proj = nn.Linear(n_head * head_size, n_embd) if proj else None
+        self.proj = nn.Linear(n_embd, n_embd)
         self.dropout = nn.Dropout(dropout)       # on the output (the lecture's MultiHeadAttention.dropout)
-
-    fused = True  # training and full-context passes use fused.causal_attention (same result)
+        if not fused:  # the mask of the written-out path (not saved: the fused path has none)
+            self.register_buffer('tril', tt.tril(tt.ones(block_size, block_size)), persistent=False)
 
     def forward(self, x, kv_cache=None):
         B, T, C = x.shape
         nh, hs = self.n_head, self.head_size
-        qkv = self.qkv(x)                                           # (B, T, 3*nh*hs)
-        if self.fused and kv_cache is None:  # the composition below in one op (tinytensor.fused)
-            p = self.attn_dropout.p if self.attn_dropout.training else 0.0
-            y = causal_attention(qkv, nh, p)                        # (B, T, nh*hs)
-            if self.proj is not None:
-                y = self.dropout(self.proj(y))                      # (B, T, C)
-            return y
-        qkv = qkv.reshape(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4)   # (3, B, nh, T, hs)
-        q, k, v = qkv[0], qkv[1], qkv[2]                            # each (B, nh, T, hs)
+        q, k, v = self.qkv(x).split(C, dim=2)                       # each (B, T, C)
+        q = q.view(B, T, nh, hs).transpose(1, 2)                    # (B, nh, T, hs)
+        k = k.view(B, T, nh, hs).transpose(1, 2)                    # (B, nh, T, hs)
+        v = v.view(B, T, nh, hs).transpose(1, 2)                    # (B, nh, T, hs)
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)                            # (B, nh, Tk, hs): earlier positions too
-        att = q @ k.transpose(-2, -1)                               # (B, nh, T, Tk) affinities
-        att = causal_softmax(att, scale=hs ** -0.5)                 # (B, nh, T, Tk), no look-ahead
-        att = self.attn_dropout(att)
-        y = att @ v                                                 # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, nh * hs)                # (B, T, nh*hs): heads side by side
-        if self.proj is not None:
-            y = self.dropout(self.proj(y))                          # (B, T, C)
-        return y
+        Tk = k.shape[2]
+        if self.fused:
+            p = self.attn_dropout.p if self.training else 0.0
+            # query i sits at position Tk - T + i and sees keys 0 .. Tk - T + i
+            mask = None if T in (1, Tk) else tt.tril(tt.ones(T, Tk, dtype=tt.bool), diagonal=Tk - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
+                                               is_causal=T == Tk and T > 1)  # (B, nh, T, hs)
+        else:
+            att = q @ k.transpose(-2, -1) * hs**-0.5                # (B, nh, T, Tk) affinities
+            att = att.masked_fill(self.tril[Tk - T:Tk, :Tk] == 0, float('-inf'))
+            att = F.softmax(att, dim=-1)                            # (B, nh, T, Tk)
+            att = self.attn_dropout(att)
+            y = att @ v                                             # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)            # (B, T, C): heads side by side
+        return self.dropout(self.proj(y))                           # (B, T, C)
 
 
 # ---------------------------------------------------------------- feed-forward and blocks
 class FeedForward(nn.Module):
-    """The lecture's FeedFoward: Linear to 4*C, ReLU, Linear back to C, dropout."""
+    """The lecture's FeedFoward: Linear to 4*C, ReLU, Linear back to C, dropout.
 
-    def __init__(self, n_embd, dropout=0.0):
+    fused=True runs the first Linear and the ReLU as one op (F.linear_relu): the same result.
+    """
+
+    def __init__(self, n_embd, dropout=0.0, fused=True):
         super().__init__()
+        self.fused = fused
         self.net = nn.Sequential(
             nn.Linear(n_embd, 4 * n_embd),
             nn.ReLU(),
@@ -123,13 +175,11 @@ class FeedForward(nn.Module):
             nn.Dropout(dropout),
         )
 
-    fused = True  # the first Linear and the ReLU as one op, fused.linear_relu (same result)
-
     def forward(self, x):
         if not self.fused:
             return self.net(x)
         fc, _, proj, dropout = self.net
-        h = linear_relu(x, fc.weight, fc.bias)                      # (B, T, 4*C)
+        h = F.linear_relu(x, fc.weight, fc.bias)                   # (B, T, 4*C)
         return dropout(proj(h))                                     # (B, T, C)
 
 
@@ -137,10 +187,10 @@ class ResidualBlock(nn.Module):
     """The 'blocks' stage: communication (attention) then computation (feed-forward), each
     added to the residual stream."""
 
-    def __init__(self, n_embd, n_head, dropout=0.0):
+    def __init__(self, n_embd, n_head, block_size, dropout=0.0, fused=True):
         super().__init__()
-        self.sa = CausalSelfAttention(n_embd, n_head, n_embd // n_head, dropout)
-        self.ffwd = FeedForward(n_embd, dropout)
+        self.sa = CausalSelfAttention(n_embd, n_head, block_size, dropout, fused)
+        self.ffwd = FeedForward(n_embd, dropout, fused)
 
     def forward(self, x, kv_cache=None):
         x = x + self.sa(x, kv_cache)
@@ -150,8 +200,8 @@ class ResidualBlock(nn.Module):
 class Block(ResidualBlock):
     """The lecture's Block: a pre-LayerNorm residual block."""
 
-    def __init__(self, n_embd, n_head, dropout=0.0):
-        super().__init__(n_embd, n_head, dropout)
+    def __init__(self, n_embd, n_head, block_size, dropout=0.0, fused=True):
+        super().__init__(n_embd, n_head, block_size, dropout, fused)
         self.ln1 = nn.LayerNorm(n_embd)
         self.ln2 = nn.LayerNorm(n_embd)
 
@@ -169,6 +219,8 @@ class GPTConfig:
     n_head: int = 6          # attention heads per layer, each of size n_embd // n_head
     n_layer: int = 6         # Transformer blocks
     dropout: float = 0.2     # dropout probability while training (0.0 turns it off)
+    fused: bool = True       # fused attention (F.scaled_dot_product_attention) and linear+ReLU;
+                             # False: the ops written out as in the lecture (same result, slower)
 
     def validate(self):
         """Raise ValueError, in one line, for a config that cannot build a model."""
@@ -182,6 +234,8 @@ class GPTConfig:
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
                 or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be a probability in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.fused, bool):
+            raise ValueError(f"fused must be True or False, got {self.fused!r}")
         return self
 
 
@@ -193,7 +247,7 @@ def sample_next(logits, temperature=1.0, top_k=None, rng=None):
     inverse-CDF sampling with one rng.random() draw per row - so two computations of the same
     logits (cached and recomputed) draw the same tokens from the same rng.
     """
-    rng = rng if rng is not None else tt_random.rng()
+    rng = rng if rng is not None else tt.random.rng()
     logits = np.asarray(logits, dtype=np.float64) / temperature   # (B, V)
     if top_k is not None and top_k < logits.shape[1]:
         kth = np.partition(logits, -top_k, axis=1)[:, -top_k, None]   # (B, 1) the k-th largest
@@ -206,7 +260,7 @@ def sample_next(logits, temperature=1.0, top_k=None, rng=None):
 
 def _index_array(idx, what="idx"):
     """idx (an integer ndarray, Tensor or nested list of shape (B, T)) as an array."""
-    idx = idx.data if isinstance(idx, Tensor) else idx
+    idx = idx.data if isinstance(idx, tt.Tensor) else idx
     if not hasattr(idx, "dtype"):
         idx = np.asarray(idx)
     if idx.dtype.kind not in "iu" or idx.ndim != 2 or 0 in idx.shape:
@@ -220,7 +274,7 @@ def _init_weights(module):
     tinytensor's random stream (tt.manual_seed fixes them)."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
         w = module.weight
-        w.data[...] = tt_random.rng().normal(0.0, 0.02, size=w.shape)
+        w.data[...] = tt.random.rng().normal(0.0, 0.02, size=w.shape)
         if getattr(module, "bias", None) is not None:
             module.bias.data[...] = 0
 
@@ -260,7 +314,7 @@ class LanguageModel(nn.Module):
         use_cache=False does every step - so both give the same tokens for the same rng.
         Runs in eval mode (no dropout) and records no graph.
         """
-        idx = backend.to_numpy(_index_array(idx)).astype(np.int64)
+        idx = tt.tensor(_index_array(idx)).numpy().astype(np.int64)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
                 or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
@@ -275,7 +329,7 @@ class LanguageModel(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            with no_grad():
+            with tt.no_grad():
                 for _ in range(max_new_tokens):
                     context = idx if block is None else idx[:, -block:]   # (B, <= block_size)
                     if not use_cache:
@@ -285,7 +339,7 @@ class LanguageModel(nn.Module):
                         logits, _ = self(context, kv_cache=cache)
                     else:                                                  # one new position
                         logits, _ = self(idx[:, -1:], kv_cache=cache)
-                    last = backend.to_numpy(logits.data[:, -1, :])         # (B, V)
+                    last = logits[:, -1, :].numpy()                        # (B, V)
                     next_token = sample_next(last, temperature, top_k, rng)  # (B,)
                     idx = np.concatenate([idx, next_token[:, None]], axis=1)  # (B, T+1)
         finally:
@@ -349,29 +403,25 @@ class PositionalLanguageModel(LanguageModel):
 
 
 class SingleHeadModel(PositionalLanguageModel):
-    """+ one self-attention head of size n_embd: tokens look at the ones before them."""
-
-    n_attention_layers = 1
+    """+ one self-attention Head of size n_embd: tokens look at the ones before them.
+    (generate() recomputes the context every step: the lecture's Head keeps no cache.)"""
 
     def build_body(self, config):
-        C = config.n_embd
-        self.sa_head = CausalSelfAttention(C, n_head=1, head_size=C, proj=False)
+        self.sa_head = Head(config.n_embd, config.n_embd, config.block_size)
 
     def body(self, x, kv_cache=None):
-        return self.sa_head(x, _layer_cache(kv_cache, 0))               # (B, T, C)
+        return self.sa_head(x)                                          # (B, T, C)
 
 
 class MultiHeadModel(PositionalLanguageModel):
-    """+ n_head smaller heads side by side: several independent channels of communication."""
-
-    n_attention_layers = 1
+    """+ n_head smaller Heads side by side: several independent channels of communication."""
 
     def build_body(self, config):
         C, nh = config.n_embd, config.n_head
-        self.sa_heads = CausalSelfAttention(C, n_head=nh, head_size=C // nh, proj=False)
+        self.sa_heads = MultiHeadAttention(C, nh, C // nh, config.block_size, proj=False)
 
     def body(self, x, kv_cache=None):
-        return self.sa_heads(x, _layer_cache(kv_cache, 0))              # (B, T, C)
+        return self.sa_heads(x)                                         # (B, T, C)
 
 
 class FeedForwardModel(MultiHeadModel):
@@ -391,7 +441,8 @@ class ResidualBlocksModel(PositionalLanguageModel):
 
     def build_body(self, config):
         self.n_attention_layers = config.n_layer
-        self.blocks = nn.ModuleList([ResidualBlock(config.n_embd, config.n_head)
+        self.blocks = nn.ModuleList([ResidualBlock(config.n_embd, config.n_head, config.block_size,
+                                                   fused=config.fused)
                                      for _ in range(config.n_layer)])
 
     def body(self, x, kv_cache=None):
@@ -410,7 +461,8 @@ class GPTLanguageModel(PositionalLanguageModel):
 
     def build_body(self, config):
         self.n_attention_layers = config.n_layer
-        self.blocks = nn.ModuleList([Block(config.n_embd, config.n_head, config.dropout)
+        self.blocks = nn.ModuleList([Block(config.n_embd, config.n_head, config.block_size,
+                                           config.dropout, config.fused)
                                      for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd)
 

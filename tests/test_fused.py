@@ -252,15 +252,14 @@ def test_linear_relu_gradcheck(device):
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_gpt_fused_equals_composed(monkeypatch, dropout, device):
     """A training step's loss and every parameter gradient are the same with the fused ops
-    (CausalSelfAttention.fused, FeedForward.fused) on and off."""
+    (GPTConfig.fused: SDPA's fused attention and linear+ReLU) on and off."""
     import gpt.model as gm
-    cfg = gm.GPTConfig(vocab_size=11, block_size=8, n_embd=12, n_head=3, n_layer=2, dropout=dropout)
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 11, (3, 8)), rng.integers(0, 11, (3, 8))
     runs = []
     for on in (True, False):
-        monkeypatch.setattr(gm.CausalSelfAttention, "fused", on)
-        monkeypatch.setattr(gm.FeedForward, "fused", on)
+        cfg = gm.GPTConfig(vocab_size=11, block_size=8, n_embd=12, n_head=3, n_layer=2,
+                           dropout=dropout, fused=on)
         tt.manual_seed(0)
         model = gm.GPTLanguageModel(cfg).astype(np.float64).to(device)
         _, loss = model(x, y)

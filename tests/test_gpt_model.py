@@ -12,10 +12,11 @@ from gpt.model import BigramLanguageModel
 from tinytensor import backend
 from tinytensor.gradcheck import gradcheck
 from tinytensor.ops import causal_softmax
-from torch_helper import check
+from torch_helper import check, rel_err
 
 TINY = GPTConfig(vocab_size=11, block_size=8, n_embd=16, n_head=4, n_layer=2, dropout=0.0)
 ATTENTION_MODELS = [n for n in MODELS if n not in ("bigram", "bigram_pos")]
+CACHED_MODELS = ["blocks", "layernorm", "gpt"]  # the Head stages recompute, as the lecture's
 
 
 def tokens(shape, vocab=11, seed=0):
@@ -128,15 +129,19 @@ def test_stages_differ_as_the_lecture_builds_them():
     assert names["bigram"] == ["token_embedding_table.weight"]
     assert names["bigram_pos"] == ["token_embedding_table.weight", "position_embedding_table.weight",
                                    "lm_head.weight", "lm_head.bias"]
-    assert "sa_head.qkv.weight" in names["single_head"] and "sa_heads.qkv.weight" in names["multi_head"]
+    assert names["single_head"][2:5] == ["sa_head.key.weight", "sa_head.query.weight",
+                                         "sa_head.value.weight"]
+    assert "sa_heads.heads.3.value.weight" in names["multi_head"]
+    assert "sa_heads.proj.weight" not in names["multi_head"]            # no projection yet
     assert "ffwd.0.weight" in names["ffwd"]
     assert "blocks.1.sa.proj.weight" in names["blocks"] and "ln_f.weight" not in names["blocks"]
     assert names["layernorm"] == names["gpt"] and "blocks.1.ln2.bias" in names["gpt"]
     tt.manual_seed(0)
     single = build_model("single_head", TINY)
     multi = build_model("multi_head", TINY)
-    assert single.sa_head.head_size == 16 and single.sa_head.n_head == 1
-    assert multi.sa_heads.head_size == 4 and multi.sa_heads.n_head == 4
+    assert single.sa_head.key.weight.shape == (16, 16) and single.sa_head.tril.shape == (8, 8)
+    assert len(multi.sa_heads.heads) == 4 and multi.sa_heads.heads[0].key.weight.shape == (4, 16)
+    assert "sa_head.tril" in single.state_dict()                        # a buffer, as in torch
     # only the final model has dropout
     cfg = GPTConfig(**{**TINY.__dict__, "dropout": 0.5})
     assert build_model("layernorm", cfg).config.dropout == 0.0
@@ -283,7 +288,7 @@ def sharpened(model, seed=0, std=0.3):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("name", ATTENTION_MODELS)
+@pytest.mark.parametrize("name", CACHED_MODELS)
 def test_kv_cache_gives_the_same_tokens_as_recomputing(name, dtype):
     tt.set_default_dtype(dtype)
     tt.manual_seed(1)
@@ -309,7 +314,7 @@ def test_kv_cache_gives_the_same_tokens_as_recomputing(name, dtype):
         assert seen == [(min(prompt.shape[1] + i, 8), False) for i in range(25)]
 
 
-@pytest.mark.parametrize("name", ATTENTION_MODELS)
+@pytest.mark.parametrize("name", CACHED_MODELS)
 def test_cached_logits_match_the_full_forward(name):
     tt.set_default_dtype(np.float64)
     tt.manual_seed(0)
@@ -325,3 +330,61 @@ def test_cached_logits_match_the_full_forward(name):
     assert cache[0].length == 8 and cache[-1].k.shape[0] == 2 and cache[-1].k.shape[2] == 8
     with pytest.raises(ValueError, match="block_size is 8"), tt.no_grad():
         model(x[:, :1], kv_cache=cache)
+
+
+# ---------------------------------------------------------------- CausalSelfAttention = heads
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 2e-6)])
+def test_causal_self_attention_equals_multi_head_attention_of_heads(fused, dtype, tol):
+    """The batched module equals the lecture's MultiHeadAttention of Heads when its q/k/v
+    weight stacks the heads' query, key and value weights: forward, and every gradient."""
+    from gpt.model import CausalSelfAttention, MultiHeadAttention
+    tt.set_default_dtype(dtype)
+    try:
+        B, T, C, nh, block = 2, 6, 12, 3, 8
+        hs = C // nh
+        tt.manual_seed(0)
+        mha = MultiHeadAttention(C, nh, hs, block, dropout=0.0, proj=True)
+        csa = CausalSelfAttention(C, nh, block, dropout=0.0, fused=fused)
+        rng = np.random.default_rng(0)
+        for p in list(mha.parameters()):
+            p.data[...] = rng.standard_normal(p.shape) * 0.5
+        heads = mha.heads
+        csa.qkv.weight.data[...] = np.concatenate(
+            [h.query.weight.data for h in heads] + [h.key.weight.data for h in heads]
+            + [h.value.weight.data for h in heads])                 # (3*nh*hs, C)
+        csa.proj.weight.data[...] = mha.proj.weight.data
+        csa.proj.bias.data[...] = mha.proj.bias.data
+        x_np = rng.standard_normal((B, T, C)).astype(dtype)
+        w = rng.standard_normal((B, T, C)).astype(dtype)
+        outs = []
+        for m in (mha, csa):
+            x = tt.Tensor(x_np, requires_grad=True)
+            y = m(x)
+            (y * tt.Tensor(w)).sum().backward()
+            outs.append((y.numpy(), x.grad))
+        (y1, gx1), (y2, gx2) = outs
+        assert rel_err(y2, y1) <= tol and rel_err(gx2, gx1) <= tol
+        gq = np.concatenate([h.query.weight.grad for h in heads])
+        gk = np.concatenate([h.key.weight.grad for h in heads])
+        gv = np.concatenate([h.value.weight.grad for h in heads])
+        assert rel_err(csa.qkv.weight.grad, np.concatenate([gq, gk, gv])) <= tol
+        assert rel_err(csa.proj.weight.grad, mha.proj.weight.grad) <= tol
+        assert rel_err(csa.proj.bias.grad, mha.proj.bias.grad) <= tol
+    finally:
+        tt.set_default_dtype(np.float32)
+
+
+def test_the_model_uses_only_the_public_api():
+    """gpt/model.py imports tinytensor, tinytensor.nn and tinytensor.nn.functional only (no
+    fused ops, backend or engine internals): the fast paths sit behind F's names."""
+    import ast
+    import gpt.model as gm
+    tree = ast.parse(open(gm.__file__).read())
+    mods = {n.module if isinstance(n, ast.ImportFrom) else a.name
+            for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+            for a in n.names}
+    assert {m for m in mods if m.startswith("tinytensor")} <= {"tinytensor", "tinytensor.nn"}
+    src = open(gm.__file__).read()
+    assert "fused" not in {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert "masked_fill(self.tril[:T, :T] == 0, float('-inf'))" in src    # the lecture's line

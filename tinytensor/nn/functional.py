@@ -12,7 +12,7 @@ from ..tensor import Tensor
 
 __all__ = ["softmax", "log_softmax", "cross_entropy", "layer_norm", "dropout", "relu", "gelu",
            "sigmoid", "silu", "leaky_relu", "linear", "embedding", "tanh",
-           "scaled_dot_product_attention"]
+           "scaled_dot_product_attention", "linear_relu"]
 
 
 def tanh(x):
@@ -195,3 +195,9 @@ def _check_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, 
     if not ok:
         raise RuntimeError(f"{name}: attn_mask of shape {m.shape} does not broadcast to the "
                            f"scores' shape {scores} (..., L, S)")
+
+
+def linear_relu(x, weight, bias=None):
+    """relu(linear(x, weight, bias)) as one fused op (tinytensor.fused.linear_relu; torch has no
+    such function): the feed-forward's first layer without the (..., out) pre-activation copy."""
+    return fused.linear_relu(x, weight, bias)

@@ -446,6 +446,9 @@ class Split(Function):
         return tuple(out)
 
     def backward(self, gys):
+        joined = _joined(gys, self.axis, self.shape)
+        if joined is not None:
+            return joined
         xp = next(_xp(g) for g in gys if g is not None)
         dtype = next(g.dtype for g in gys if g is not None)
         parts = []
@@ -456,6 +459,30 @@ class Split(Function):
                 g = xp.zeros(shape, dtype=dtype)
             parts.append(g)
         return xp.concatenate(parts, axis=self.axis)
+
+
+def _root(a):
+    while a.base is not None:
+        a = a.base
+    return a
+
+
+def _joined(gys, axis, shape):
+    """The pieces' gradients as one array of the input's shape without a copy, when they are
+    consecutive pieces of one buffer laid out like the input (as the fused attention returns
+    the gradients of q, k and v split from one projection); else None."""
+    if any(g is None or not isinstance(g, np.ndarray) for g in gys):
+        return None
+    g0 = gys[0]
+    root = _root(g0)
+    step = g0.strides[axis]
+    start = g0.__array_interface__["data"][0]
+    for g in gys:
+        if g.strides != g0.strides or g.dtype != g0.dtype or _root(g) is not root \
+                or g.__array_interface__["data"][0] != start:
+            return None
+        start += g.shape[axis] * step
+    return np.lib.stride_tricks.as_strided(g0, shape=shape, strides=g0.strides)
 
 
 def split(x, split_size_or_sections, dim=0):
