@@ -50,7 +50,7 @@ def rel_err(ours, ref):
     assert ours.shape == ref.shape, f"shape {ours.shape} != torch's {ref.shape}"
     fin = np.isfinite(ref)
     assert np.array_equal(fin, np.isfinite(ours)), "non-finite values at different places"
-    assert np.array_equal(ours[~fin], ref[~fin]), "different non-finite values"
+    assert np.array_equal(ours[~fin], ref[~fin], equal_nan=True), "different non-finite values"
     if not fin.any():
         return 0.0
     diff = np.max(np.abs(ours[fin] - ref[fin]))
