@@ -123,6 +123,7 @@ CASES = {
     "cross_entropy_none": (lambda a, t: F.cross_entropy(a, t, reduction="none"), randn(4, 3),
                            np.array([0, 2, 1, 2])),
     "cross_entropy_ignore": (lambda a, t: F.cross_entropy(a, t), randn(4, 3), np.array([0, -100, 1, -100])),
+    "nll_loss": (lambda a, t: F.nll_loss(a, t), randn(4, 3), np.array([0, -100, 2, 2])),
     "layer_norm": (lambda x, w, b: F.layer_norm(x, 4, w, b), randn(2, 3, 4), randn(4, seed=1),
                    randn(4, seed=2)),
     "layer_norm_plain": (lambda x: F.layer_norm(x, (4,)), randn(3, 4)),

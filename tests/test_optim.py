@@ -1,5 +1,6 @@
-"""tinytensor.optim against torch.optim: AdamW (parameter groups) and SGD over 10 steps, gradient
-clipping, exact resume from a state dict, the learning-rate schedule."""
+"""tinytensor.optim against torch.optim: AdamW (parameter groups) and SGD (momentum, dampening,
+Nesterov, weight decay) over 10 steps, gradient clipping, exact resume from a state dict, the
+learning-rate schedule."""
 import math
 
 import numpy as np
@@ -82,6 +83,61 @@ def test_sgd_matches_torch(device, dtype, momentum):
     opt = tt.optim.SGD(groups(ours.parameters()), lr=0.1, momentum=momentum)
     topt = torch.optim.SGD(groups(theirs.parameters()), lr=0.1, momentum=momentum)
     train_both("SGD", ours, theirs, opt, topt, batches(10, dtype), device, dtype)
+
+
+SGD_VARIANTS = {
+    "nesterov": dict(momentum=0.9, nesterov=True),
+    "nesterov_wd": dict(momentum=0.9, nesterov=True, weight_decay=0.01),
+    "dampening": dict(momentum=0.9, dampening=0.5),
+    "dampening_wd": dict(momentum=0.5, dampening=0.2, weight_decay=0.1),
+    "momentum_wd": dict(momentum=0.8, weight_decay=0.05),
+    "wd_only": dict(weight_decay=0.1),
+}
+
+
+@dtypes
+@pytest.mark.parametrize("variant", list(SGD_VARIANTS))
+def test_sgd_variants_match_torch(device, dtype, variant):
+    """Nesterov, dampening and weight decay: 10 steps and the momentum buffers against torch."""
+    kw = SGD_VARIANTS[variant]
+    ours, theirs = twin_models(dtype, device)
+    opt = tt.optim.SGD(ours.parameters(), lr=0.05, **kw)
+    topt = torch.optim.SGD(theirs.parameters(), lr=0.05, **kw)
+    train_both("SGD", ours, theirs, opt, topt, batches(10, dtype), device, dtype)
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        buf, tbuf = opt.state.get(id(p), {}).get("momentum_buffer"), topt.state[q].get("momentum_buffer")
+        assert (buf is None) == (tbuf is None)
+        if buf is not None:
+            assert_close("SGD", dtype, backend.to_numpy(buf), tbuf.numpy(), "momentum_buffer")
+
+
+@dtypes
+def test_sgd_group_overrides_match_torch(device, dtype):
+    """Per-group momentum, dampening, nesterov and weight decay, as torch's param groups."""
+    ours, theirs = twin_models(dtype, device)
+
+    def split(params):
+        params = list(params)
+        return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1, "nesterov": True},
+                {"params": [p for p in params if p.ndim < 2], "momentum": 0.5, "dampening": 0.3}]
+    opt = tt.optim.SGD(split(ours.parameters()), lr=0.05, momentum=0.9)
+    topt = torch.optim.SGD(split(theirs.parameters()), lr=0.05, momentum=0.9)
+    train_both("SGD", ours, theirs, opt, topt, batches(8, dtype), device, dtype)
+
+
+def test_sgd_argument_errors():
+    p = tt.Tensor(np.zeros(2), requires_grad=True)
+    for kw in (dict(nesterov=True), dict(nesterov=True, momentum=0.9, dampening=0.1)):
+        with pytest.raises(ValueError, match="Nesterov momentum requires a momentum and zero dampening"):
+            tt.optim.SGD([p], **kw)
+        with pytest.raises(ValueError, match="Nesterov momentum requires a momentum and zero dampening"):
+            torch.optim.SGD([torch.zeros(2, requires_grad=True)], **kw)
+    for kw, what in ((dict(lr=-0.1), "learning rate"), (dict(momentum=-0.5), "momentum value"),
+                     (dict(weight_decay=-1.0), "weight_decay value")):
+        with pytest.raises(ValueError, match=f"Invalid {what}"):
+            tt.optim.SGD([p], **kw)
+        with pytest.raises(ValueError, match=f"Invalid {what}"):
+            torch.optim.SGD([torch.zeros(2, requires_grad=True)], **kw)
 
 
 @dtypes

@@ -193,8 +193,22 @@ class AdamW(Optimizer):
 
 
 class SGD(Optimizer):
-    def __init__(self, params, lr=1e-3, momentum=0.0, weight_decay=0.0):
-        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    """torch.optim.SGD's update. With weight decay wd, momentum m and dampening d, each step
+    g = grad + wd * p; buf = g at the first step, then buf = m * buf + (1 - d) * g; the step
+    direction is buf, or g + m * buf with nesterov; p -= lr * direction."""
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                 nesterov=False):
+        if lr < 0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        super().__init__(params, lr=lr, momentum=momentum, dampening=dampening,
+                         weight_decay=weight_decay, nesterov=nesterov)
 
     def step(self):
         for g, p in self._params():
@@ -203,15 +217,16 @@ class SGD(Optimizer):
             d = p.grad
             if g["weight_decay"]:
                 d = d + g["weight_decay"] * p.data
-            if g["momentum"]:
+            m = g["momentum"]
+            if m:
                 st = self.state.setdefault(id(p), {})
                 buf = st.get("momentum_buffer")
                 if buf is None:
                     buf = st["momentum_buffer"] = d.copy()
                 else:
-                    buf *= g["momentum"]
-                    buf += d
-                d = buf
+                    buf *= m
+                    buf += d if g["dampening"] == 0 else (1 - g["dampening"]) * d
+                d = d + m * buf if g["nesterov"] else buf
             p.data -= g["lr"] * d
 
 

@@ -1,17 +1,17 @@
-"""Functional forms of the layers: numerically stable softmax family, cross-entropy,
-layer_norm, dropout, activations, linear, embedding and scaled_dot_product_attention."""
+"""Functional forms of the layers: numerically stable softmax family, cross-entropy, nll_loss,
+one_hot, layer_norm, dropout, activations, linear, embedding and scaled_dot_product_attention."""
 import math
 import numbers
 
 import numpy as np
 
 from .. import backend, fused
-from ..ops import (CrossEntropy, LayerNorm, Linear, Softmax, LogSoftmax, gelu, getitem,  # noqa: F401
-                   leaky_relu, linear, log_softmax, relu, sigmoid, silu, softmax)
-from ..tensor import Tensor
+from ..ops import (CrossEntropy, LayerNorm, Linear, NLLLoss, Softmax, LogSoftmax, gelu,  # noqa: F401
+                   getitem, leaky_relu, linear, log_softmax, relu, sigmoid, silu, softmax)
+from ..tensor import Tensor, get_default_dtype
 
-__all__ = ["softmax", "log_softmax", "cross_entropy", "layer_norm", "dropout", "relu", "gelu",
-           "sigmoid", "silu", "leaky_relu", "linear", "embedding", "tanh",
+__all__ = ["softmax", "log_softmax", "cross_entropy", "nll_loss", "one_hot", "layer_norm", "dropout",
+           "relu", "gelu", "sigmoid", "silu", "leaky_relu", "linear", "embedding", "tanh",
            "scaled_dot_product_attention", "linear_relu"]
 
 
@@ -19,30 +19,170 @@ def tanh(x):
     return x.tanh()
 
 
-def cross_entropy(logits, targets, reduction="mean", ignore_index=-100):
-    """Mean (or 'sum' / 'none') negative log-likelihood of integer targets under softmax(logits).
+_REDUCTIONS = ("mean", "sum", "none")
 
-    logits: (N, C) Tensor; targets: (N,) integer array or Tensor. Targets equal to
-    ignore_index contribute nothing (and are not counted in the mean).
-    """
-    if reduction not in ("mean", "sum", "none"):
+
+def _check_loss_args(fn, reduction, **unsupported):
+    if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    t = targets.data if isinstance(targets, Tensor) else targets
-    xp = backend.get_array_module(logits.data)
-    t = xp.asarray(backend.to_device(t, logits.device) if not isinstance(t, numbers.Number) else t)
-    if logits.ndim != 2:
-        raise ValueError(f"cross_entropy expects logits of shape (N, C), got {logits.shape}: "
-                         f"reshape with logits.view(-1, C)")
-    if t.shape != (logits.shape[0],):
-        raise ValueError(f"cross_entropy targets must have shape ({logits.shape[0]},), got {t.shape}")
+    for name, value in unsupported.items():
+        if value is not None:
+            fix = "pass weight=None" if name == "weight" else "use reduction='mean', 'sum' or 'none'"
+            raise NotImplementedError(f"{fn}: {name}= is not supported (got {value!r}): {fix}")
+
+
+def _check_logits(fn, x, what="logits"):
+    if x.dtype.kind != "f":
+        raise NotImplementedError(f"{fn} needs floating point {what}, got dtype {x.dtype}")
+    if x.ndim == 0:
+        raise ValueError(f"{fn} expects {what} of shape (C,), (N, C) or (N, C, d1, ...), got a "
+                         f"0-d tensor")
+
+
+def _target_array(target, like):
+    """The target's array on like's device; Python data becomes an array (floats in the
+    default dtype, as tt.tensor makes them)."""
+    t = target.data if isinstance(target, Tensor) else target
+    if not hasattr(t, "dtype"):
+        t = np.asarray(t)
+        if t.dtype.kind == "f":
+            t = t.astype(np.int64 if t.size == 0 else get_default_dtype())  # [] holds no floats
+    xp = backend.get_array_module(like.data)
+    return xp.asarray(backend.to_device(t, like.device))
+
+
+def _class_indices(fn, t, shape, ignore_index, probs_allowed):
+    """Check integer class targets t for inputs of `shape` (C,), (N, C) or (N, C, d1, ...) as
+    torch does (its error types); return them flattened to (rows,)."""
+    expected = () if len(shape) == 1 else (shape[0],) + shape[2:]
+    if t.shape != expected and not (len(shape) == 1 and t.shape == (1,)):
+        also = f" or {shape} (class probabilities)" if probs_allowed else ""
+        msg = (f"{fn} targets must have shape {expected} (class indices){also} for input of "
+               f"shape {shape}, got {t.shape}")
+        if len(shape) == 1 and t.ndim == 1:
+            raise ValueError(f"{msg}: unbatched input takes one target")
+        if len(shape) > 1 and (t.ndim == 0 or t.shape[0] != shape[0]):
+            raise ValueError(f"{msg}: batch size {t.shape[0] if t.ndim else 0} != {shape[0]}")
+        raise RuntimeError(msg)
     if t.dtype.kind not in "iu":
-        raise TypeError(f"cross_entropy targets must be integers, got dtype {t.dtype}")
-    c = logits.shape[1]
+        also = f" (class probabilities need the input's shape {shape})" if probs_allowed else ""
+        raise RuntimeError(f"{fn} class-index targets must be integers, got dtype {t.dtype}{also}")
+    c = shape[0] if len(shape) == 1 else shape[1]
     bad = (t != ignore_index) & ((t < 0) | (t >= c))
     if t.size and bool(bad.any()):
-        raise IndexError(f"cross_entropy target {int(t[bad][0])} is out of range: targets must be in "
+        raise IndexError(f"{fn} target {int(t[bad][0])} is out of range: targets must be in "
                          f"[0, {c}) or equal ignore_index={ignore_index}")
-    return CrossEntropy.apply(logits, t, reduction=reduction, ignore_index=ignore_index)
+    return t.reshape(-1)
+
+
+def _classes_last(x):
+    """(C,) -> (1, C); (N, C) as is; (N, C, d1, ...) -> (N * d1 * ..., C), a Tensor or an array."""
+    if x.ndim == 1:
+        return x.reshape(1, x.shape[0])
+    if x.ndim == 2:
+        return x
+    c = x.shape[1]
+    if isinstance(x, Tensor):
+        return x.permute(0, *range(2, x.ndim), 1).reshape(-1, c)       # (N, d1, ..., C) -> (rows, C)
+    return backend.get_array_module(x).moveaxis(x, 1, -1).reshape(-1, c)
+
+
+def _loss_shape(shape):
+    """The shape of reduction='none' losses for an input of `shape`: () or (N, d1, ...)."""
+    return () if len(shape) == 1 else (shape[0],) + tuple(shape[2:])
+
+
+def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
+                  reduction="mean", label_smoothing=0.0):
+    """torch.nn.functional.cross_entropy: softmax cross-entropy of logits against class targets.
+
+    input: logits (C,), (N, C) or (N, C, d1, ...) with the classes in dimension 1 (the lecture
+    reshapes (B, T, C) logits to (B*T, C); passed as they are, torch reads them as N=B, C=T).
+    target: integer class indices of shape (), (N,) or (N, d1, ...) -- entries equal to
+    ignore_index count neither in the loss nor in the mean -- or class probabilities of the
+    input's shape (a mean is then over the N * d1 * ... rows). label_smoothing eps in [0, 1]
+    mixes the targets with the uniform distribution: (1 - eps) * target + eps / C.
+    reduction: 'mean', 'sum' or 'none' (losses of shape () or (N, d1, ...)).
+    weight, size_average and reduce are not supported (NotImplementedError).
+    """
+    _check_loss_args("cross_entropy", reduction, weight=weight, size_average=size_average,
+                     reduce=reduce)
+    _check_logits("cross_entropy", input)
+    eps = float(label_smoothing)
+    if eps > 1.0:
+        raise RuntimeError(f"cross_entropy label_smoothing must be between 0.0 and 1.0, got {eps}")
+    eps = max(eps, 0.0)  # torch ignores a negative label_smoothing
+    t = _target_array(target, input)
+    x = input
+    if t.shape == x.shape:  # class probabilities
+        if t.dtype.kind != "f":
+            raise RuntimeError(f"cross_entropy targets of the input's shape {x.shape} are class "
+                               f"probabilities and must be floating point, got dtype {t.dtype}; "
+                               f"class indices have shape {_loss_shape(x.shape)}")
+        if ignore_index >= 0:
+            raise RuntimeError(f"cross_entropy ignore_index={ignore_index} is not supported for "
+                               f"class-probability (float) targets")
+        if isinstance(target, Tensor) and target.requires_grad:
+            t = target
+        dtype = np.result_type(x.dtype, t.dtype)         # as torch promotes input * target
+        if x.dtype != dtype:
+            x = x.astype(dtype)
+        if t.dtype != dtype:
+            t = t.astype(dtype)
+        loss = CrossEntropy.apply(_classes_last(x), _classes_last(t), reduction=reduction,
+                                  label_smoothing=eps)
+    else:
+        t = _class_indices("cross_entropy", t, x.shape, ignore_index, probs_allowed=True)
+        loss = CrossEntropy.apply(_classes_last(x), t, reduction=reduction,
+                                  ignore_index=ignore_index, label_smoothing=eps)
+    if reduction == "none" and x.ndim != 2:
+        loss = loss.reshape(_loss_shape(x.shape))
+    return loss
+
+
+def nll_loss(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
+             reduction="mean"):
+    """torch.nn.functional.nll_loss: -input[i, target[i]] of log-probabilities input (C,), (N, C)
+    or (N, C, d1, ...) (classes in dimension 1) and integer targets (), (N,) or (N, d1, ...).
+
+    Targets equal to ignore_index count neither in the loss nor in the mean.
+    weight, size_average and reduce are not supported (NotImplementedError).
+    """
+    _check_loss_args("nll_loss", reduction, weight=weight, size_average=size_average, reduce=reduce)
+    _check_logits("nll_loss", input, "log-probabilities")
+    t = _class_indices("nll_loss", _target_array(target, input), input.shape, ignore_index,
+                       probs_allowed=False)
+    loss = NLLLoss.apply(_classes_last(input), t, reduction=reduction, ignore_index=ignore_index)
+    if reduction == "none" and input.ndim != 2:
+        loss = loss.reshape(_loss_shape(input.shape))
+    return loss
+
+
+def one_hot(tensor, num_classes=-1):
+    """torch.nn.functional.one_hot: int64 of shape tensor.shape + (num_classes,), 1 at each
+    class index; num_classes=-1 takes the largest index + 1."""
+    i = tensor.data if isinstance(tensor, Tensor) else tensor
+    if not hasattr(i, "dtype"):
+        i = np.asarray(i)
+        if i.size == 0:  # an empty list holds no floats
+            i = i.astype(np.int64)
+    if i.dtype.kind not in "iu":
+        raise TypeError(f"one_hot needs integer class indices, got dtype {i.dtype}")
+    xp = backend.get_array_module(i)
+    if i.size == 0:
+        if num_classes <= 0:
+            raise RuntimeError(f"one_hot cannot infer the number of classes of an empty tensor "
+                               f"(shape {i.shape}): pass num_classes > 0")
+        return Tensor(xp.zeros(i.shape + (num_classes,), dtype=np.int64))
+    lo, hi = int(i.min()), int(i.max())
+    if lo < 0:
+        raise RuntimeError(f"one_hot class values must be non-negative, got {lo}")
+    if num_classes == -1:
+        num_classes = hi + 1
+    elif hi >= num_classes:
+        raise RuntimeError(f"one_hot class values must be smaller than num_classes={num_classes}, "
+                           f"got {hi}")
+    return Tensor((i[..., None] == xp.arange(num_classes)).astype(np.int64))  # (..., num_classes)
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):

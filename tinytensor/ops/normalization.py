@@ -1,5 +1,6 @@
 """The softmax family and normalisation, each fused into one numerically stable Function:
 softmax, log_softmax, cross-entropy, layer_norm, and the causal attention softmax."""
+import builtins
 import warnings
 
 import numpy as np
@@ -68,37 +69,123 @@ def log_softmax(x, dim=None, dtype=None):
     return LogSoftmax.apply(x, axis=axis)
 
 
+def _row_mean(xp, total, count):
+    """total / count (the rows counted): a mean over no rows is nan, as in torch, without
+    NumPy's 0 / 0 warning. count is a host integer, or a device array (cupy)."""
+    if isinstance(count, (int, np.integer)):
+        return total / total.dtype.type(count) if count else xp.full((), xp.nan, dtype=total.dtype)
+    return total / count.astype(total.dtype)
+
+
+def _row_mean_grad(gy, count):
+    """The mean's gradient gy / count; with no rows counted each row's gradient is 0 already,
+    so the division is by 1 (torch's gradient there is 0, not nan)."""
+    if isinstance(count, (int, np.integer)):
+        return gy / gy.dtype.type(builtins.max(count, 1))
+    return gy / _xp(gy).maximum(count, 1).astype(gy.dtype)
+
+
 class CrossEntropy(Function):
-    """Softmax cross-entropy of logits (N, C) against integer targets (N,), fused."""
+    """Softmax cross-entropy of logits x (N, C), fused, against either targets:
+
+    integer class indices t (N,): rows whose target is ignore_index count neither in the loss
+    nor in the mean's denominator; with label smoothing eps a row's loss is
+    (1 - eps) * nll + eps * mean over classes of -log p (torch's formula);
+    class probabilities t (N, C): loss = -sum_c q_c log p_c with q = (1 - eps) * t + eps / C;
+    the mean is over the N rows, and t gets a gradient too.
+
+    reduction 'none' gives the (N,) row losses. A mean over no rows is nan, as in torch, and
+    its gradient is zero.
+    """
+
+    def forward(self, x, t, reduction="mean", ignore_index=-100, label_smoothing=0.0):
+        xp = _xp(x)
+        n, c = x.shape
+        eps = label_smoothing
+        self.reduction, self.eps, self.probs = reduction, eps, t.ndim == 2
+        if x.size:
+            z = x - x.max(axis=1, keepdims=True)            # (N, C)
+            e = xp.exp(z)
+            s = e.sum(axis=1, keepdims=True)                # (N, 1)
+            e /= s
+            lse = xp.log(s[:, 0])                           # (N,): log sum exp(z)
+        else:  # no rows or no classes: every row loss is 0 (and a mean is nan)
+            z = e = x.copy()
+            lse = xp.zeros(n, dtype=x.dtype)
+        self.p = e                                          # (N, C) softmax
+        if self.probs:                                      # class probabilities (N, C)
+            q = t * x.dtype.type(1 - eps) + x.dtype.type(eps / c) if eps and c else t
+            logp = z - lse[:, None]                         # (N, C)
+            loss = -(q * logp).sum(axis=1)                  # (N,)
+            self.q, self.logp, self.count = q, logp, n if x.size else 0
+        else:                                               # class indices (N,)
+            valid = t != ignore_index
+            tt = xp.where(valid, t, 0)
+            rows = xp.arange(n)
+            loss = lse - z[rows, tt] if c else lse          # (N,): -log p of the target
+            if eps and c:  # -sum_c log p_c = C * lse - sum_c z_c
+                loss = loss * x.dtype.type(1 - eps) + (c * lse - z.sum(axis=1)) * x.dtype.type(eps / c)
+            loss = xp.where(valid, loss, 0)                 # an ignored row is 0 even for -inf logits
+            self.tt, self.rows, self.valid, self.count = tt, rows, valid, valid.sum()
+        if reduction == "none":
+            return loss
+        if reduction == "sum":
+            return loss.sum()
+        return _row_mean(xp, loss.sum(), self.count)
+
+    def backward(self, gy):
+        c, eps = self.p.shape[1], self.eps
+        if self.reduction == "none":
+            scale = gy[:, None]                             # (N, 1)
+        elif self.reduction == "sum":
+            scale = gy
+        else:
+            scale = _row_mean_grad(gy, self.count)
+        gx = self.p                                         # softmax p, reused
+        gt = None
+        if self.probs:  # d/dx = p * sum_c q_c - q;  d/dt = -(1 - eps) * log p
+            gx *= self.q.sum(axis=1, keepdims=True)
+            gx -= self.q
+            gx *= scale
+            if self.needs_grad[1]:
+                gt = self.logp * (-scale * gy.dtype.type(1 - eps))
+            return gx, gt
+        if c:  # d/dx = p - (1 - eps) * onehot(t) - eps / C
+            gx[self.rows, self.tt] -= 1 - eps if eps else 1
+            if eps:
+                gx -= gx.dtype.type(eps / c)
+        gx *= self.valid[:, None]
+        gx *= scale
+        return gx, None
+
+
+class NLLLoss(Function):
+    """Negative log-likelihood -x[i, t_i] of integer targets t (N,) under log-probabilities
+    x (N, C); rows whose target is ignore_index count neither in the loss nor in the mean."""
 
     def forward(self, x, t, reduction="mean", ignore_index=-100):
         xp = _xp(x)
-        n = x.shape[0]
+        n, c = x.shape
         valid = t != ignore_index
         tt = xp.where(valid, t, 0)
-        z = x - x.max(axis=1, keepdims=True)            # (N, C)
-        e = xp.exp(z)
-        s = e.sum(axis=1, keepdims=True)                # (N, 1)
         rows = xp.arange(n)
-        nll = (xp.log(s[:, 0]) - z[rows, tt]) * valid   # (N,)
-        self.p, self.tt, self.rows, self.valid, self.reduction = e / s, tt, rows, valid, reduction
-        if reduction == "none":
-            return nll
-        if reduction == "sum":
-            return nll.sum()
+        picked = x[rows, tt] if c else xp.zeros(n, dtype=x.dtype)      # (N,)
+        loss = xp.where(valid, -picked, 0)                               # (N,)
+        self.shape, self.tt, self.rows, self.valid, self.reduction = x.shape, tt, rows, valid, reduction
         self.count = valid.sum()
-        return nll.sum() / self.count.astype(x.dtype)
+        if reduction == "none":
+            return loss
+        if reduction == "sum":
+            return loss.sum()
+        return _row_mean(xp, loss.sum(), self.count)
 
     def backward(self, gy):
-        gx = self.p
-        gx[self.rows, self.tt] -= 1
-        gx *= self.valid[:, None]
-        if self.reduction == "none":
-            gx *= gy[:, None]
-        elif self.reduction == "sum":
-            gx *= gy
-        else:
-            gx *= gy / self.count.astype(gx.dtype)
+        xp = _xp(gy)
+        if self.reduction == "mean":
+            gy = _row_mean_grad(gy, self.count)
+        gx = xp.zeros(self.shape, dtype=gy.dtype)
+        if self.shape[1]:
+            gx[self.rows, self.tt] = xp.where(self.valid, -gy, gy.dtype.type(0))  # one per row
         return gx, None
 
 
