@@ -24,7 +24,7 @@ def pos(*shape, seed=7):
 
 
 def _dtype_name(x):
-    return str(x.dtype).replace("torch.")
+    return str(x.dtype).replace("torch.", "")
 
 
 @pytest.fixture(params=[np.float32, np.float64], ids=["default-f32", "default-f64"])
