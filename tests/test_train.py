@@ -230,6 +230,29 @@ def test_resume_with_changed_model_shape_is_an_error(tmp_path, trained):
     assert sha256(os.path.join(out, "ckpt.npz")) == before
 
 
+def test_resume_with_fused_off_and_from_a_checkpoint_without_fused(tmp_path, trained):
+    """fused changes how the ops run, not the parameters: a fused run resumes unfused, and a
+    checkpoint saved before the field existed resumes with its default (True)."""
+    from train.checkpoint import load_npz, save_npz_atomic
+    out = copy_run(trained, tmp_path)
+    assert load_checkpoint(os.path.join(out, "ckpt.npz"))[0]["config"]["fused"] is True
+    p = run_train("--out_dir", out, "--resume", "--max_iters", 22, "--fused", "false")
+    assert p.returncode == 0, p.stderr
+    assert re.search(r"^\s+fused\s+= False$", p.stdout, re.M)
+    assert load_checkpoint(os.path.join(out, "ckpt.npz"))[0]["config"]["fused"] is False
+
+    ckpt = os.path.join(out, "ckpt.npz")
+    arrays = load_npz(ckpt)
+    meta = json.loads(str(arrays["meta"]))
+    del meta["config"]["fused"]  # as an older checkpoint wrote it
+    save_npz_atomic(ckpt, {**arrays, "meta": np.array(json.dumps(meta))})
+    p = run_train("--out_dir", out, "--resume", "--max_iters", 24)
+    assert p.returncode == 0, p.stderr
+    assert re.search(r"^\s+fused\s+= True$", p.stdout, re.M)
+    meta = load_checkpoint(ckpt)[0]
+    assert meta["step"] == 24 and meta["config"]["fused"] is True
+
+
 def test_resume_already_finished_does_nothing(tmp_path, trained):
     out = copy_run(trained, tmp_path)
     before = sha256(os.path.join(out, "ckpt.npz"))
@@ -369,6 +392,36 @@ def test_help_shows_the_presets_values_as_defaults():
     assert re.search(r"--dropout .*\[default 0.2\]", p.stdout)
 
 
+def help_lines(preset):
+    """Each option's --help line as usage() writes it: name, type, comment, the preset's default."""
+    helps, cfg = C.field_help(), C.make_config(preset)
+    return [f"  --{name} {kind.__name__.upper():5s} {helps[name]} [default {getattr(cfg, name)!r}]"
+            for name, kind in C.field_types().items()]
+
+
+def test_help_content_names_every_field_with_its_comment_and_default():
+    p = run_train("--help")
+    assert p.returncode == 0 and p.stderr == ""
+    lines = p.stdout.splitlines()
+    assert lines[0] == "usage: train.py [--config PRESET] [--key value | --key=value ...]"
+    assert lines[1] == f"presets: {', '.join(C.PRESETS)} (default small)"
+    assert lines[2].startswith("options (defaults: the 'small' preset;")
+    assert lines[3:] == help_lines("small")
+    assert "  --fused BOOL  fused attention and linear+ReLU ops (False: the ops as the lecture " \
+           "writes them; same result, slower) [default True]" in lines
+
+
+def test_help_of_another_preset_shows_its_defaults():
+    p = run_train("--config", "lecture", "--help", "--max_iters", "7")
+    assert p.returncode == 0 and p.stderr == ""
+    assert p.stdout.splitlines()[2].startswith("options (defaults: the 'lecture' preset;")
+    assert p.stdout.splitlines()[3:] == help_lines("lecture")
+    assert help_lines("lecture") != help_lines("small")
+    # a bad command line still gets the help (of the default preset), not an error
+    p = run_train("--config", "tiny", "-h")
+    assert p.returncode == 0 and p.stdout.splitlines()[3:] == help_lines("small")
+
+
 # ----- config parsing (in process) ----------------------------------------------------------
 
 def test_parse_key_value_and_key_equals_value():
@@ -410,6 +463,101 @@ def test_bad_overrides(argv, pattern):
     with pytest.raises(C.ConfigError, match=pattern) as e:
         C.parse_args(argv)
     assert "\n" not in str(e.value)
+
+
+def test_key_value_and_key_equals_value_are_the_same_for_every_field():
+    samples = {int: "7", float: "0.25", bool: "false", str: "some-name.txt"}
+    for name, kind in C.field_types().items():
+        spaced = C.parse_args([f"--{name}", samples[kind]])
+        assert spaced == C.parse_args([f"--{name}={samples[kind]}"]) == (None, {name: spaced[1][name]})
+        assert type(spaced[1][name]) is kind
+    assert C.parse_args(["--config", "bigram"]) == C.parse_args(["--config=bigram"]) == ("bigram", {})
+
+
+def test_overrides_keep_command_line_order_and_the_last_value_wins():
+    preset, o = C.parse_args(["--n_layer", "2", "--fused=0", "--config", "gpt", "--n_layer", "3"])
+    assert preset == "gpt" and list(o.items()) == [("n_layer", 3), ("fused", False)]
+
+
+@pytest.mark.parametrize("text, value", [("true", True), ("TRUE", True), ("1", True),
+                                         ("false", False), ("False", False), ("0", False)])
+def test_fused_is_a_bool_option(text, value):
+    assert C.parse_args(["--fused", text])[1] == {"fused": value}
+    assert C.parse_args([f"--fused={text}"])[1] == {"fused": value}
+    assert C.make_config(None, {"fused": value}).fused is value
+    assert C.make_config().fused is True and C.make_config("lecture").fused is True
+
+
+def test_bare_bool_flags():
+    assert C.parse_args(["--fused"])[1] == {"fused": True}
+    assert C.parse_args(["--fused", "--resume"])[1] == {"fused": True, "resume": True}
+    assert C.parse_args(["--resume", "--fused", "0", "--seed", "-1"])[1] == \
+        {"resume": True, "fused": False, "seed": -1}
+
+
+def test_the_parser_defaults_are_the_presets():
+    for preset in (None, "lecture", "bigram"):
+        args, extras = C.build_parser(preset).parse_known_args([])
+        assert extras == [] and args.config == preset
+        assert {k: getattr(args, k) for k in C.field_types()} == C.make_config(preset).to_dict()
+
+
+VALID = ", ".join("--" + k for k in ["config", *C.field_types()])
+
+
+@pytest.mark.parametrize("argv, message", [
+    # a value that is not of the field's type: the option, the value and an example
+    (["--n_embd", "1.5"], "--n_embd: '1.5' is not an int (e.g. --n_embd 128)"),
+    (["--max_iters="], "--max_iters: '' is not an int (e.g. --max_iters 2000)"),
+    (["--learning_rate=fast"], "--learning_rate: 'fast' is not a float (e.g. --learning_rate 0.001)"),
+    (["--fused", "yes"], "--fused: 'yes' is not a bool (expected true, false, 1 or 0)"),
+    (["--resume", "-1"], "--resume: '-1' is not a bool (expected true, false, 1 or 0)"),
+    # a missing value
+    (["--max_iters"], "--max_iters needs a value"),
+    (["--data", "--seed", "3"], "--data needs a value"),
+    (["--config"], "--config needs a value"),
+    # an unknown option names the valid ones; no abbreviations
+    (["--nope", "1"], f"unknown option --nope; valid options: {VALID}"),
+    (["--nope=1"], f"unknown option --nope; valid options: {VALID}"),
+    (["--max_it", "5"], f"unknown option --max_it; valid options: {VALID}"),
+    (["--fuse"], f"unknown option --fuse; valid options: {VALID}"),
+    (["--help"], f"unknown option --help; valid options: {VALID}"),  # train.py handles it first
+    # an unknown preset lists the presets
+    (["--config", "tiny"], f"unknown preset 'tiny'; presets: {', '.join(C.PRESETS)}"),
+    (["--config=tiny", "--n_layer", "2"], f"unknown preset 'tiny'; presets: {', '.join(C.PRESETS)}"),
+    # positional arguments
+    (["foo"], "unexpected argument 'foo': options look like --key value"),
+    (["--data", "x.txt", "extra"], "unexpected argument 'extra': options look like --key value"),
+    (["-x"], "unexpected argument '-x': options look like --key value"),
+    (["-h"], "unexpected argument '-h': options look like --key value"),
+    (["--"], "unexpected argument '--': options look like --key value"),
+    (["--resume", "--"], "unexpected argument '--': options look like --key value"),
+])
+def test_command_line_errors(argv, message):
+    with pytest.raises(C.ConfigError) as e:
+        C.parse_args(argv)
+    assert str(e.value) == message
+
+
+def test_values_may_start_with_one_dash():
+    assert C.parse_args(["--data", "-file.txt", "--min_lr", "-.5"])[1] == \
+        {"data": "-file.txt", "min_lr": -0.5}
+
+
+def test_a_comment_may_continue_on_the_next_line():
+    assert C.field_help()["fused"] == ("fused attention and linear+ReLU ops (False: the ops as the "
+                                       "lecture writes them; same result, slower)")
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fused_reaches_the_model(text_file, fused):
+    from gpt.model import CausalSelfAttention, FeedForward
+    from train.train import build
+    cfg = C.make_config(None, {"n_embd": 16, "n_head": 2, "n_layer": 2, "block_size": 8,
+                               "device": "cpu", "data": text_file, "fused": fused})
+    _, model, _, _ = build(cfg, None)
+    layers = [m for m in model.modules() if isinstance(m, (CausalSelfAttention, FeedForward))]
+    assert len(layers) == 4 and all(m.fused is fused for m in layers)
 
 
 def test_default_preset_is_small():

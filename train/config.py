@@ -1,17 +1,21 @@
-"""Training configuration: the TrainConfig dataclass, its presets and `--key value` parsing.
+"""Training configuration: the TrainConfig dataclass, its presets and its command line.
 
     python train/train.py --config small --max_iters 500 --dropout=0.1
 
 `--config NAME` picks a preset (default: small); every field can then be overridden as
 `--key value` or `--key=value`, converted to the field's type and checked. A bool field
-also works as a bare flag (`--resume` means `--resume true`).
+also works as a bare flag (`--resume` means `--resume true`). The argparse parser is built
+from the dataclass: one option per field, typed by the field, its help the field's comment,
+its default the preset's value.
 """
+import argparse
 import dataclasses
 import inspect
 import json
 import math
 import re
 from dataclasses import dataclass, fields
+from gettext import gettext
 
 
 class ConfigError(ValueError):
@@ -27,6 +31,8 @@ class TrainConfig:
     n_head: int = 4                 # attention heads per block (nh); head size hs = n_embd // n_head
     n_layer: int = 4                # transformer blocks
     dropout: float = 0.0            # dropout probability in [0, 1) (attention, projections, MLP)
+    fused: bool = True              # fused attention and linear+ReLU ops (False: the ops as the
+                                    # lecture writes them; same result, slower)
     # ----- optimisation
     batch_size: int = 12            # sequences per step, the GLOBAL batch across all MPI ranks (B)
     max_iters: int = 2000           # total optimizer steps (may be raised when resuming)
@@ -158,12 +164,66 @@ def convert(name, text):
 
 
 def field_help():
-    """{field: comment} read from the comments in TrainConfig's source (for --help)."""
+    """{field: comment} read from the comments in TrainConfig's source (for --help); a comment
+    line indented deeper than the fields continues the comment above it."""
     try:
         source = inspect.getsource(TrainConfig)
     except (OSError, TypeError):
         return {}
-    return dict(re.findall(r"^\s+(\w+): \w+ = .*?#\s*(.*)$", source, flags=re.M))
+    found = re.findall(r"^    (\w+): \w+ = .*?#\s*(.*(?:\n {5,}#.*)*)$", source, flags=re.M)
+    return {name: re.sub(r"\s*\n\s*#\s*", " ", text) for name, text in found}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ConfigError (one line) instead of printing usage and exiting."""
+
+    def __init__(self):
+        super().__init__(prog="train.py", add_help=False, allow_abbrev=False, exit_on_error=False)
+        # only --names are options: a value may start with one dash (-3, -1e-3, -file.txt)
+        self._negative_number_matcher = re.compile(r"^-(?!-)")
+
+    def error(self, message):
+        raise ConfigError(message)
+
+
+class _Override(argparse.Action):
+    """Store the value and note the field as given, in command-line order (the overrides)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        vars(namespace).setdefault("_given", {})[self.dest] = values
+
+
+def _typed(name):
+    """The argparse type of field `name`: convert() with its message kept for the error."""
+    def to_value(text):
+        try:
+            return convert(name, text)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return to_value
+
+
+def _preset(text):
+    if text not in PRESETS:
+        raise argparse.ArgumentTypeError(f"unknown preset {text!r}; presets: {', '.join(PRESETS)}")
+    return text
+
+
+def build_parser(preset=None):
+    """The command line: --config, then one --field per TrainConfig field, typed by the field,
+    its help the field's comment and its default the preset's value (default: small)."""
+    parser, helps, defaults = _Parser(), field_help(), make_config(preset)
+    parser.add_argument("--config", type=_preset, choices=list(PRESETS), default=preset,
+                        metavar="PRESET", help="the preset the options below start from")
+    parser.fields = [
+        parser.add_argument(f"--{f.name}", action=_Override, type=_typed(f.name),
+                            default=getattr(defaults, f.name), metavar=f.type.__name__.upper(),
+                            help=helps.get(f.name, ""),
+                            # a bool also works as a bare flag: --resume means --resume true
+                            **(dict(nargs="?", const=True) if f.type is bool else {}))
+        for f in fields(TrainConfig)]
+    return parser
 
 
 def usage(preset=None):
@@ -172,10 +232,8 @@ def usage(preset=None):
     lines = ["usage: train.py [--config PRESET] [--key value | --key=value ...]",
              f"presets: {', '.join(PRESETS)} (default {DEFAULT_PRESET})",
              f"options (defaults: the {preset!r} preset; `--config NAME --help` shows another's):"]
-    helps, defaults = field_help(), make_config(preset)
-    for name, kind in field_types().items():
-        lines.append(f"  --{name} {kind.__name__.upper():5s} {helps.get(name, '')} "
-                     f"[default {getattr(defaults, name)!r}]")
+    for a in build_parser(preset).fields:
+        lines.append(f"  {a.option_strings[0]} {a.metavar:5s} {a.help} [default {a.default!r}]")
     return "\n".join(lines)
 
 
@@ -185,32 +243,22 @@ def parse_args(argv):
     Returns (preset name or None, {field: value}) in command-line order; raises ConfigError.
     A bool field given as the last token or followed by another --option means true.
     """
-    types = field_types()
-    preset, overrides, i = None, {}, 0
-    while i < len(argv):
-        token = argv[i]
-        if not token.startswith("--") or token == "--":
+    argv = list(argv)
+    if "--" in argv:  # argparse's end of options; this command line has no positionals
+        raise ConfigError("unexpected argument '--': options look like --key value")
+    try:
+        args, extras = build_parser().parse_known_args(argv)
+    except argparse.ArgumentError as e:
+        if e.argument_name and e.message == gettext("expected one argument"):  # argparse's own
+            raise ConfigError(f"{e.argument_name} needs a value") from None
+        raise ConfigError(e.message) from None
+    if extras:
+        token = extras[0]
+        if not token.startswith("--"):
             raise ConfigError(f"unexpected argument {token!r}: options look like --key value")
-        key, eq, value = token[2:].partition("=")
-        if key != "config" and key not in types:
-            raise ConfigError(f"unknown option --{key}; valid options: --config, "
-                              + ", ".join("--" + k for k in types))
-        if not eq:
-            nxt = argv[i + 1] if i + 1 < len(argv) else None
-            if key != "config" and types[key] is bool and (nxt is None or nxt.startswith("--")):
-                value = "true"
-            elif nxt is None:
-                raise ConfigError(f"--{key} needs a value")
-            else:
-                value, i = nxt, i + 1
-        i += 1
-        if key == "config":
-            if value not in PRESETS:
-                raise ConfigError(f"unknown preset {value!r}; presets: {', '.join(PRESETS)}")
-            preset = value
-        else:
-            overrides[key] = convert(key, value)
-    return preset, overrides
+        raise ConfigError(f"unknown option {token.partition('=')[0]}; valid options: --config, "
+                          + ", ".join("--" + k for k in field_types()))
+    return args.config, dict(vars(args).get("_given", {}))
 
 
 def make_config(preset=None, overrides=None):

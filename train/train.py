@@ -229,7 +229,8 @@ def build(cfg, ckpt):
     dataset.check_block_size(cfg.block_size)
 
     gconf = GPTConfig(vocab_size=dataset.tokenizer.vocab_size, block_size=cfg.block_size,
-                      n_embd=cfg.n_embd, n_head=cfg.n_head, n_layer=cfg.n_layer, dropout=cfg.dropout)
+                      n_embd=cfg.n_embd, n_head=cfg.n_head, n_layer=cfg.n_layer, dropout=cfg.dropout,
+                      fused=cfg.fused)
     try:
         gconf.validate()
     except ValueError as e:
