@@ -3,17 +3,17 @@
 
     mpirun -n 2 python benchmarks/bench_allreduce.py [--repeats 30] [--presets small,lecture]
 
-The parameters are those of gpt.model's GPT at the train presets' sizes (float32, vocab 65):
-small 0.82M parameters in 50 tensors, lecture 10.8M in 72. Every repeat gives each
-parameter a fresh gradient array, as zero_grad() + backward() do, and calls allreduce_gradients
-(the timing includes those attribute assignments, a few microseconds). A repeat's time is
-the slowest rank's; the table shows the median over repeats. The variants take turns within
-each repeat, so a busy machine slows them all alike.
+The parameters are those of gpt.model's GPT at the train presets' sizes (float32, vocab 65),
+kept in AdamW's flat buffers (optimizer.flat): small 0.82M parameters in 50 tensors, lecture
+10.8M in 72. A repeat's time is the slowest rank's; the table shows the median over repeats.
+The variants take turns within each repeat, so a busy machine slows them all alike.
 
 'raw' is MPI Allreduce(IN_PLACE) on one preallocated buffer of the same size: the floor that
-allreduce_gradients (copy and divide into buckets, allreduce, point p.grad at the buckets) is
-measured against. The last variant is the path training takes: the gradients already live in
-AdamW's flat buffer, which is divided and summed in place (no copies).
+allreduce_gradients(optimizer.flat) is measured against. The three "buckets"/"one buffer" rows
+give each parameter a fresh gradient array (set by hand), which allreduce_gradients first
+copies into the flat buffer, then sums in pieces of 25 MB, one piece, or 4 MB. The last row
+is the path training takes: backward has written the gradients into the flat buffer, which
+is divided and summed in place (no copies).
 """
 import argparse
 import os
@@ -25,6 +25,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from gpt.model import GPTConfig, build_model  # noqa: E402
+import tinytensor  # noqa: E402
 from tinytensor import distributed as dist  # noqa: E402
 from tinytensor.optim import AdamW  # noqa: E402
 
@@ -58,6 +59,7 @@ def main():
         if name not in PRESETS:
             sys.exit(f"unknown preset {name!r}: choose from {', '.join(PRESETS)}")
 
+    tinytensor.malloc.keep_freed_memory()  # as train.py does
     dist.init()
     if not dist.launched_under_mpi() or dist.world_size() < 2:
         sys.exit("run under MPI with two or more ranks: mpirun -n 2 python benchmarks/bench_allreduce.py")
@@ -73,6 +75,7 @@ def main():
         model = build_model("gpt", GPTConfig(vocab_size=vocab, block_size=block, n_embd=n_embd,
                                              n_head=n_head, n_layer=n_layer, dropout=0.0))
         params = list(model.parameters())
+        opt = AdamW(params, lr=1e-3)  # keeps the parameters and gradients in opt.flat
         shapes = [p.shape for p in params]
         grads = [[rng.standard_normal(s).astype(np.float32) for s in shapes] for _ in range(2)]
         n = sum(int(np.prod(s)) for s in shapes)
@@ -88,25 +91,20 @@ def main():
 
             def ours(i, bucket_mb=bucket_mb):
                 for p, g in zip(params, grads[i % 2]):
-                    p.grad = g  # what zero_grad() + backward() leave: fresh arrays
-                dist.allreduce_gradients(params, bucket_mb=bucket_mb)
+                    p.grad = g  # fresh arrays set by hand: copied into the flat buffer
+                dist.allreduce_gradients(opt.flat, bucket_mb=bucket_mb)
             rows.append((f"allreduce_gradients, {label}", ours))
 
-        # what training does: AdamW keeps the gradients in one flat buffer (tinytensor/flat.py)
-        # that backward writes into, and allreduce_gradients sums that buffer in place
-        model_f = build_model("gpt", GPTConfig(vocab_size=vocab, block_size=block, n_embd=n_embd,
-                                               n_head=n_head, n_layer=n_layer, dropout=0.0))
-        params_f = list(model_f.parameters())
-        opt = AdamW(params_f, lr=1e-3)
-        for p, g in zip(params_f, grads[0]):
-            p.grad = g
-        opt.step()  # builds the flat buffers; from here p.grad is a view into them
-        views = list(zip(params_f, opt._flat.grad_views))
+        # what training does: backward writes the gradients into the optimizer's flat buffer
+        # (tinytensor/flat.py), and allreduce_gradients sums that buffer in place
+        views = list(zip(opt.flat.params, opt.flat.grad_views))
+        for (p, v), g in zip(views, grads[0]):
+            v[...] = g
 
         def flat_buffer(i):
             for p, v in views:
                 p.grad = v  # as backward leaves them
-            dist.allreduce_gradients(params_f)
+            dist.allreduce_gradients(opt.flat)
         rows.append(("allreduce_gradients, AdamW flat buffer", flat_buffer))
         results = timed(rows, args.repeats, comm)
         base = results[rows[0][0]]

@@ -37,6 +37,7 @@ def tinytensor_generate(preset, tokens, seed):
 
     import tinytensor as tt
     from gpt.model import GPTConfig, GPTLanguageModel
+    tt.malloc.keep_freed_memory()  # as train.py does
     tt.manual_seed(seed)
     model = GPTLanguageModel(GPTConfig(vocab_size=common.VOCAB, **config_of(preset)))
     prompt = np.zeros((1, 1), dtype=np.int64)

@@ -232,7 +232,9 @@ def main(argv=None):
         os.environ["CUPY_TF32"] = "1"  # cupy reads it at its first float32 matmul
     import torch
 
+    import tinytensor
     from tinytensor import backend, kernels
+    tinytensor.malloc.keep_freed_memory()  # as train.py does
     try:
         backend.check_device(args.device)
     except (ValueError, RuntimeError) as e:

@@ -93,6 +93,7 @@ def tinytensor_ops(cfg):
     from gpt.model import GPTConfig, GPTLanguageModel
     from tinytensor import fused
     from tinytensor.optim import AdamW
+    tt.malloc.keep_freed_memory()  # as train.py does
     B, T, C, nh = cfg["batch_size"], cfg["block_size"], cfg["n_embd"], cfg["n_head"]
     p_att = cfg["dropout"]
     p_drop = cfg["dropout"] or 0.5
@@ -111,11 +112,9 @@ def tinytensor_ops(cfg):
             ps = list(model.parameters())
             opt = AdamW([{"params": [p for p in ps if p.ndim >= 2], "weight_decay": 0.01},
                          {"params": [p for p in ps if p.ndim < 2], "weight_decay": 0.0}], lr=1e-3)
-            for p in ps:
-                p.grad = arr(*p.shape, scale=0.01)
-            opt.step()  # builds the flat buffers
-            for p, v in zip(opt._flat.params, opt._flat.grad_views):
-                p.grad = v  # as backward leaves them
+            for p, v in zip(opt.flat.params, opt.flat.grad_views):
+                v[...] = arr(*p.shape, scale=0.01)
+                p.grad = v  # as backward leaves them: in the optimizer's flat buffer
             return opt.step, (lambda: None)
         if name == "embedding":
             wte, wpe = leaf(common.VOCAB, C), leaf(T, C)

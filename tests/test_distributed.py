@@ -88,13 +88,11 @@ from tinytensor import distributed as dist
 assert not dist.launched_under_mpi()
 dist.init()
 model = nn.Linear(3, 2)
-ddp = dist.DistributedDataParallel(model)
-ddp(tt.tensor(np.ones((4, 3), np.float32))).sum().backward()
-with ddp.no_sync():
-    ddp.sync_gradients()
-ddp.sync_gradients()
+opt = tt.optim.AdamW(model.parameters())
+model(tt.tensor(np.ones((4, 3), np.float32))).sum().backward()
 dist.broadcast_parameters(model)
-dist.allreduce_gradients(list(model.parameters()))
+dist.allreduce_gradients(opt.flat)
+opt.step()
 dist.check_consistent({"a": 1}, model)
 dist.barrier()
 values = (dist.rank(), dist.world_size(), dist.is_main(), dist.allreduce_mean(2.5),
@@ -110,14 +108,16 @@ def test_single_process_never_imports_mpi4py():
 
 
 def test_single_process_collectives_are_identity():
+    from tinytensor.flat import FlatParameters
     tt.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
     before = [p.numpy().copy() for p in model.parameters()]
+    flat = FlatParameters(model.parameters())
     F.cross_entropy(model(tt.tensor(np.ones((3, 4), np.float32))), np.array([0, 1, 1])).backward()
     params = list(model.parameters())
     params[0].grad = None
     grads = [p.grad for p in params]
-    dist.allreduce_gradients(params)
+    dist.allreduce_gradients(flat)
     assert all(p.grad is g for p, g in zip(params, grads))  # untouched, not even copied
     dist.broadcast_parameters(model)
     assert all(np.array_equal(b, p.numpy()) for b, p in zip(before, model.parameters()))
@@ -128,7 +128,9 @@ def test_single_process_collectives_are_identity():
     assert (dist.rank(), dist.world_size(), dist.is_main()) == (0, 1, True)
 
 
-def test_ddp_wrapper_in_one_process_matches_plain_backward():
+def test_accumulated_micro_batches_in_the_flat_buffer_match_plain_backward():
+    """Gradient accumulation as train_mlp.py --accum does it: two half-batch backwards add up in
+    the optimizer's flat gradient buffer, which is then reduced once."""
     tt.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
     x, y = tt.tensor(np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)), \
@@ -137,14 +139,61 @@ def test_ddp_wrapper_in_one_process_matches_plain_backward():
     plain = [p.grad.copy() for p in model.parameters()]
     model.zero_grad()
 
-    ddp = dist.DistributedDataParallel(model)
-    assert ddp.module is model and ddp.training is model.training  # attributes pass through
-    assert [id(p) for p in ddp.parameters()] == [id(p) for p in model.parameters()]
-    with ddp.no_sync():  # accumulate two halves, weighted by 1/2 each
-        ddp.backward(F.cross_entropy(ddp(x[:4]), y[:4]) * 0.5)
-    ddp.backward(F.cross_entropy(ddp(x[4:]), y[4:]) * 0.5)
+    opt = tt.optim.AdamW(model.parameters())
+    (F.cross_entropy(model(x[:4]), y[:4]) * 0.5).backward()  # accumulate two halves, 1/2 each
+    (F.cross_entropy(model(x[4:]), y[4:]) * 0.5).backward()
+    assert opt.flat.grads_in_place()
+    dist.allreduce_gradients(opt.flat)
     for g, p in zip(plain, model.parameters()):
         np.testing.assert_allclose(p.grad, g, rtol=1e-5, atol=1e-6)
+
+
+def test_allreduce_gradients_takes_the_flat_buffers():
+    model = nn.Linear(3, 2)
+    with pytest.raises(TypeError, match="FlatParameters that hold the gradients.*got list"):
+        dist.allreduce_gradients(list(model.parameters()))
+
+
+def test_allreduce_reduces_the_optimizers_flat_buffer_from_step_0(monkeypatch):
+    """One mechanism from the first step on: with two pretend ranks (the other one holding the
+    same gradients), every step's allreduce sums the optimizer's flat gradient buffer in place,
+    the buffer backward wrote into, at step 0 as at later steps."""
+    tt.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+    opt = tt.optim.AdamW(model.parameters(), lr=1e-2)
+    flat = opt.flat
+    reduced = []
+
+    def sum_over_two_ranks(fp, bucket_mb):
+        reduced.append(fp)
+        fp.grad_and_flags *= 2  # the other rank's gradients are the same
+
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    monkeypatch.setattr(dist, "_sum_over_ranks", sum_over_two_ranks)
+    x, y = tt.tensor(np.ones((3, 4), np.float32)), np.array([0, 1, 1])
+    for step in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        assert flat.grads_in_place(), f"step {step}: backward did not write into the flat buffer"
+        local = flat.grad.copy()
+        dist.allreduce_gradients(opt.flat)
+        assert reduced[-1] is flat, f"step {step}: another buffer was reduced"
+        assert flat.grads_in_place()
+        np.testing.assert_array_equal(flat.grad, local)  # the mean of two equal ranks
+        opt.step()
+        assert opt.flat is flat
+    assert len(reduced) == 3
+
+
+def test_gradient_chunks_cover_the_buffer(monkeypatch):
+    monkeypatch.delenv("TT_BUCKET_MB", raising=False)
+    assert dist._chunks(10, 4) == [(0, 10)]                       # 25 MB: one call
+    assert dist._chunks(10, 4, bucket_mb=16e-6) == [(0, 4), (4, 8), (8, 10)]
+    monkeypatch.setenv("TT_BUCKET_MB", "8e-6")
+    assert dist._chunks(5, 4) == [(0, 2), (2, 4), (4, 5)]
+    monkeypatch.setenv("TT_BUCKET_MB", "big")
+    with pytest.raises(dist.DistributedError, match="TT_BUCKET_MB='big': expected a size in MB"):
+        dist._chunks(5, 4)
 
 
 def test_launched_under_mpi_reads_the_launcher_environment(monkeypatch):
@@ -167,16 +216,16 @@ def test_bad_threads_per_rank_is_a_clear_error(monkeypatch):
 
 @pytest.mark.parametrize("n", [1, 2, 4])
 def test_allreduce_gradients_is_the_mean_over_ranks(n):
-    # 50-byte buckets: nearly one bucket per parameter; None gradients on some ranks and on all
+    # 50-byte pieces: many Allreduce calls per flat buffer; None gradients on some ranks and on all
     out = expect_ok(run_mpi(n, "check_allreduce.py", "--bucket_mb", "5e-5"), f"{n} ranks")
     if n > 1:
-        buckets = int(out.split("buckets=")[1].split()[0])
-        assert buckets >= 7, f"expected many small buckets, got {buckets}"
+        calls = int(out.split("calls=")[1].split()[0])
+        assert calls >= 7, f"expected many small Allreduce calls, got {calls}"
 
 
-def test_allreduce_gradients_default_buckets():
-    out = expect_ok(run_mpi(2, "check_allreduce.py"), "2 ranks, 25 MB buckets")
-    assert "buckets=5" in out  # one per run of equal dtype (float32/float64 alternate)
+def test_allreduce_gradients_default_bucket_size():
+    out = expect_ok(run_mpi(2, "check_allreduce.py"), "2 ranks, 25 MB pieces")
+    assert "calls=2" in out  # one per flat buffer (one float32, one float64)
 
 
 def test_gpu_arrays_are_staged_through_host_memory():
@@ -197,15 +246,15 @@ def test_collectives_broadcast_consistency_and_threads():
 
 
 def test_one_two_and_four_ranks_train_the_same_model(tmp_path):
-    """Same per-step losses (1e-4) for 1 process, 2 and 4 ranks, and 2 ranks accumulating
-    gradients under no_sync(); the scripts check the parameters are bitwise identical across
-    ranks after every step."""
+    """Same per-step losses (1e-4) for 1 process, 2 and 4 ranks, and 2 ranks accumulating two
+    micro-batches per step before one allreduce; the scripts check the parameters are bitwise
+    identical across ranks after every step."""
     steps = 12
     runs = {"1 process": run([sys.executable, str(SCRIPTS / "train_mlp.py"),
                               "--out", tmp_path / "1.json", "--steps", str(steps)])}
     runs["1 process"] = (*runs["1 process"][:3], tmp_path / "1.json")
     for name, n, extra in [("2 ranks", 2, []), ("4 ranks", 4, []),
-                           ("2 ranks, no_sync accumulation", 2, ["--accum"])]:
+                           ("2 ranks, accumulating micro-batches", 2, ["--accum"])]:
         out = tmp_path / f"{name}.json"
         runs[name] = (*run_mpi(n, "train_mlp.py", "--out", out, "--steps", steps, *extra)[:3], out)
     losses = {}

@@ -325,6 +325,46 @@ def test_flat_parameters_views_and_engine_writes_into_them():
         FlatParameters([p, p])
 
 
+def test_adamw_builds_its_flat_buffers_when_constructed():
+    """Right after AdamW(...) every p.data is a view into optimizer.flat (values kept) and
+    backward writes into flat.grad, before any step; the step keeps the same buffers."""
+    model = _mlp()
+    before = [p.data.copy() for p in model.parameters()]
+    opt = tt.optim.AdamW(_groups(model), lr=0.05)
+    flat = opt.flat
+    assert flat is not None and flat.intact()
+    order = [p for g in opt.param_groups for p in g["params"]]
+    assert [id(p) for p in flat.params] == [id(p) for p in order]
+    for p, v in zip(flat.params, flat.data_views):
+        assert p.data is v and np.shares_memory(p.data, flat.data)
+    for p, b in zip(model.parameters(), before):
+        np.testing.assert_array_equal(p.data, b)
+    F.cross_entropy(model(tt.Tensor(_batches(1)[0][0])), _batches(1)[0][1]).backward()
+    assert flat.grads_in_place()
+    opt.step()
+    assert opt.flat is flat and flat.intact()
+    assert opt.state[id(order[0])]["exp_avg"].base is not None  # a view of the flat moments
+
+
+def test_adamw_rebuilds_its_flat_buffers_when_data_is_replaced():
+    """Module.astype/to after building the optimizer replace p.data: opt.flat then holds the new
+    arrays (new buffers), and the moments move along."""
+    model = _mlp()
+    opt = tt.optim.AdamW(model.parameters(), lr=0.05)
+    _train(model, opt, _batches(1))
+    old = opt.flat
+    exp_avg = [opt.state[id(p)]["exp_avg"].copy() for p in model.parameters()]
+    for p in model.parameters():
+        p.data = p.data.copy()
+    flat = opt.flat
+    assert flat is not old and flat.intact() and not old.intact()
+    assert all(p.data is v for p, v in zip(flat.params, flat.data_views))
+    _train(model, opt, _batches(1, seed=1))
+    assert opt.flat is flat
+    for p, m in zip(model.parameters(), exp_avg):
+        assert not np.array_equal(opt.state[id(p)]["exp_avg"], m)  # the moments went on
+
+
 @pytest.mark.parametrize("skip_one", [False, True])
 def test_adamw_flat_step_equals_per_parameter_step(monkeypatch, skip_one):
     """The flat path (one kernel per group) and the per-parameter path give bitwise the same
@@ -374,7 +414,7 @@ def test_adamw_mixed_dtypes_takes_the_per_parameter_path():
     opt = tt.optim.AdamW([a, b], lr=0.1, weight_decay=0.0)
     (a.sum() + b.sum()).backward()
     opt.step()
-    assert opt._flat is None
+    assert opt.flat is None
     np.testing.assert_allclose(a.data, 0.9)  # Adam's first step moves by lr * sign(grad)
     np.testing.assert_allclose(b.data, 0.9, rtol=1e-6)
 
@@ -433,21 +473,28 @@ def test_attention_in_parallel_parts_equals_serial(monkeypatch):
         np.testing.assert_array_equal(other[1], outs[0][1])
 
 
-def test_malloc_tuning():
+def test_malloc_tuning_is_an_explicit_call():
+    """import tinytensor leaves malloc alone (in a fresh process); keep_freed_memory() tunes it,
+    unless TT_MALLOC_TUNING=0."""
+    import os
     import platform
     import subprocess
     import sys
-    from tinytensor import malloc
-    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
-        assert malloc.tuned
-    code = "import tinytensor.malloc as m, tinytensor; print(m.tuned)"
-    out = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ,
-                         "TT_MALLOC_TUNING": "0"}, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    code = ("import tinytensor, tinytensor.malloc as m; before = m.tuned; "
+            "print(before, m.keep_freed_memory(), m.tuned)")
+    env = {k: v for k, v in os.environ.items() if k != "TT_MALLOC_TUNING"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split() == ["False", str(glibc), str(glibc)]
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "TT_MALLOC_TUNING": "0"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False", "False"]
 
 
 _REUSE_SCRIPT = """
 import resource, numpy as np, tinytensor.malloc as m, tinytensor
+m.keep_freed_memory()
 def step():  # 3 GB in 100 MB temporaries, as a lecture-preset step's activations
     arrays = [np.ones(25_000_000, np.float32) for _ in range(30)]
     del arrays

@@ -217,10 +217,35 @@ def test_optimizer_argument_errors():
 
 def test_cosine_lr_schedule():
     lr, min_lr, warm, decay = 1e-3, 1e-4, 10, 100
-    got = [tt.optim.cosine_lr(i, lr, min_lr, warm, decay) for i in range(120)]
+    got = [tt.optim.lr_schedule(i, lr, min_lr, warm, decay) for i in range(120)]
     assert got[0] == pytest.approx(lr / 11) and got[9] == pytest.approx(lr * 10 / 11)
     assert all(a < b for a, b in zip(got[:10], got[1:11]))               # warmup rises ...
     assert got[10] == pytest.approx(lr)
     assert all(a >= b for a, b in zip(got[10:100], got[11:101]))         # ... then decays
     assert got[55] == pytest.approx(min_lr + 0.5 * (1 + math.cos(math.pi * 0.5)) * (lr - min_lr))
     assert got[100] == got[119] == min_lr
+
+
+def _old_train_get_lr(step, lr, min_lr, warmup, decay_iters, decay):
+    """train.py's get_lr and optim.cosine_lr before they became one lr_schedule, verbatim."""
+    if decay == "cosine":
+        if warmup > 0 and step < warmup:
+            return lr * (step + 1) / (warmup + 1)
+        if step >= decay_iters:
+            return min_lr
+        ratio = (step - warmup) / max(1, decay_iters - warmup)
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+    if step < warmup:
+        return lr * (step + 1) / (warmup + 1)
+    return lr
+
+
+@pytest.mark.parametrize("decay", ["cosine", "none"])
+@pytest.mark.parametrize("warmup, decay_iters", [(0, 100), (10, 100), (3, 3), (0, 0), (20, 10)])
+def test_lr_schedule_equals_the_old_warmup_and_cosine(decay, warmup, decay_iters):
+    lr, min_lr = 6e-4, 6e-5
+    for step in range(130):
+        want = _old_train_get_lr(step, lr, min_lr, warmup, decay_iters, decay)
+        assert tt.optim.lr_schedule(step, lr, min_lr, warmup, decay_iters, decay=decay) == want, step
+    with pytest.raises(ValueError, match="decay='linear', expected 'cosine' or 'none'"):
+        tt.optim.lr_schedule(50, lr, min_lr, 0, 100, decay="linear")

@@ -616,6 +616,31 @@ def test_learning_rate_schedule():
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 
+_MALLOC_SCRIPT = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import tinytensor.malloc as m
+from train.train import main
+untouched = m.tuned
+code = main(sys.argv[2:])
+print(untouched, m.tuned, code)
+"""
+
+
+def test_train_py_tunes_malloc_and_importing_does_not(tmp_path, text_file):
+    import platform
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    env = {k: v for k, v in os.environ.items() if k != "TT_MALLOC_TUNING"}
+    args = [*TINY, "--data", text_file, "--max_iters", 1, "--eval_iters", 1]
+    for setting, tuned in ((None, glibc), ("0", False)):
+        out = subprocess.run([sys.executable, "-c", _MALLOC_SCRIPT, ROOT, *map(str, args),
+                              "--out_dir", str(tmp_path / f"o{setting}")], capture_output=True,
+                             text=True, timeout=300,
+                             env=env if setting is None else {**env, "TT_MALLOC_TUNING": setting})
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split()[-3:] == ["False", str(tuned), "0"], out.stdout[-500:]
+
+
 def test_weight_decay_only_on_2d_parameters():
     import tinytensor.nn as nn
     from train.train import make_optimizer

@@ -91,3 +91,15 @@ def test_non_finite_loss_stops_every_rank_and_keeps_checkpoint(tmp_path, text_fi
     assert r.returncode != 0
     assert "non-finite" in (r.stderr + r.stdout).lower()
     assert (tmp_path / "ckpt.npz").read_bytes() == before
+
+
+def test_a_file_error_on_rank_0_ends_every_rank(tmp_path, text_file):
+    """rank 0 alone writes out_dir: its OSError goes through dist.abort, so the other rank is
+    not left waiting in its next collective."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    r = run(2, blocker, text_file, "--max_iters", "4", timeout=120)
+    assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
+    lines = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "rank 0: error: " in lines[0] and str(blocker) in lines[0], r.stderr
+    assert "Traceback" not in r.stderr

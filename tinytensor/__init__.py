@@ -15,9 +15,7 @@ from .ops import (abs, all, allclose, amax, amin, any, arange, argmax, argmin, c
 from .random import manual_seed
 from .tensor import (Function, Tensor, get_default_dtype, is_grad_enabled, no_grad,
                      set_default_dtype, tensor)
-from . import nn, optim  # noqa: E402
-from .malloc import keep_freed_memory as _keep_freed_memory
-
-_keep_freed_memory()  # glibc keeps freed temporaries for reuse instead of re-faulting them
+# importing changes nothing in the process: malloc.keep_freed_memory() is the program's own call
+from . import malloc, nn, optim  # noqa: E402
 
 __version__ = "0.1.0"

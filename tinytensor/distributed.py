@@ -8,9 +8,10 @@ ranks, so every rank takes the same optimizer step and the parameters stay ident
     dist.init()                             # first thing: MPI, fail-fast hooks, BLAS threads
     dist.broadcast_parameters(model)        # every rank starts from rank 0's weights
     dist.check_consistent(config, params)   # same config and weights everywhere, or a clear error
+    optimizer = AdamW(model.parameters())   # keeps parameters and gradients in optimizer.flat
     for step ...:
-        loss.backward()
-        dist.allreduce_gradients(params)    # p.grad = mean over ranks
+        loss.backward()                     # writes the gradients into optimizer.flat.grad
+        dist.allreduce_gradients(optimizer.flat)  # p.grad = mean over ranks, in place
         optimizer.step()
 
 Without mpirun nothing here touches MPI (mpi4py is not even imported): world_size() is 1 and
@@ -29,9 +30,9 @@ Environment variables:
                        left to the BLAS library)
   TT_DIST_BACKEND      'mpi' (default) or 'nccl': how CuPy gradients are summed; 'mpi' copies them
                        through host memory (the MPI wheels on PyPI are not CUDA-aware)
-  TT_BUCKET_MB         gradient bucket size in MB (default 25, as PyTorch DDP)
+  TT_BUCKET_MB         the gradients are summed in pieces of this many MB, one MPI Allreduce
+                       each (default 25, as PyTorch DDP's buckets)
 """
-import contextlib
 import hashlib
 import json
 import os
@@ -42,7 +43,8 @@ import traceback
 
 import numpy as np
 
-from . import backend, flat
+from . import backend
+from .flat import FlatParameters
 
 MPI = None            # the mpi4py.MPI module, once init() has imported it
 _comm = None          # MPI.COMM_WORLD while running under MPI, else None
@@ -341,87 +343,6 @@ def check_consistent(config, params):
 
 # ----- gradient averaging --------------------------------------------------------------------
 
-class _Bucket:
-    """One contiguous buffer holding the gradients of a few parameters, plus one 'has a
-    gradient' flag per parameter at the end (summed over ranks with the gradients)."""
-
-    def __init__(self, params):
-        self.params = params
-        xp = backend.get_array_module(params[0].data)
-        n = sum(p.size for p in params)
-        self.buf = xp.zeros(n + len(params), dtype=params[0].dtype)
-        self.flags = self.buf[n:]
-        self.views, offset = [], 0
-        for p in params:  # p.grad becomes this view after the allreduce: no copy back
-            self.views.append(self.buf[offset:offset + p.size].reshape(p.shape))
-            offset += p.size
-        self.host = None  # host staging copy of buf for GPU arrays summed over MPI
-
-    def fill(self, n_ranks):
-        """Copy each p.grad / n_ranks into the buffer (None counts as zeros); set the flags.
-
-        Dividing on the way in saves a pass over the buffer: the sum over ranks is the mean.
-        """
-        xp = backend.get_array_module(self.buf)
-        for p, view in zip(self.params, self.views):
-            if p.grad is None:
-                view[...] = 0
-            elif p.grad.shape != p.shape:
-                raise ValueError(f"gradient of shape {p.grad.shape} for a parameter of shape "
-                                 f"{p.shape}")
-            else:  # also when p.grad is view (accumulated in place since the last allreduce)
-                xp.divide(p.grad, n_ranks, out=view)
-        flags = np.array([p.grad is not None for p in self.params], dtype=self.buf.dtype)
-        self.flags[...] = backend.to_device(flags, backend.device_of(self.buf))
-
-    def sum_over_ranks(self):
-        """buf <- the sum of buf over all ranks, in place."""
-        self.host = _sum_over_ranks(self.buf, self.host)
-
-    def finish(self):
-        """p.grad = its view of the mean, or None if no rank had a gradient."""
-        present = backend.to_numpy(self.flags) > 0
-        for p, view, ok in zip(self.params, self.views, present):
-            p.grad = view if ok else None
-
-
-def _sum_over_ranks(buf, host=None):
-    """buf <- the sum of buf over all ranks, in place (a contiguous array). For a GPU array
-    summed over MPI, host is the staging copy to reuse (returned, made when None)."""
-    if not backend.is_cuda(buf):
-        _comm.Allreduce(MPI.IN_PLACE, buf)
-    elif _nccl_comm is not None:  # GPU to GPU
-        _nccl_comm.allReduce(buf.data.ptr, buf.data.ptr, buf.size, backend.nccl_dtype(buf.dtype),
-                             backend.nccl().NCCL_SUM, backend.current_stream_ptr())
-    else:  # stage through host memory: the PyPI MPI wheels cannot read GPU memory
-        if host is None:
-            host = np.empty(buf.shape, dtype=buf.dtype)
-        backend.synchronize()  # the gradients are written before MPI reads the copy
-        buf.get(out=host)
-        _comm.Allreduce(MPI.IN_PLACE, host)
-        buf.set(host)
-    return host
-
-
-def _make_buckets(params, bucket_bytes):
-    """Group params into buckets of about bucket_bytes, in reverse order (as PyTorch DDP: the
-    last layers' gradients are ready first), one dtype and device per bucket."""
-    buckets, current, size = [], [], 0
-    for p in reversed(params):
-        if current and (size + p.data.nbytes > bucket_bytes or p.dtype != current[0].dtype
-                        or p.device != current[0].device):
-            buckets.append(_Bucket(current))
-            current, size = [], 0
-        current.append(p)
-        size += p.data.nbytes
-    if current:
-        buckets.append(_Bucket(current))
-    return buckets
-
-
-_layouts = {}  # (bucket size, the parameters) -> their buckets, kept between calls
-
-
 def _bucket_mb(bucket_mb):
     """bucket_mb, or TT_BUCKET_MB, or the default."""
     if bucket_mb is None:
@@ -434,134 +355,67 @@ def _bucket_mb(bucket_mb):
     return bucket_mb
 
 
-def _buckets_for(params, bucket_mb):
-    bucket_mb = _bucket_mb(bucket_mb)
-    key = (bucket_mb, tuple((id(p), p.shape, p.dtype, p.device) for p in params))
-    if key not in _layouts:
-        if len(_layouts) >= 4:  # a few models at most; the buckets hold their parameters alive
-            _layouts.clear()
-        _layouts[key] = _make_buckets(params, int(bucket_mb * 1e6))
-    return _layouts[key]
+def _chunks(size, itemsize, bucket_mb=None):
+    """[(start, stop)]: a buffer of `size` elements cut into pieces of about bucket_mb MB,
+    one MPI Allreduce each."""
+    step = max(1, int(_bucket_mb(bucket_mb) * 1e6) // itemsize)
+    return [(a, min(a + step, size)) for a in range(0, size, step)]
 
 
-def allreduce_gradients(params, bucket_mb=None):
-    """Average p.grad over ranks, for every p in params (a list of Tensors, the same on all ranks).
+def allreduce_gradients(flat, bucket_mb=None):
+    """Average the gradients held in `flat` over the ranks, in place.
 
-    params: a list of Tensors (or a Module), the same on every rank. The gradients are divided
-    by the number of ranks on their way into buckets of about bucket_mb MB (default 25, or
-    TT_BUCKET_MB), and each bucket is summed with one in-place MPI Allreduce. Afterwards p.grad
-    is a view into its bucket (overwritten by the next call). A parameter whose grad is None
-    counts as zeros; it stays None only when it is None on every rank.
-
-    When these parameters' gradients live in a flat buffer (optim.AdamW keeps them in one, see
-    flat.py; backward writes them there), that buffer itself is summed in place, in slices of
-    the same size: no copy in or out, and p.grad stays the view it was.
+    flat: a flat.FlatParameters holding the same parameters on every rank; the training loop
+    hands over its optimizer's (`dist.allreduce_gradients(optimizer.flat)`), whose gradient
+    buffer backward has just written. A gradient set by hand as a separate array is copied in
+    first. flat.grad is divided by the number of ranks and summed over them in pieces of about
+    bucket_mb MB (default 25, or TT_BUCKET_MB), one in-place Allreduce each; afterwards each
+    p.grad is its view of flat.grad. A parameter whose grad is None counts as zeros; it stays
+    None only when it is None on every rank. In one process nothing happens.
     """
+    if not isinstance(flat, FlatParameters):
+        raise TypeError(f"allreduce_gradients takes the FlatParameters that hold the gradients "
+                        f"(optimizer.flat, or tinytensor.flat.FlatParameters(params)), got "
+                        f"{type(flat).__name__}; AdamW has none when its parameters mix dtypes "
+                        f"or devices")
     if world_size() == 1:
         return
-    params = _param_list(params)
-    fp = flat.find(params)
-    if fp is not None:  # the optimizer's flat buffers (flat.py): sum them in place
-        _allreduce_flat(fp, bucket_mb)
-        return
-    for bucket in _buckets_for(params, bucket_mb):
-        bucket.fill(world_size())
-        bucket.sum_over_ranks()
-        bucket.finish()
-
-
-def _allreduce_flat(fp, bucket_mb):
-    """allreduce_gradients for parameters whose gradients live in a flat.FlatParameters
-    (AdamW keeps them there): the backward pass wrote them into fp.grad already, so they are
-    divided and summed in place, in slices of about bucket_mb MB, with the 'has a gradient'
-    flags that end the same storage. The same semantics as the buckets."""
-    n = world_size()
-    for p, view in zip(fp.params, fp.grad_views):
+    for p, view in zip(flat.params, flat.grad_views):
         if p.grad is None:
             view[...] = 0
         elif p.grad.shape != p.shape:
             raise ValueError(f"gradient of shape {p.grad.shape} for a parameter of shape {p.shape}")
         elif p.grad is not view:  # e.g. set by hand: copy it in
             view[...] = p.grad
-    fp.flags[...] = backend.to_device(np.array([p.grad is not None for p in fp.params],
-                                               dtype=fp.flags.dtype), backend.device_of(fp.flags))
-    fp.grad /= n                  # the sum over ranks is then the mean
-    storage = fp.grad_and_flags
-    host = None
-    if backend.is_cuda(storage) and _nccl_comm is None:  # a host staging copy, kept with fp
-        host = getattr(fp, "host_staging", None)
-        if host is None:
-            host = fp.host_staging = np.empty(storage.shape, dtype=storage.dtype)
-    step = max(1, int(_bucket_mb(bucket_mb) * 1e6) // storage.itemsize)
-    for start in range(0, storage.size, step):
-        _sum_over_ranks(storage[start:start + step], None if host is None else host[start:start + step])
-    present = backend.to_numpy(fp.flags) > 0
-    for p, view, ok in zip(fp.params, fp.grad_views, present):
+    present = np.array([p.grad is not None for p in flat.params], dtype=flat.flags.dtype)
+    flat.flags[...] = backend.to_device(present, backend.device_of(flat.flags))
+    xp = backend.get_array_module(flat.grad)
+    xp.divide(flat.grad, world_size(), out=flat.grad)  # the sum over ranks is then the mean
+    _sum_over_ranks(flat, _bucket_mb(bucket_mb))
+    present = backend.to_numpy(flat.flags) > 0
+    for p, view, ok in zip(flat.params, flat.grad_views, present):
         p.grad = view if ok else None
 
 
-class DistributedDataParallel:
-    """A model wrapper in the style of torch's DDP, for gradient averaging over ranks.
-
-    Our engine has no backward hooks, so the averaging is an explicit call after backward:
-
-        ddp = DistributedDataParallel(model)      # broadcasts rank 0's parameters
-        logits, loss = ddp(x, y)                  # calls model(x, y)
-        ddp.backward(loss)                        # loss.backward(), then average the gradients
-        optimizer.step()
-
-    ddp.backward(loss) is loss.backward() followed by ddp.sync_gradients(); call
-    sync_gradients() yourself after backward if you prefer. Gradient accumulation over
-    micro-batches: run all but the last backward inside `with ddp.no_sync():`, where the
-    averaging is skipped, so the gradients are exchanged once per optimizer step:
-
-        with ddp.no_sync():
-            for x, y in micro_batches[:-1]:
-                ddp.backward(ddp(x, y)[1] / len(micro_batches))
-        ddp.backward(ddp(*micro_batches[-1])[1] / len(micro_batches))
-        optimizer.step()
-
-    Attributes of the model (train(), eval(), state_dict(), ...) pass through; .module is the
-    model itself.
-    """
-
-    def __init__(self, module, root=0, bucket_mb=None):
-        self.module = module
-        self.bucket_mb = bucket_mb
-        self._sync = True
-        broadcast_parameters(module, root=root)
-
-    def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-    def __getattr__(self, name):  # only called for attributes the wrapper does not have
-        if name == "module":
-            raise AttributeError(name)
-        return getattr(self.module, name)
-
-    def parameters(self):
-        return self.module.parameters()
-
-    def named_parameters(self):
-        return self.module.named_parameters()
-
-    @contextlib.contextmanager
-    def no_sync(self):
-        """Inside this block sync_gradients() (and so backward()) does not average gradients."""
-        previous, self._sync = self._sync, False
-        try:
-            yield
-        finally:
-            self._sync = previous
-
-    def sync_gradients(self):
-        """Average the gradients over ranks (skipped inside no_sync())."""
-        if self._sync:
-            allreduce_gradients(list(self.module.parameters()), bucket_mb=self.bucket_mb)
-
-    allreduce_gradients = sync_gradients
-
-    def backward(self, loss):
-        """loss.backward(), then sync_gradients()."""
-        loss.backward()
-        self.sync_gradients()
+def _sum_over_ranks(flat, bucket_mb):
+    """flat.grad_and_flags <- its sum over all ranks, in place, one Allreduce per chunk."""
+    buf = flat.grad_and_flags
+    chunks = _chunks(buf.size, buf.itemsize, bucket_mb)
+    if not backend.is_cuda(buf):
+        for a, b in chunks:
+            _comm.Allreduce(MPI.IN_PLACE, buf[a:b])
+    elif _nccl_comm is not None:  # GPU to GPU
+        for a, b in chunks:
+            part = buf[a:b]
+            _nccl_comm.allReduce(part.data.ptr, part.data.ptr, part.size,
+                                 backend.nccl_dtype(buf.dtype), backend.nccl().NCCL_SUM,
+                                 backend.current_stream_ptr())
+    else:  # stage through host memory: the PyPI MPI wheels cannot read GPU memory
+        if flat.host_staging is None:
+            flat.host_staging = np.empty(buf.shape, dtype=buf.dtype)
+        host = flat.host_staging
+        backend.synchronize()  # the gradients are written before MPI reads the copy
+        buf.get(out=host)
+        for a, b in chunks:
+            _comm.Allreduce(MPI.IN_PLACE, host[a:b])
+        buf.set(host)

@@ -4,11 +4,12 @@
     loss.backward()                 # each p's first gradient is copied into its view of flat.grad
     flat.grads_in_place()           # True when every p.grad is that view: flat.grad holds them all
 
-One mechanism serves the optimizer and the gradient allreduce: optim.AdamW keeps its
-parameters this way, so a step is one vector kernel per parameter group (kernels.adamw_step)
-over flat.data, flat.grad and flat moment buffers instead of a dozen small array operations per
-parameter; and distributed.allreduce_gradients, given the same parameters (find()), sums
-flat.grad over the ranks in place, in a few large MPI calls, with no copy in or out.
+optim.AdamW builds one when it is constructed and keeps it as `optimizer.flat`, so a step is one
+vector kernel per parameter group (kernels.adamw_step) over flat.data, flat.grad and flat moment
+buffers instead of a dozen small array operations per parameter. The training loop hands the
+same object to distributed.allreduce_gradients(optimizer.flat), which sums flat.grad over the
+ranks in place, in a few large MPI calls, with no copy in or out. Nothing finds these buffers
+behind the caller's back: whoever needs them is given them.
 
 The engine (Tensor.backward) writes a leaf's first gradient into `p._grad_view` when one is
 set, instead of allocating a copy; later gradients (accumulation) are added in place. So after
@@ -16,15 +17,11 @@ zero_grad() the next backward overwrites the arrays the previous p.grad pointed 
 gradient you want to keep across steps (PyTorch's DDP with gradient_as_bucket_view alike).
 
 The views last while nothing replaces p.data; Module.to() and astype() do, and `intact()` then
-says False (the optimizer builds new buffers).
+says False (AdamW then builds new buffers, see optim.AdamW.flat).
 """
-import weakref
-
 import numpy as np
 
 from . import backend
-
-_live = weakref.WeakSet()  # every FlatParameters still in use, for find()
 
 
 class FlatParameters:
@@ -50,6 +47,7 @@ class FlatParameters:
         # the gradients, then one flag per parameter ("has a gradient"): an allreduce sums both
         self.grad_and_flags = xp.zeros(n + len(params), dtype=first.dtype)
         self.grad, self.flags = self.grad_and_flags[:n], self.grad_and_flags[n:]
+        self.host_staging = None  # host copy of grad_and_flags, for GPU buffers summed over MPI
         self.data_views, self.grad_views = [], []
         for p, a, b in zip(params, self.offsets, self.offsets[1:]):
             dv = self.data[a:b].reshape(p.shape)
@@ -62,7 +60,6 @@ class FlatParameters:
             p._grad_view = gv
             self.data_views.append(dv)
             self.grad_views.append(gv)
-        _live.add(self)
 
     def __len__(self):
         return len(self.params)
@@ -82,16 +79,6 @@ class FlatParameters:
 
     def release(self):
         """Stop the engine writing gradients into these buffers (the parameters keep their data)."""
-        _live.discard(self)
         for p, v in zip(self.params, self.grad_views):
             if getattr(p, "_grad_view", None) is v:
                 p._grad_view = None
-
-
-def find(params):
-    """The intact FlatParameters holding exactly these parameters (in any order), or None."""
-    ids = {id(p) for p in params}
-    for flat in list(_live):
-        if len(flat.params) == len(ids) and ids == {id(p) for p in flat.params} and flat.intact():
-            return flat
-    return None

@@ -1,4 +1,7 @@
-"""Keep freed memory in the process for reuse: glibc malloc tuning, applied at import.
+"""Keep freed memory in the process for reuse: glibc malloc tuning, an explicit call.
+
+    import tinytensor
+    tinytensor.malloc.keep_freed_memory()   # train/train.py and the benchmarks do this first
 
 A training step allocates and frees the same large temporaries (activations, gradients) every
 step. By default glibc serves blocks above a threshold (128 KiB, rising to at most 32 MiB)
@@ -9,8 +12,10 @@ keeps freed blocks in the heap, where the next step reuses them: at the lecture 
 went from 11.1 s (2 GB faulted in again, 2.9 s of it in the kernel) to 8.2 s. The process's
 peak memory is the same; it is just not returned between steps (it is returned at exit).
 
-It only touches glibc (Linux); elsewhere it does nothing. Set TT_MALLOC_TUNING=0 in the
-environment to leave malloc alone.
+It changes malloc for the whole process, so importing tinytensor never does it: a program
+that wants it (train/train.py, the benchmarks that time tinytensor) calls keep_freed_memory()
+at its start. It only touches glibc (Linux); elsewhere it does nothing. Set TT_MALLOC_TUNING=0
+in the environment to leave malloc alone even then.
 """
 import ctypes
 import ctypes.util

@@ -1,4 +1,4 @@
-"""Optimisers (AdamW, SGD), gradient clipping and the learning-rate schedule.
+"""Optimisers (AdamW, SGD), gradient clipping and the learning-rate schedule (lr_schedule).
 
 AdamW performs exactly torch.optim.AdamW's update (decoupled weight decay, bias-corrected
 moments). Parameter groups work as in PyTorch: pass a list of dicts with "params" and any
@@ -89,21 +89,60 @@ class Optimizer:
 
 
 class AdamW(Optimizer):
+    """torch.optim.AdamW, with every parameter kept in flat buffers (flat.py) from the start.
+
+    Building it makes each p.data a view into `optimizer.flat.data` (the values are kept) and
+    has backward write each gradient into its view of `optimizer.flat.grad`; hand
+    `optimizer.flat` to distributed.allreduce_gradients. Parameters of mixed dtypes or devices
+    (or one parameter in two groups) cannot share flat buffers: then `flat` is None and every
+    step takes the per-parameter path. Both paths call the same kernels.adamw_step.
+
+    Build the optimizer after moving or casting the model. Should Module.to() or astype()
+    replace p.data afterwards anyway, `flat` notices (FlatParameters.intact() is False) and
+    builds new buffers from the new arrays, carrying the moments over, so the update stays exact.
+    """
+
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"invalid AdamW hyperparameters: lr={lr}, betas={betas}, eps={eps}, "
                              f"weight_decay={weight_decay}")
         super().__init__(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-        self._flat = None  # FlatParameters of every parameter, built at the first step
+        self._flat = self._build_flat()
+
+    @property
+    def flat(self):
+        """The FlatParameters holding every parameter (in param_groups order), or None."""
+        return self._flat_buffers()
+
+    def _build_flat(self):
+        """FlatParameters of all parameters and flat moment buffers beside them; None when the
+        parameters cannot share one buffer (mixed dtypes or devices, a parameter twice)."""
+        params = [p for _, p in self._params()]
+        try:
+            flat = FlatParameters(params)
+        except ValueError:
+            return None
+        self._m = backend.get_array_module(flat.data).zeros_like(flat.data)  # exp_avg of all
+        self._v = self._m.copy()                                             # exp_avg_sq of all
+        spans = list(zip(params, flat.offsets, flat.offsets[1:]))
+        self._m_views = [self._m[a:b].reshape(p.shape) for p, a, b in spans]
+        self._v_views = [self._v[a:b].reshape(p.shape) for p, a, b in spans]
+        return flat
+
+    def _flat_buffers(self):
+        """self._flat, rebuilt first when some p.data was replaced since it was built."""
+        if self._flat is not None and not self._flat.intact():
+            self._flat.release()
+            self._flat = self._build_flat()
+        return self._flat
 
     def step(self):
         """One AdamW update of every parameter that has a gradient.
 
-        The parameters, gradients and both moments live in flat buffers (flat.py), so a group
-        whose parameters all have gradients is updated by one kernels.adamw_step call over its
-        stretch of the buffers. Parameters of mixed dtypes or devices, a group in which some
-        parameter has no gradient, or moments at different step counts (a partly loaded
-        state) take the per-parameter path; both compute the same update.
+        A group whose parameters all have gradients is updated by one kernels.adamw_step call
+        over its stretch of the flat buffers. A group in which some parameter has no gradient,
+        moments at different step counts (a partly loaded state), or parameters without flat
+        buffers take the per-parameter path: the same function on each parameter's arrays.
         """
         flat = self._flat_buffers()
         start = 0
@@ -112,26 +151,6 @@ class AdamW(Optimizer):
             if flat is None or not self._flat_step(g, flat, start, start + n):
                 self._step_each(g)
             start += n
-
-    def _flat_buffers(self):
-        """The FlatParameters of all parameters (rebuilt when p.data was replaced), or None."""
-        params = [p for _, p in self._params()]
-        if self._flat is not None and self._flat.intact():
-            return self._flat
-        if self._flat is not None:
-            self._flat.release()
-        try:
-            self._flat = FlatParameters(params)
-        except ValueError:  # mixed dtypes or devices, or a parameter in two groups
-            self._flat = None
-            return None
-        flat = self._flat
-        self._m = backend.get_array_module(flat.data).zeros_like(flat.data)  # exp_avg of all
-        self._v = self._m.copy()                                             # exp_avg_sq of all
-        spans = list(zip(params, flat.offsets, flat.offsets[1:]))
-        self._m_views = [self._m[a:b].reshape(p.shape) for p, a, b in spans]
-        self._v_views = [self._v[a:b].reshape(p.shape) for p, a, b in spans]
-        return flat
 
     def _flat_step(self, g, flat, i, j):
         """Update parameters i .. j-1 (group g) with one flat kernel; False if it cannot."""
@@ -152,7 +171,7 @@ class AdamW(Optimizer):
                 v[...] = st["exp_avg_sq"]
                 st["exp_avg"], st["exp_avg_sq"] = m, v
             steps.add(st["step"])
-            if p.grad is not flat.grad_views[k]:  # e.g. an allreduced gradient: copy it in
+            if p.grad is not flat.grad_views[k]:  # e.g. a gradient set by hand: copy it in
                 flat.grad_views[k][...] = p.grad
         if len(steps) != 1:
             return False
@@ -170,26 +189,18 @@ class AdamW(Optimizer):
 
     def _step_each(self, g):
         """The per-parameter update of group g (parameters without a gradient are skipped)."""
+        b1, b2 = g["betas"]
         for p in g["params"]:
             if p.grad is None:
                 continue
-            lr, (b1, b2), eps, wd = g["lr"], g["betas"], g["eps"], g["weight_decay"]
-            xp = backend.get_array_module(p.data)
             st = self.state.get(id(p))
             if st is None:
+                xp = backend.get_array_module(p.data)
                 st = self.state[id(p)] = {"step": 0, "exp_avg": xp.zeros_like(p.data),
                                           "exp_avg_sq": xp.zeros_like(p.data)}
             st["step"] += 1
-            t, m, v, grad = st["step"], st["exp_avg"], st["exp_avg_sq"], p.grad
-            if wd != 0:
-                p.data *= 1 - lr * wd
-            m += (1 - b1) * (grad - m)                  # lerp, as torch
-            v *= b2
-            v += (1 - b2) * grad * grad
-            step_size = lr / (1 - b1 ** t)
-            denom = xp.sqrt(v) / math.sqrt(1 - b2 ** t)
-            denom += eps
-            p.data -= step_size * (m / denom)
+            adamw_step(p.data, p.grad, st["exp_avg"], st["exp_avg_sq"], g["lr"], b1, b2,
+                       g["eps"], g["weight_decay"], st["step"])
 
 
 class SGD(Optimizer):
@@ -250,11 +261,17 @@ def clip_grad_norm_(params, max_norm, error_if_nonfinite=False):
     return Tensor(xp.asarray(total))
 
 
-def cosine_lr(it, lr, min_lr, warmup_iters, decay_iters):
-    """Linear warmup for warmup_iters, then cosine decay from lr to min_lr at decay_iters."""
-    if warmup_iters > 0 and it < warmup_iters:
-        return lr * (it + 1) / (warmup_iters + 1)
-    if it >= decay_iters:
+def lr_schedule(step, lr, min_lr, warmup_iters, decay_iters, decay="cosine"):
+    """The learning rate at optimizer step `step` (0-based): a linear warmup over warmup_iters
+    steps (lr * (step + 1) / (warmup_iters + 1)), then lr itself (decay="none") or a cosine
+    decay from lr to min_lr at decay_iters, min_lr from there on (decay="cosine")."""
+    if warmup_iters > 0 and step < warmup_iters:
+        return lr * (step + 1) / (warmup_iters + 1)
+    if decay == "none":
+        return lr
+    if decay != "cosine":
+        raise ValueError(f"lr_schedule: decay={decay!r}, expected 'cosine' or 'none'")
+    if step >= decay_iters:
         return min_lr
-    ratio = (it - warmup_iters) / max(1, decay_iters - warmup_iters)
+    ratio = (step - warmup_iters) / max(1, decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)

@@ -16,7 +16,8 @@ import math
 import os
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -27,10 +28,10 @@ import numpy as np  # noqa: E402
 import tinytensor as tt  # noqa: E402
 from tinytensor import backend  # noqa: E402
 from tinytensor import distributed as dist  # noqa: E402
-from tinytensor.optim import AdamW, clip_grad_norm_, cosine_lr  # noqa: E402
+from tinytensor.optim import AdamW, clip_grad_norm_, lr_schedule  # noqa: E402
 from train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
-from train.config import (MODEL_SHAPE_FIELDS, PRESETS, ConfigError, config_from_dict,  # noqa: E402
-                          format_config, make_config, parse_args, usage)
+from train.config import (MODEL_SHAPE_FIELDS, PRESETS, ConfigError, TrainConfig,  # noqa: E402
+                          config_from_dict, format_config, make_config, parse_args, usage)
 
 # Ids of the independent random streams; each step's generator is derived from (seed, id, step).
 TRAIN_STREAM, EVAL_STREAM, DROPOUT_STREAM = 0, 1, 2
@@ -56,13 +57,9 @@ def seed_dropout(seed, step, rank):
 # ----- pieces of the loop -------------------------------------------------------------------
 
 def get_lr(step, cfg):
-    """The learning rate for optimizer step `step` (0-based): warmup, then constant or cosine."""
-    if cfg.lr_decay == "cosine":
-        return cosine_lr(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters,
-                         cfg.lr_decay_iters or cfg.max_iters)
-    if step < cfg.warmup_iters:
-        return cfg.learning_rate * (step + 1) / (cfg.warmup_iters + 1)
-    return cfg.learning_rate
+    """The learning rate for optimizer step `step` (0-based): the config's optim.lr_schedule."""
+    return lr_schedule(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters,
+                       cfg.lr_decay_iters or cfg.max_iters, decay=cfg.lr_decay)
 
 
 def make_optimizer(model, cfg):
@@ -251,6 +248,193 @@ def build(cfg, ckpt):
 
 
 # ----- the run ----------------------------------------------------------------------------
+#
+# run() reads top to bottom: resolve_config -> setup -> train (train_step, log_step and, every
+# eval_interval steps, evaluate, which writes the checkpoints) -> the closing line. What the
+# steps share lives in one RunState.
+
+@dataclass
+class RunState:
+    """What a training run holds between its steps (made by setup())."""
+    cfg: TrainConfig
+    dataset: object                   # gpt.data.CharDataset
+    model: object                     # the GPT (tinytensor.nn.Module), on `device`
+    optimizer: AdamW
+    device: str
+    start: int                        # the first step to take (the checkpoint's step on resume)
+    best_val: float                   # the best validation loss so far (inf: none yet)
+    last_saved: Optional[int]         # the step of the last checkpoint (None: none written yet)
+    main: bool                        # rank 0: prints, logs and writes the files
+    metrics: Optional[Metrics] = None  # metrics.jsonl and the loss history (rank 0 only)
+    bar: object = None                # the tqdm progress bar on a terminal (rank 0), else None
+    t_log: float = 0.0                # time.perf_counter() at the last train log line
+    steps_since_log: int = 0          # optimizer steps since then
+
+    @property
+    def ckpt_path(self):
+        return os.path.join(self.cfg.out_dir, "ckpt.npz")
+
+    @property
+    def best_path(self):
+        return os.path.join(self.cfg.out_dir, "best.npz")
+
+
+def setup(cfg, ckpt):
+    """Build everything (restored from ckpt when resuming), make every rank start from rank 0's
+    weights, print the run's header and open metrics.jsonl (rank 0)."""
+    dataset, model, optimizer, device = build(cfg, ckpt)
+    start = int(ckpt[0]["step"]) if ckpt else 0
+    best_val = ckpt[0].get("best_val_loss", math.inf) if ckpt else math.inf
+    if start > cfg.max_iters:
+        raise ConfigError(f"max_iters ({cfg.max_iters}) is below the checkpoint's step ({start}); "
+                          f"pass --max_iters {start} or more")
+    dist.broadcast_parameters(model)
+    dist.check_consistent(cfg.to_dict(), list(model.parameters()))
+    state = RunState(cfg=cfg, dataset=dataset, model=model, optimizer=optimizer, device=device,
+                     start=start, best_val=math.inf if best_val is None else best_val,
+                     last_saved=start if ckpt else None, main=dist.is_main())
+    if state.main:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        print("config:\n" + format_config(cfg), flush=True)
+        print(f"data: {cfg.data or 'tiny Shakespeare'}: {len(dataset.data):,} tokens "
+              f"({len(dataset.train):,} train, {len(dataset.val):,} val), "
+              f"vocab {dataset.tokenizer.vocab_size}")
+        print(f"model: {cfg.model}, {model.num_parameters():,} parameters, device {device}, "
+              f"{dist.world_size()} process(es)")
+        if ckpt:
+            print(f"resuming from {state.ckpt_path} at step {start}")
+        elif os.path.exists(state.ckpt_path):
+            print(f"note: starting afresh; {state.ckpt_path} will be overwritten at the first "
+                  f"evaluation (pass --resume to continue it)")
+        state.metrics = Metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), start if ckpt else None)
+    return state
+
+
+def train_step(state, step):
+    """One optimizer step on the global batch of `step`: this rank's rows forward and backward,
+    gradients averaged over the ranks, clipped, AdamW. Returns (the loss averaged over the
+    ranks, the learning rate used)."""
+    cfg, model, optimizer = state.cfg, state.model, state.optimizer
+    lr = get_lr(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    x, y = state.dataset.get_batch("train", cfg.batch_size, cfg.block_size,
+                                   stream(cfg.seed, TRAIN_STREAM, step))
+    x = backend.to_device(local_slice(x, cfg.batch_size), state.device)
+    y = backend.to_device(local_slice(y, cfg.batch_size), state.device)
+    seed_dropout(cfg.seed, step, dist.rank())
+    _, loss = model(x, y)
+    optimizer.zero_grad()
+    loss.backward()                               # into the optimizer's flat gradient buffer
+    dist.allreduce_gradients(optimizer.flat)      # that buffer, averaged over the ranks
+    if cfg.grad_clip > 0:
+        clip_grad_norm_(list(model.parameters()), cfg.grad_clip)
+    # the mean over ranks is non-finite when any rank's loss is: every rank stops alike
+    step_loss = float(dist.allreduce_mean(loss.item()))
+    if not math.isfinite(step_loss):
+        raise TrainingError(nonfinite_message(state, step, "training loss"))
+    optimizer.step()
+    return step_loss, lr
+
+
+def evaluate(state, step):
+    """estimate_loss on both splits; rank 0 logs it and writes the checkpoints and the plot."""
+    losses = estimate_loss(state.model, state.dataset, state.cfg, step, state.device)
+    if state.main:
+        say(state, f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+    if not (math.isfinite(losses["train"]) and math.isfinite(losses["val"])):
+        raise TrainingError(nonfinite_message(state, step, "evaluation loss"))
+    if state.main:
+        state.metrics.write({"step": step, "train_loss": losses["train"], "val_loss": losses["val"]})
+        save_checkpoints(state, step, losses)
+        plot_losses(state.metrics, os.path.join(state.cfg.out_dir, "loss.png"))
+    state.last_saved = step
+
+
+def save_checkpoints(state, step, losses):
+    """best.npz when the validation loss improved, then ckpt.npz (with the optimizer)."""
+    if losses["val"] < state.best_val:
+        state.best_val = losses["val"]
+        save_checkpoint(state.best_path, checkpoint_meta(state, step, losses), state.model)
+    save_checkpoint(state.ckpt_path, checkpoint_meta(state, step, losses), state.model,
+                    state.optimizer)
+
+
+def checkpoint_meta(state, step, losses):
+    cfg = state.cfg
+    return {"step": step, "config": cfg.to_dict(), "tokenizer": state.dataset.tokenizer.to_json(),
+            "train_loss": losses["train"], "val_loss": losses["val"],
+            "best_val_loss": state.best_val, "world_size": dist.world_size(),
+            "rng": {"seed": cfg.seed, "next_step": step,
+                    "streams": "train batch (seed, 0, step); eval batch k of split s "
+                               "(seed, 1, step, s, k); dropout (seed, 2, step, rank)"}}
+
+
+def nonfinite_message(state, step, what):
+    kept = (f"the last good checkpoint {state.ckpt_path} (step {state.last_saved}) is kept"
+            if state.last_saved is not None else "no checkpoint was written")
+    return (f"non-finite {what} at step {step}: training stopped; {kept}; "
+            f"try a lower learning_rate (now {state.cfg.learning_rate:g}) or --grad_clip 1.0")
+
+
+def log_step(state, step, step_loss, lr):
+    """Advance the progress bar; every log_interval steps (and at the last) a metrics row and a
+    log line (or the bar's postfix) with the mean time per step since the last one."""
+    cfg = state.cfg
+    state.steps_since_log += 1
+    if state.bar is not None:
+        state.bar.update(1)
+    if not (step % cfg.log_interval == 0 or step + 1 == cfg.max_iters):
+        return
+    backend.synchronize()
+    now = time.perf_counter()
+    ms = 1000.0 * (now - state.t_log) / state.steps_since_log
+    tokens_per_s = cfg.batch_size * cfg.block_size / (ms / 1000.0)
+    state.t_log, state.steps_since_log = now, 0
+    if not state.main:
+        return
+    state.metrics.write({"step": step, "loss": step_loss, "lr": lr, "ms": ms,
+                         "tokens_per_s": tokens_per_s})
+    if state.bar is not None:
+        state.bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+    else:
+        eta = (cfg.max_iters - step - 1) * ms / 1000.0
+        print(f"iter {step}: loss {step_loss:.4f}, lr {lr:.2e}, {ms:.1f} ms/step, "
+              f"{tokens_per_s:,.0f} tokens/s, eta {format_eta(eta)}", flush=True)
+
+
+def say(state, line):
+    """A line of the log, above the progress bar when there is one."""
+    (state.bar.write if state.bar is not None else print)(line)
+    sys.stdout.flush()
+
+
+def progress_bar(state):
+    """A tqdm bar on rank 0 when stdout is a terminal, else None."""
+    if not (state.main and sys.stdout.isatty()):
+        return None
+    from tqdm import tqdm
+    sized = terminal_columns() > 0  # a bare pty reports 0 x 0: tqdm would draw nothing
+    return tqdm(total=state.cfg.max_iters, initial=state.start, unit="step", file=sys.stdout,
+                dynamic_ncols=sized, ncols=None if sized else 100, nrows=None if sized else 24)
+
+
+def train(state):
+    """The loop: evaluate every eval_interval steps (not twice at a step just checkpointed),
+    a train_step and its log each step, and a last evaluation at max_iters."""
+    cfg = state.cfg
+    state.model.train()
+    state.t_log, state.steps_since_log = time.perf_counter(), 0
+    # non-finite values are caught by the loss checks, not by NumPy's warnings
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        for step in range(state.start, cfg.max_iters):
+            if step % cfg.eval_interval == 0 and step != state.last_saved:
+                evaluate(state, step)
+                state.t_log, state.steps_since_log = time.perf_counter(), 0  # not step time
+            step_loss, lr = train_step(state, step)
+            log_step(state, step, step_loss, lr)
+        evaluate(state, cfg.max_iters)
+
 
 def run(argv):
     if any(a in ("-h", "--help") for a in argv):
@@ -261,139 +445,22 @@ def run(argv):
                 preset = None  # the help is still wanted: show the default preset's
             print(usage(preset))
         return 0
+    tt.malloc.keep_freed_memory()  # reuse freed temporaries (TT_MALLOC_TUNING=0: leave malloc be)
     cfg, ckpt = resolve_config(argv)
-    dataset, model, optimizer, device = build(cfg, ckpt)
-    main = dist.is_main()
-    start = int(ckpt[0]["step"]) if ckpt else 0
-    best_val = ckpt[0].get("best_val_loss", math.inf) if ckpt else math.inf
-    best_val = math.inf if best_val is None else best_val
-    if start > cfg.max_iters:
-        raise ConfigError(f"max_iters ({cfg.max_iters}) is below the checkpoint's step ({start}); "
-                          f"pass --max_iters {start} or more")
-
-    params = list(model.parameters())
-    dist.broadcast_parameters(model)
-    dist.check_consistent(cfg.to_dict(), params)
-
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.npz")
-    best_path = os.path.join(cfg.out_dir, "best.npz")
-    metrics = None
-    if main:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        print("config:\n" + format_config(cfg), flush=True)
-        print(f"data: {cfg.data or 'tiny Shakespeare'}: {len(dataset.data):,} tokens "
-              f"({len(dataset.train):,} train, {len(dataset.val):,} val), "
-              f"vocab {dataset.tokenizer.vocab_size}")
-        print(f"model: {cfg.model}, {model.num_parameters():,} parameters, device {device}, "
-              f"{dist.world_size()} process(es)")
-        if ckpt:
-            print(f"resuming from {ckpt_path} at step {start}")
-        elif os.path.exists(ckpt_path):
-            print(f"note: starting afresh; {ckpt_path} will be overwritten at the first evaluation "
-                  f"(pass --resume to continue it)")
-        metrics = Metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), start if ckpt else None)
-    if start == cfg.max_iters:
-        if main:
-            print(f"nothing to do: the checkpoint is already at step {start}; raise --max_iters to go on")
+    state = setup(cfg, ckpt)
+    if state.start == cfg.max_iters:
+        if state.main:
+            print(f"nothing to do: the checkpoint is already at step {state.start}; "
+                  f"raise --max_iters to go on")
         return 0
-
-    last_saved = {"step": start if ckpt else None}
-    tokenizer_json = dataset.tokenizer.to_json()
-
-    def meta(step, losses):
-        return {"step": step, "config": cfg.to_dict(), "tokenizer": tokenizer_json,
-                "train_loss": losses["train"], "val_loss": losses["val"], "best_val_loss": best_val,
-                "world_size": dist.world_size(),
-                "rng": {"seed": cfg.seed, "next_step": step,
-                        "streams": "train batch (seed, 0, step); eval batch k of split s "
-                                   "(seed, 1, step, s, k); dropout (seed, 2, step, rank)"}}
-
-    def evaluate(step):
-        nonlocal best_val
-        losses = estimate_loss(model, dataset, cfg, step, device)
-        if main:
-            say(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-        if not (math.isfinite(losses["train"]) and math.isfinite(losses["val"])):
-            raise TrainingError(nonfinite_message(step, "evaluation loss"))
-        if main:
-            metrics.write({"step": step, "train_loss": losses["train"], "val_loss": losses["val"]})
-            if losses["val"] < best_val:
-                best_val = losses["val"]
-                save_checkpoint(best_path, meta(step, losses), model)
-            save_checkpoint(ckpt_path, meta(step, losses), model, optimizer)
-            plot_losses(metrics, os.path.join(cfg.out_dir, "loss.png"))
-        last_saved["step"] = step
-
-    def nonfinite_message(step, what):
-        kept = (f"the last good checkpoint {ckpt_path} (step {last_saved['step']}) is kept"
-                if last_saved["step"] is not None else "no checkpoint was written")
-        return (f"non-finite {what} at step {step}: training stopped; {kept}; "
-                f"try a lower learning_rate (now {cfg.learning_rate:g}) or --grad_clip 1.0")
-
-    bar = None
-    if main and sys.stdout.isatty():
-        from tqdm import tqdm
-        sized = terminal_columns() > 0  # a bare pty reports 0 x 0: tqdm would draw nothing
-        bar = tqdm(total=cfg.max_iters, initial=start, unit="step", file=sys.stdout,
-                   dynamic_ncols=sized, ncols=None if sized else 100, nrows=None if sized else 24)
-
-    def say(line):
-        (bar.write if bar is not None else print)(line)
-        sys.stdout.flush()
-
-    tokens_per_step = cfg.batch_size * cfg.block_size
-    model.train()
-    t_log, steps_since_log = time.perf_counter(), 0
-    # non-finite values are caught by the loss check below, not by NumPy's warnings
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        for step in range(start, cfg.max_iters):
-            if step % cfg.eval_interval == 0 and step != last_saved["step"]:
-                evaluate(step)
-                t_log, steps_since_log = time.perf_counter(), 0  # evaluation is not step time
-            lr = get_lr(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x, y = dataset.get_batch("train", cfg.batch_size, cfg.block_size,
-                                     stream(cfg.seed, TRAIN_STREAM, step))
-            x = backend.to_device(local_slice(x, cfg.batch_size), device)
-            y = backend.to_device(local_slice(y, cfg.batch_size), device)
-            seed_dropout(cfg.seed, step, dist.rank())
-            _, loss = model(x, y)
-            optimizer.zero_grad()
-            loss.backward()
-            dist.allreduce_gradients(params)
-            if cfg.grad_clip > 0:
-                clip_grad_norm_(params, cfg.grad_clip)
-            # the mean over ranks is non-finite when any rank's loss is: every rank stops alike
-            step_loss = float(dist.allreduce_mean(loss.item()))
-            if not math.isfinite(step_loss):
-                raise TrainingError(nonfinite_message(step, "training loss"))
-            optimizer.step()
-            steps_since_log += 1
-
-            if bar is not None:
-                bar.update(1)
-            if step % cfg.log_interval == 0 or step + 1 == cfg.max_iters:
-                backend.synchronize()
-                now = time.perf_counter()
-                ms = 1000.0 * (now - t_log) / steps_since_log
-                tokens_per_s = tokens_per_step / (ms / 1000.0)
-                t_log, steps_since_log = now, 0
-                if main:
-                    metrics.write({"step": step, "loss": step_loss, "lr": lr, "ms": ms,
-                                   "tokens_per_s": tokens_per_s})
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
-                    else:
-                        eta = (cfg.max_iters - step - 1) * ms / 1000.0
-                        print(f"iter {step}: loss {step_loss:.4f}, lr {lr:.2e}, {ms:.1f} ms/step, "
-                              f"{tokens_per_s:,.0f} tokens/s, eta {format_eta(eta)}", flush=True)
-        evaluate(cfg.max_iters)
-    if bar is not None:
-        bar.close()
-    if main:
-        print(f"done: {cfg.max_iters} steps; best val loss {best_val:.4f}; wrote {ckpt_path}, "
-              f"{best_path}, {os.path.join(cfg.out_dir, 'metrics.jsonl')}, "
+    state.bar = progress_bar(state)
+    train(state)
+    if state.bar is not None:
+        state.bar.close()
+    if state.main:
+        print(f"done: {cfg.max_iters} steps; best val loss {state.best_val:.4f}; wrote "
+              f"{state.ckpt_path}, {state.best_path}, "
+              f"{os.path.join(cfg.out_dir, 'metrics.jsonl')}, "
               f"{os.path.join(cfg.out_dir, 'loss.png')}")
     return 0
 
@@ -412,10 +479,19 @@ def format_eta(seconds):
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
-def fail(message, code):
-    """One line on stderr (from rank 0 only under MPI: every rank hits the same error)."""
+def fail(message, code, every_rank=True):
+    """One line on stderr; returns code, the exit status.
+
+    every_rank: every rank hits this same error (a bad config, a non-finite loss), so each
+    returns and rank 0 alone prints it. Otherwise (an OSError: rank 0 alone writes the files)
+    under MPI this rank prints it and ends every rank through dist.abort, so that no rank is
+    left waiting in its next collective.
+    """
+    line = "error: " + " ".join(str(message).split("\n"))
+    if not every_rank and dist.world_size() > 1:
+        dist.abort(line, code)
     if dist.world_size() == 1 or dist.is_main():
-        print("error: " + " ".join(str(message).split("\n")), file=sys.stderr, flush=True)
+        print(line, file=sys.stderr, flush=True)
     return code
 
 
@@ -430,7 +506,8 @@ def main(argv=None):
     except (DataError, CheckpointError, TrainingError) as e:
         return fail(e, 1)
     except OSError as e:  # e.g. out_dir not writable, disk full
-        return fail(f"{e.strerror or e}: {e.filename}" if e.filename else e, 1)
+        message = f"{e.strerror or e}: {e.filename}" if e.filename else e
+        return fail(message, 1, every_rank=False)  # rank 0 alone writes: end every rank
     except KeyboardInterrupt:
         return fail("interrupted; the last checkpoint in out_dir is intact (continue with --resume)", 130)
 

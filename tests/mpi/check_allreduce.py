@@ -2,11 +2,14 @@
 
     mpirun -n 2 python tests/mpi/check_allreduce.py [--bucket_mb MB]
 
-Every rank can regenerate every other rank's gradients from the seeds, so each rank checks its
-result against the mean computed with NumPy in float64. Some gradients are None on some ranks
-(counted as zeros), one is None on every rank (must stay None). Three rounds: fresh gradients,
-gradients accumulated in place into the previous result (p.grad += ...), and fresh gradients
-with another None pattern (buckets are reused; nothing stale may leak). Exits 0 and prints OK
+The parameters (float32 and float64) are kept in two FlatParameters, one per dtype, each
+handed to allreduce_gradients. Every rank can regenerate every other rank's gradients from the
+seeds, so each rank checks its result against the mean computed with NumPy in float64. Some
+gradients are None on some ranks (counted as zeros), one is None on every rank (must stay
+None). The gradients are set by hand as separate arrays (copied into the flat buffers). Three
+rounds: fresh gradients, gradients accumulated in place into the previous result
+(p.grad += ...), and fresh gradients with another None pattern (the buffers are reused;
+nothing stale may leak). Exits 0 and prints OK with the number of Allreduce calls per round
 on rank 0 only when every check passes on every rank.
 
 --fake_gpu: the same with "GPU" arrays of the cupy stand-in in fake_gpu.py (3 pretend devices),
@@ -22,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from tinytensor import Tensor, distributed as dist  # noqa: E402
+from tinytensor.flat import FlatParameters  # noqa: E402
 
 SHAPES = [((3, 4), np.float32), ((5,), np.float32), ((2, 3, 2), np.float64), ((7,), np.float32),
           ((4, 4), np.float32), ((1,), np.float32), ((6, 2), np.float64), ((300,), np.float32)]
@@ -89,25 +93,31 @@ def main():
     dist.init()
     r, n = dist.rank(), dist.world_size()
     params = [Tensor(on_device(np.full(s, r, t)), requires_grad=True) for s, t in SHAPES]
+    flats = [FlatParameters([p for p in params if p.dtype == t]) for t in (np.float32, np.float64)]
+
+    def allreduce():
+        for flat in flats:
+            dist.allreduce_gradients(flat, bucket_mb=args.bucket_mb)
     if args.fake_gpu:
         assert fake_gpu.FakeCupy.device == dist._local_rank % 3, "wrong GPU for this rank"
         dist.broadcast_parameters(params)
         assert all(p.device == "cuda" and np.all(p.data == 0) for p in params), "broadcast"
+        assert all(type(f.grad) is fake_gpu.FakeGpuArray for f in flats), "flat buffers on the GPU"
         mean = dist.allreduce_mean(on_device(np.array([r, 1.0])))
         assert isinstance(mean, fake_gpu.FakeGpuArray) and np.allclose(mean, [(n - 1) / 2, 1])
 
     for p, g in zip(params, grads_of(r, 0)):
         p.grad = None if g is None else on_device(g)
-    dist.allreduce_gradients(params, bucket_mb=args.bucket_mb)
+    allreduce()
     want = expected_mean(n, 0)
     check(params, want, "round 1")
     same_on_all_ranks(params, "round 1")
 
-    # round 2: accumulate into the result in place (p.grad is a view into a bucket when n > 1)
+    # round 2: accumulate into the result in place (p.grad is a view of a flat buffer when n > 1)
     for p, e in zip(params, extras_of(r)):
         if p.grad is not None:
             p.grad += e
-    dist.allreduce_gradients(params, bucket_mb=args.bucket_mb)
+    allreduce()
     want = [None if w is None else w + sum(extras_of(k)[i].astype(np.float64) for k in range(n)) / n
             for i, w in enumerate(want)]
     check(params, want, "round 2 (accumulated in place)")
@@ -115,13 +125,14 @@ def main():
 
     for p, g in zip(params, grads_of(r, 2)):
         p.grad = None if g is None else on_device(g)
-    dist.allreduce_gradients(params, bucket_mb=args.bucket_mb)
+    allreduce()
     check(params, expected_mean(n, 2), "round 3 (another None pattern)")
     same_on_all_ranks(params, "round 3")
 
-    buckets = len(dist._buckets_for(params, args.bucket_mb)) if n > 1 else 0
+    calls = sum(len(dist._chunks(f.grad_and_flags.size, f.grad_and_flags.itemsize, args.bucket_mb))
+                for f in flats) if n > 1 else 0
     if r == 0:
-        print(f"OK ranks={n} buckets={buckets}{' fake GPU' if args.fake_gpu else ''}", flush=True)
+        print(f"OK ranks={n} calls={calls}{' fake GPU' if args.fake_gpu else ''}", flush=True)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ The flat buffer itself is summed in place: checked against a NumPy mean (None gr
 as zeros and one parameter has none on any rank), with gradients written into the buffer as
 backward writes them, accumulated in place, and set by hand as separate arrays. Then a small
 model trained with AdamW for a few steps on each rank's half of a batch must equal the
-whole batch in one process. Prints OK on rank 0 when every check passes on every rank.
+whole batch in one process, and every step, the first included, must reduce the optimizer's
+flat gradient buffer in place. Prints OK on rank 0 when every check passes on every rank.
 """
 import argparse
 import os
@@ -53,20 +54,25 @@ def check(params, flat, want, what):
 
 def train(data, rank, ranks, lr=0.05):
     """A small MLP trained with AdamW on the batches in data; rank `rank` of `ranks` takes its
-    share of every batch and the gradients are averaged over the ranks (from the second step
-    on, in AdamW's flat buffer: it is built at the first step)."""
+    share of every batch and the gradients are averaged over the ranks in AdamW's flat buffer,
+    built with the optimizer: the same buffer, reduced in place, at every step from the first."""
     tt.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     opt = tt.optim.AdamW(model.parameters(), lr=lr)
-    for x, y in data:
+    flat = opt.flat
+    assert flat is not None and all(p.data is v for p, v in zip(flat.params, flat.data_views))
+    for step, (x, y) in enumerate(data):
         part = slice(rank * len(x) // ranks, (rank + 1) * len(x) // ranks)
         opt.zero_grad()
         F.cross_entropy(model(Tensor(x[part])), y[part]).backward()
+        assert flat.grads_in_place(), f"step {step}: backward wrote outside the flat buffer"
         if ranks > 1:
-            dist.allreduce_gradients(list(model.parameters()))
+            before = flat.grad.copy()
+            dist.allreduce_gradients(opt.flat)
+            assert flat.grads_in_place(), f"step {step}: the gradients left the flat buffer"
+            assert not np.array_equal(before, flat.grad), f"step {step}: flat.grad not reduced"
         opt.step()
-    flat = opt._flat  # built at the first step; afterwards the gradients live in it
-    assert flat is not None and all(p.grad is v for p, v in zip(flat.params, flat.grad_views))
+        assert opt.flat is flat
     return np.concatenate([p.data.ravel() for p in model.parameters()])
 
 
@@ -85,19 +91,19 @@ def main():
         else:
             view[...] = g
             p.grad = view
-    dist.allreduce_gradients(params, bucket_mb=args.bucket_mb)
+    dist.allreduce_gradients(flat, bucket_mb=args.bucket_mb)
     check(params, flat, expected(n, 0), "round 1")
 
     for p in params:  # accumulate into the result in place
         if p.grad is not None:
             p.grad += 1.0
-    dist.allreduce_gradients(params, bucket_mb=args.bucket_mb)
+    dist.allreduce_gradients(flat, bucket_mb=args.bucket_mb)
     want = [None if w is None else w + 1.0 for w in expected(n, 0)]
     check(params, flat, want, "round 2 (accumulated in place)")
 
     for p, g in zip(params, grads_of(r, 2)):  # separate arrays, set by hand
         p.grad = g
-    dist.allreduce_gradients(params, bucket_mb=args.bucket_mb)
+    dist.allreduce_gradients(flat, bucket_mb=args.bucket_mb)
     check(params, flat, expected(n, 2), "round 3 (arrays set by hand)")
 
     rng = np.random.default_rng(7)

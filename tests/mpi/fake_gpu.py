@@ -61,6 +61,9 @@ class FakeCupy(types.ModuleType):
     def zeros(self, shape, dtype=float):
         return np.zeros(shape, dtype).view(FakeGpuArray)
 
+    def empty(self, shape, dtype=float):
+        return np.empty(shape, dtype).view(FakeGpuArray)
+
     def divide(self, a, b, out=None):
         FakeCupy.synchronized = False  # new GPU work is queued
         return np.divide(a, b, out=out)

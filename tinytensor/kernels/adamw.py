@@ -1,4 +1,5 @@
-"""One AdamW step over a flat parameter buffer, in place, exactly torch.optim.AdamW's update:
+"""One AdamW step over arrays (a stretch of flat buffers, or one parameter's), in place,
+exactly torch.optim.AdamW's update:
 
     p  = p * (1 - lr * weight_decay)                  (decoupled weight decay)
     m  = m + (1 - beta1) * (g - m)                    (torch's lerp)
@@ -6,9 +7,10 @@
     p  = p - lr / (1 - beta1**step) * m / (sqrt(v) / sqrt(1 - beta2**step) + eps)
 
 p, g, m (exp_avg), v (exp_avg_sq) are arrays of one shape and dtype; `step` counts from 1
-(the step being taken). Updating the whole model in one call needs its parameters, gradients
-and moments laid out as views into flat buffers; parameter groups with different
-hyperparameters (no weight decay for biases, say) are contiguous slices, one call each.
+(the step being taken). This is AdamW's only copy of the update: optim.AdamW calls it on a
+stretch of its flat buffers (a whole parameter group, whose parameters, gradients and moments
+are views into them; groups with different hyperparameters are contiguous slices, one call
+each), or on one parameter's own arrays when a group cannot take the flat path.
 
 The kernel is one pass over memory: each element of p, m, v is read and written once and g
 read once, where the composed array expression makes a dozen passes.
