@@ -217,33 +217,28 @@ def _select(x, dim, keepdim, name):
     return values, Tensor(idx)
 
 
-def _no_elementwise(name, dim, keepdim):
+def _extreme(x, dim, keepdim, name):
+    """max or min: elementwise against a tensor `dim`, the whole tensor's, or along one dim."""
+    if isinstance(dim, (Tensor, np.ndarray)) or backend.is_cuda(dim):
+        return (maximum if name == "max" else minimum)(x, lift(dim, x))
     if dim is None and keepdim:
         raise TypeError(f"{name}(): keepdim=True needs a dim: {name}(x, dim, keepdim=True)")
+    if dim is None:
+        _check_reduced_nonempty(x, None, name)
+        return (Amax if name == "max" else Amin).apply(x, axis=None, keepdims=False)
+    return (_MaxResult if name == "max" else _MinResult)(*_select(x, dim, keepdim, name))
 
 
 def max(x, dim=None, keepdim=False):  # noqa: A001 - mirrors torch.max
     """Without dim: the largest element (0-d; tied maxima share the gradient). With an int dim:
     (values, indices) along it; the gradient goes to the first maximum's index only. With a
     Tensor in place of dim: the elementwise maximum (torch.max(input, other))."""
-    if isinstance(dim, (Tensor, np.ndarray)) or backend.is_cuda(dim):
-        return maximum(x, lift(dim, x))
-    _no_elementwise("max", dim, keepdim)
-    if dim is None:
-        _check_reduced_nonempty(x, None, "max")
-        return Amax.apply(x, axis=None, keepdims=False)
-    return _MaxResult(*_select(x, dim, keepdim, "max"))
+    return _extreme(x, dim, keepdim, "max")
 
 
 def min(x, dim=None, keepdim=False):  # noqa: A001 - mirrors torch.min
     """Like max, for the smallest element."""
-    if isinstance(dim, (Tensor, np.ndarray)) or backend.is_cuda(dim):
-        return minimum(x, lift(dim, x))
-    _no_elementwise("min", dim, keepdim)
-    if dim is None:
-        _check_reduced_nonempty(x, None, "min")
-        return Amin.apply(x, axis=None, keepdims=False)
-    return _MinResult(*_select(x, dim, keepdim, "min"))
+    return _extreme(x, dim, keepdim, "min")
 
 
 def _arg(x, dim, keepdim, name):
