@@ -91,7 +91,6 @@ def tinytensor_ops(cfg):
     import tinytensor as tt
     import tinytensor.nn.functional as F
     from gpt.model import GPTConfig, GPTLanguageModel
-    from tinytensor import fused
     from tinytensor.optim import AdamW
     tt.malloc.keep_freed_memory()  # as train.py does
     B, T, C, nh = cfg["batch_size"], cfg["block_size"], cfg["n_embd"], cfg["n_head"]
@@ -104,6 +103,12 @@ def tinytensor_ops(cfg):
 
     def leaf(*shape, scale=1.0):
         return tt.Tensor(arr(*shape, scale=scale), requires_grad=True)
+
+    def attention(qkv):  # as gpt.model.CausalSelfAttention: split, heads, SDPA, heads side by side
+        q, k, v = qkv.split(C, dim=2)                                  # each (B, T, C)
+        q, k, v = (a.view(B, T, nh, C // nh).transpose(1, 2) for a in (q, k, v))  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p_att, is_causal=True)
+        return y.transpose(1, 2).contiguous().view(B, T, C)            # (B, T, C)
 
     def make(name):
         if name == "adamw":
@@ -130,10 +135,10 @@ def tinytensor_ops(cfg):
                 "linear qkv": lambda: ([leaf(B, T, C), leaf(3 * C, C, scale=0.02)], 3 * C,
                                        lambda x, w: F.linear(x, w)),
                 "linear+relu": lambda: ([leaf(B, T, C), leaf(4 * C, C, scale=0.02), leaf(4 * C, scale=0.02)],
-                                        4 * C, fused.linear_relu),
+                                        4 * C, F.linear_relu),
                 "linear fc2": lambda: ([leaf(B, T, 4 * C), leaf(C, 4 * C, scale=0.02), leaf(C, scale=0.02)],
                                        C, F.linear),
-                "attention": lambda: ([leaf(B, T, 3 * C)], C, lambda q: fused.causal_attention(q, nh, p_att)),
+                "attention": lambda: ([leaf(B, T, 3 * C)], C, attention),
                 "layer_norm": lambda: ([leaf(B, T, C), leaf(C), leaf(C)], C,
                                        lambda x, w, b: F.layer_norm(x, C, w, b)),
                 "dropout": lambda: ([leaf(B, T, C)], C, lambda x: F.dropout(x, p_drop)),
