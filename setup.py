@@ -7,7 +7,7 @@ setup(
                 "Karpathy's 'Let's build GPT' lecture, checked against PyTorch",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=["tinytensor", "tinytensor.nn", "tinytensor.kernels", "gpt"],
+    packages=["tinytensor", "tinytensor.ops", "tinytensor.nn", "tinytensor.kernels", "gpt"],
     python_requires=">=3.10",
     install_requires=["numpy>=1.24", "tqdm", "matplotlib", "threadpoolctl"],
     extras_require={

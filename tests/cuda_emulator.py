@@ -6,7 +6,9 @@ runs it with one OS thread per CUDA thread: `__syncthreads()` is a barrier over 
 `__shfl_xor_sync` exchanges values through a barrier over the warp, blocks run one after
 another. Put it in `backend.cp` and the dispatching functions take their CUDA path end to
 end — argument marshalling, launch shapes, indexing, reductions — checked against the NumPy
-references without a GPU.
+references without a GPU. `fake_cupy(numpy_fallback=True)` also answers every other cupy
+name with NumPy's, so the fused ops' CuPy branches run whole (kernels emulated, array
+expressions in NumPy) and can be checked against their NumPy branches.
 
 Stricter than a GPU in two ways, to catch bugs a GPU would hide: every kernel argument must
 have exactly the C++ parameter's type (a float64 scalar for a `float` parameter is an error,
@@ -17,6 +19,7 @@ memory-ordering races between blocks (blocks never run concurrently here), speed
 Needs g++ with C++20 (<barrier>). Compiled libraries are cached in the temp directory.
 """
 import ctypes
+import functools
 import hashlib
 import os
 import subprocess
@@ -265,8 +268,13 @@ class _RawModule:
         return EmulatedKernel(lib, index[expression], expression)
 
 
-def fake_cupy():
-    """A module with the small part of cupy's API the kernels use, on emulated kernels."""
+def fake_cupy(numpy_fallback=False):
+    """A module with the small part of cupy's API the kernels use, on emulated kernels.
+
+    numpy_fallback=True: any other name is NumPy's, returning device arrays, so that whole
+    ops (tinytensor's CuPy branches: array expressions around the kernel calls) run on the
+    "device" too. Leave it off to check that the kernels' own code needs nothing more.
+    """
     m = types.ModuleType("fake_cupy")
     m.ndarray = FakeCudaArray
     m.RawModule = _RawModule
@@ -277,7 +285,23 @@ def fake_cupy():
     m.empty_like = lambda a: _dev(np.empty_like(a))
     m.zeros = lambda shape, dtype=float: _dev(np.zeros(shape, dtype))
     m.full = lambda shape, value, dtype=None: _dev(np.full(shape, value, dtype))
+    if numpy_fallback:
+        m.__getattr__ = _numpy_on_device  # module __getattr__ (PEP 562): names not set above
     return m
+
+
+def _numpy_on_device(name):
+    """NumPy's `name` for the fake module: functions return their arrays as device arrays
+    (ufuncs already keep the device-array subclass of their inputs); the rest as it is."""
+    obj = getattr(np, name)
+    if isinstance(obj, (np.ufunc, type)) or not callable(obj):
+        return obj
+
+    @functools.wraps(obj)
+    def on_device(*args, **kwargs):
+        out = obj(*args, **kwargs)
+        return _dev(out) if type(out) is np.ndarray else out
+    return on_device
 
 
 def available():

@@ -9,7 +9,7 @@ import tinytensor.fused as fused
 import tinytensor.nn.functional as F
 from tinytensor import backend
 from tinytensor.gradcheck import gradcheck
-from tinytensor.ops import causal_softmax
+from tinytensor.fused import causal_softmax
 from torch_helper import check, dtypes, randn
 
 # float64 results agree to rounding; float32 ones to a few ulps of the largest value

@@ -11,7 +11,7 @@ from gpt import MODELS, CharDataset, GPTConfig, GPTLanguageModel, KVCache, build
 from gpt.model import BigramLanguageModel
 from tinytensor import backend
 from tinytensor.gradcheck import gradcheck
-from tinytensor.ops import causal_softmax
+from tinytensor.fused import causal_softmax
 from torch_helper import check, rel_err
 
 TINY = GPTConfig(vocab_size=11, block_size=8, n_embd=16, n_head=4, n_layer=2, dropout=0.0)

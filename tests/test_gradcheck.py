@@ -1,13 +1,14 @@
 """Float64 central-difference gradient checks (tinytensor.gradcheck) for every primitive Function.
 
 test_every_primitive_is_gradchecked walks the graph of every case below and fails when a
-Function subclass of tinytensor.ops, tinytensor.nn.functional or tinytensor.fused (the fused
-ops) is not exercised by any case: a new primitive needs a line here (and one in test_ops.py
-against PyTorch).
+Function subclass of tinytensor.ops (any of its modules), tinytensor.nn.functional or
+tinytensor.fused (the fused ops) is not exercised by any case: a new primitive needs a line
+here (and one in test_ops.py against PyTorch).
 """
 import importlib
 import inspect
 import math
+import pkgutil
 
 import numpy as np
 import pytest
@@ -129,9 +130,9 @@ CASES = {
     "layer_norm_plain": (lambda x: F.layer_norm(x, (4,)), randn(3, 4)),
     "layer_norm_2d": (lambda x, w, b: F.layer_norm(x, (2, 3), w, b, eps=1e-3), randn(2, 2, 3),
                       randn(2, 3, seed=1), randn(2, 3, seed=2)),
-    "causal_softmax": (lambda a: ops.causal_softmax(a, scale=0.7), randn(2, 4, 4)),
-    "causal_softmax_tail": (lambda a: ops.causal_softmax(a, 0.5), randn(3, 2, 5)),  # last 2 of 5 positions
-    "causal_softmax_step": (lambda a: ops.causal_softmax(a), randn(2, 1, 3)),       # one generation step
+    "causal_softmax": (lambda a: fused.causal_softmax(a, scale=0.7), randn(2, 4, 4)),
+    "causal_softmax_tail": (lambda a: fused.causal_softmax(a, 0.5), randn(3, 2, 5)),  # last 2 of 5 positions
+    "causal_softmax_step": (lambda a: fused.causal_softmax(a), randn(2, 1, 3)),       # one generation step
     **({} if fused is None else {
         "fused_causal_attention": (lambda qkv: fused.causal_attention(qkv, 2), randn(2, 3, 12)),
         "fused_causal_attention_chunked": (lambda qkv: _chunked_attention(qkv, 2), randn(1, 5, 6)),
@@ -210,8 +211,19 @@ def test_floor_divide_has_no_gradient_as_in_torch():
         y.backward()
 
 
-def test_every_primitive_is_gradchecked():
+def _op_modules():
+    """ops, F and fused, and every module of those that are packages (ops): a Function that
+    a module defines and its package does not re-export is still found."""
     modules = [m for m in (ops, F, fused) if m is not None]
+    for pkg in (ops, fused):
+        if pkg is not None and hasattr(pkg, "__path__"):
+            modules += [importlib.import_module(f"{pkg.__name__}.{info.name}")
+                        for info in pkgutil.iter_modules(pkg.__path__)]
+    return modules
+
+
+def test_every_primitive_is_gradchecked():
+    modules = _op_modules()
     primitives = {cls for mod in modules for _, cls in inspect.getmembers(mod, inspect.isclass)
                   if issubclass(cls, Function) and cls is not Function
                   and cls.__module__.startswith("tinytensor")}

@@ -20,7 +20,7 @@ import tinytensor as tt
 import tinytensor.nn.functional as F
 from tinytensor import backend, kernels as K
 import cuda_emulator as _emulator
-from tinytensor.ops import causal_softmax
+from tinytensor.fused import causal_softmax
 
 TOL = {np.float64: 1e-10, np.float32: 1e-5}
 DTYPES = [np.float64, np.float32]
@@ -583,6 +583,44 @@ def test_lecture_sized_kernels_match_ref(gpu):
     m, v = np.zeros_like(p), np.zeros_like(p)
     K.adamw_step_ref(p, g, m, v, 3e-4, 0.9, 0.999, 1e-8, 0.01, 1)
     check("adamw p", P, p, np.float32)
+
+
+def test_causal_softmax_kernel_writes_in_place(kernel_device):
+    """out= may be the input itself (the attention's softmax runs in place); a wrong out is an
+    error."""
+    put = kernel_device.put
+    s, gy = rng_arrays(46, np.float32, (2, 3, 4, 9), (2, 3, 4, 9))
+    y_ref = K.causal_softmax_forward_ref(s, 0.5)
+    gs_ref = K.causal_softmax_backward_ref(y_ref, gy, 0.5)
+    buf, g = put(s), put(gy)
+    assert K.causal_softmax_forward(buf, 0.5, out=buf) is buf
+    check("y in place", buf, y_ref, np.float32)
+    assert K.causal_softmax_backward(buf, g, 0.5, out=g) is g
+    check("gs in place", g, gs_ref, np.float32)
+    with pytest.raises(ValueError, match="out= must be a C-contiguous"):
+        K.causal_softmax_forward(buf, 0.5, out=put(np.zeros((2, 3, 4, 8), np.float32)))
+
+
+def test_causal_softmax_ref_writes_in_place():
+    s, gy = rng_arrays(47, np.float64, (3, 5, 5), (3, 5, 5))
+    y_ref = K.causal_softmax_forward_ref(s, 0.7)
+    gs_ref = K.causal_softmax_backward_ref(y_ref, gy, 0.7)
+    assert K.causal_softmax_forward_ref(s, 0.7, out=s) is s
+    check("y in place", s, y_ref, np.float64)
+    assert K.causal_softmax_backward_ref(s, gy, 0.7, out=gy) is gy
+    check("gs in place", gy, gs_ref, np.float64)
+
+
+def test_bias_relu_dropout_kernel_keeps_nan_and_inf_as_the_ref(kernel_device):
+    """relu(NaN) is NaN and a dropped NaN or inf is NaN (NaN * 0), as in NumPy and torch."""
+    x = np.array([[np.nan, -np.inf, np.inf, -1.0, 2.0, np.nan]], np.float32)
+    b = np.zeros(6, np.float32)
+    keep = np.array([[True, True, True, True, True, False]])
+    for p, u in ((0.0, None), (0.5, keep)):
+        y = backend.to_numpy(K.bias_relu_dropout_forward(
+            kernel_device.put(x), kernel_device.put(b), p,
+            None if u is None else kernel_device.put(u)))
+        np.testing.assert_array_equal(y, K.bias_relu_dropout_forward_ref(x, b, p, u))
 
 
 # =========================================================== the CUDA sources compile

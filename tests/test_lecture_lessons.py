@@ -13,7 +13,7 @@ import numpy as np
 import tinytensor as tt
 from gpt import GPTConfig, GPTLanguageModel
 from tinytensor.nn import functional as F
-from tinytensor.ops import causal_softmax
+from tinytensor.fused import causal_softmax
 
 
 def test_three_ways_to_average_the_past_agree():

@@ -232,7 +232,7 @@ def torch_causal_softmax(a, scale):
 
 
 for shape, scale in [((2, 5, 5), 0.5), ((2, 3, 4, 4), 1.0), ((2, 2, 5), 0.3), ((3, 1, 4), 2.0)]:
-    add(pair("causal_softmax", lambda a, s=scale: tt.ops.causal_softmax(a, s),
+    add(pair("causal_softmax", lambda a, s=scale: tt.fused.causal_softmax(a, s),
              lambda a, s=scale: torch_causal_softmax(a, s), randn(*shape)))
 
 # ---------------------------------------------------------------- fused ops (tinytensor/fused.py)

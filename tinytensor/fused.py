@@ -1,28 +1,40 @@
-"""Fused operations for the GPT training step: a chain of primitives in one Function.
+"""Fused operations: a chain of primitives in one Function, for the GPT training step.
 
-Each op here computes what a short composition of ops.py primitives computes, in one forward
-and one backward, without the intermediate tensors, the copies that go with them and the
-engine's per-op work. They exist because the profile of a training step said so (see
+Each op here computes what a short composition of tinytensor.ops primitives computes, in one
+forward and one backward, without the intermediate tensors, the copies that go with them and
+the engine's per-op work. They exist because the profile of a training step said so (see
 benchmarks/); tests/test_fused.py checks each against the composition it replaces, against
 PyTorch and with float64 central differences.
 
+    dropout(x, p)                              inverted dropout with a bool mask (F.dropout)
+    causal_softmax(x, scale)                   softmax(scale * x) of attention scores
+                                                (..., Tq, Tk), the future masked
     causal_attention(qkv, n_head, dropout_p)   the attention of a GPT block, from its fused
                                                 q/k/v projection to the heads side by side
     causal_sdpa(q, k, v, dropout_p, scale)      the same from q, k, v (B, nh, T, hs):
                                                 F.scaled_dot_product_attention's fused path
     linear_relu(x, weight, bias)               relu(x @ weight.T + bias), the feed-forward's
                                                 first layer
-    dropout(x, p)                              inverted dropout with a bool mask (F.dropout)
+    LayerNorm                                  F.layer_norm
+    CrossEntropy                               F.cross_entropy
 
-Large inputs are split over threads by rows (parallel.py); the results do not depend on it.
+The causal softmax has one implementation, causal_softmax_() and causal_softmax_backward_()
+(in place), which both the standalone op and the attention's chunks call.
+
+On NumPy, large inputs are split over threads by rows (parallel.py); the results do not depend
+on it. On cupy float32/float64 arrays (kernels.handles) the ops run the CUDA kernels of
+tinytensor.kernels where one fits: causal softmax (CausalSoftmax, CausalAttention), layer norm,
+cross-entropy (integer targets, no label smoothing) and bias + ReLU (LinearReLU); the rest are
+CuPy array expressions. docs/gpu.md has the table.
 
 Shapes: B batch, T time, C = nh * hs channels, nh heads of size hs.
 """
 import numpy as np
 
-from . import backend, parallel
+from . import backend, kernels, parallel
 from . import random as _random
 from .ops import column_sums
+from .ops.normalization import _row_mean, _row_mean_grad
 from .tensor import Function
 
 # queries are processed in chunks of this many positions once T reaches 2 chunks: a chunk
@@ -34,6 +46,7 @@ def _xp(*a):
     return backend.get_array_module(*a)
 
 
+# ---------------------------------------------------------------- dropout
 def dropout_keep(shape, p, xp=np):
     """A bool array of `shape`: True (keep) with probability 1 - p, from the library's stream.
 
@@ -116,6 +129,7 @@ def dropout(x, p):
     return Dropout.apply(x, p=float(p))
 
 
+# ---------------------------------------------------------------- causal softmax and attention
 # softmax is shift-invariant, and the usual shift by each row's max only guards exp against
 # overflow and the row sum against underflow. Computing a row max over short rows costs NumPy
 # more than the exp itself, so on NumPy the shift is skipped when two cheap checks prove it
@@ -136,9 +150,17 @@ def _future_mask(tq, dtype, xp):
     return mask
 
 
-def _causal_softmax_(att):
-    """att (..., Tq, Tk) <- softmax(att) over the last axis, in place, for the last Tq of Tk
-    positions: query row i sits at position Tk - Tq + i and sees the keys up to it."""
+def causal_softmax_(att):
+    """att (..., Tq, Tk) <- its causal softmax over the last axis, in place, and returned.
+
+    The Tq query rows are the last Tq of Tk positions: row i sits at position Tk - Tq + i and
+    sees the keys up to it (Tq == Tk in training, Tq == 1 in a cached generation step).
+    Masked weights are exactly 0. Any scale must already be in att.
+    """
+    if att.size == 0:
+        return att
+    if kernels.handles(att) and att.flags.c_contiguous:  # CuPy: the CUDA kernel, over att
+        return kernels.causal_softmax_forward(att, 1.0, out=att)
     xp = _xp(att)
     tq, tk = att.shape[-2:]
     if tq > 1:  # the future lies in the last Tq columns, above their diagonal
@@ -150,6 +172,19 @@ def _causal_softmax_(att):
     return att
 
 
+def causal_softmax_backward_(g, y):
+    """g <- y * (g - sum(g * y, last axis)), in place, and returned: the gradient of the
+    scores from the gradient g of the weights y = causal_softmax_(scores). Masked entries
+    get 0."""
+    if g.size == 0:
+        return g
+    if kernels.handles(y) and g.dtype == y.dtype and g.flags.c_contiguous:  # the kernel, over g
+        return kernels.causal_softmax_backward(y, g, 1.0, out=g)
+    g -= _rowdot(g, y)
+    g *= y
+    return g
+
+
 def _shift_unneeded(att):
     """True when softmax may skip the row-max shift (see SOFTMAX_NO_SHIFT_MAX): on NumPy only
     (on a GPU the check would stop the step for a device-to-host copy), float32/float64 only
@@ -159,6 +194,34 @@ def _shift_unneeded(att):
     tq, tk = att.shape[-2:]
     own = np.diagonal(att[..., tk - tq:], axis1=-2, axis2=-1)         # (..., Tq) own-key scores
     return bool(att.max() <= SOFTMAX_NO_SHIFT_MAX and own.min() >= -SOFTMAX_NO_SHIFT_MAX)
+
+
+class CausalSoftmax(Function):
+    """Attention weights: softmax(scale * x) over the last axis with the future masked out.
+
+    x holds scores (..., Tq, Tk) of the last Tq of Tk positions: query i sits at position
+    Tk - Tq + i and sees keys 0 .. Tk - Tq + i (Tq == Tk in training; Tq == 1 in a cached
+    generation step, which sees every key). Equal to the composition
+    softmax((scale * x).masked_fill(future, -inf)) in one op: masked entries get weight 0 and
+    zero gradient, and no mask or scaled copy is kept for backward. It runs the same
+    causal_softmax_() and causal_softmax_backward_() as CausalAttention.
+    """
+
+    def forward(self, x, scale=1.0):
+        self.scale = x.dtype.type(scale)
+        self.y = causal_softmax_(x * self.scale)                    # a new array, then in place
+        return self.y
+
+    def backward(self, gy):
+        return causal_softmax_backward_(gy * self.scale, self.y)
+
+
+def causal_softmax(x, scale=1.0):
+    """softmax(scale * x, dim=-1) of attention scores x (..., Tq, Tk), future keys masked."""
+    if x.ndim < 2 or x.shape[-2] > x.shape[-1]:
+        raise ValueError(f"causal_softmax needs scores of shape (..., Tq, Tk) with Tq <= Tk, "
+                         f"got {x.shape}")
+    return CausalSoftmax.apply(x, scale=float(scale))
 
 
 class CausalAttention(Function):
@@ -201,7 +264,7 @@ class CausalAttention(Function):
             for (s, e), att in zip(self.chunks, self.att):
                 a = att[b0:b1]                                      # (b, nh, c, e) scores
                 _matmul_into(q_s[:, :, s:e], k[b0:b1, :, :e].transpose(0, 1, 3, 2), a)
-                _causal_softmax_(a)                                 # attention weights
+                causal_softmax_(a)                                  # attention weights
                 out = y_heads[b0:b1, :, s:e]                        # (b, nh, c, hs)
                 _matmul_into(self._kept(a, b0, b1, s, e), v[b0:b1, :, :e], out)
                 if self.keep is not None:
@@ -245,8 +308,7 @@ class CausalAttention(Function):
                 ga = gc @ v[b0:b1, :, :e].transpose(0, 1, 3, 2)     # (b, nh, c, e) d(weights)
                 if self.keep is not None:
                     ga *= self.keep[b0:b1, :, s:e, :e]
-                ga -= _rowdot(ga, att)
-                ga *= att                                           # d(scaled scores)
+                causal_softmax_backward_(ga, att)                   # d(scaled scores)
                 gq_c = gq[b0:b1, :, s:e]                            # (b, nh, c, hs)
                 _matmul_into(ga, k[b0:b1, :, :e], gq_c)
                 gq_c *= self.scale
@@ -320,21 +382,26 @@ def causal_sdpa(q, k, v, dropout_p=0.0, scale=None):
                                  scale=None if scale is None else float(scale))
 
 
+# ---------------------------------------------------------------- linear + relu, layer norm
 class LinearReLU(Function):
     """relu(x @ w.T + b) for x (..., in), w (out, in), b (out,) or None: the Linear and the
     ReLU in one op. Backward keeps the output (which the next layer keeps anyway) instead of
-    a pre-activation and a mask."""
+    a pre-activation and a mask. On CuPy float32/float64 arrays the bias and ReLU (forward)
+    and the ReLU's gradient with the bias gradient (backward) are one CUDA kernel each
+    (tinytensor.kernels.bias_relu_dropout, without dropout)."""
 
     def forward(self, x, w, b=None):
         xp = _xp(x)
         y = x.reshape(-1, x.shape[-1]) @ w.T                        # (N, out)
-
-        def rows(r0, r1):  # bias and relu (as ReLU: x * (x > 0)), large y over threads
-            yr = y[r0:r1]
-            if b is not None:
-                yr += b
-            yr *= yr > 0
-        parallel.rows(len(y), rows, y.size, xp, block=parallel.block_rows(y.shape[1]))
+        if b is not None and kernels.handles(y, b):                 # CuPy: one CUDA kernel
+            y = kernels.bias_relu_dropout_forward(y, b)             # relu(y + b)
+        else:
+            def rows(r0, r1):  # bias and relu (as ReLU: x * (x > 0)), large y over threads
+                yr = y[r0:r1]
+                if b is not None:
+                    yr += b
+                yr *= yr > 0
+            parallel.rows(len(y), rows, y.size, xp, block=parallel.block_rows(y.shape[1]))
         self.x, self.w, self.y = x, w, y
         return y.reshape(x.shape[:-1] + (w.shape[0],))              # (..., out)
 
@@ -342,12 +409,19 @@ class LinearReLU(Function):
         xp = _xp(gy)
         x, w, y = self.x, self.w, self.y
         gy2 = gy.reshape(y.shape)                                   # (N, out)
-        g = xp.empty_like(gy2)
-        parallel.rows(len(g), lambda r0, r1: xp.multiply(gy2[r0:r1], y[r0:r1] > 0, out=g[r0:r1]),
-                      g.size, xp)
+        gb = None
+        if kernels.handles(y, gy2):  # CuPy: gy * (y > 0) and its column sums in one kernel
+            g, gb = kernels.bias_relu_dropout_backward(gy2, y)
+        else:
+            g = xp.empty_like(gy2)
+            parallel.rows(len(g), lambda r0, r1: xp.multiply(gy2[r0:r1], y[r0:r1] > 0,
+                                                             out=g[r0:r1]), g.size, xp)
         gx = (g @ w).reshape(x.shape) if self.needs_grad[0] else None
         gw = g.T @ x.reshape(-1, x.shape[-1]) if self.needs_grad[1] else None
-        gb = column_sums(g) if len(self.needs_grad) > 2 and self.needs_grad[2] else None
+        if len(self.needs_grad) > 2 and self.needs_grad[2]:
+            gb = column_sums(g) if gb is None else gb
+        else:
+            gb = None
         return gx, gw, gb
 
 
@@ -356,3 +430,174 @@ def linear_relu(x, weight, bias=None):
     if bias is None:
         return LinearReLU.apply(x, weight)
     return LinearReLU.apply(x, weight, bias)
+
+
+class LayerNorm(Function):
+    """Layer normalisation over the last `nd` dimensions, with optional affine weight/bias.
+
+    Works on x as a matrix (N, D) of N rows of D normalised elements. Row means are
+    matrix-vector products with a (D,) vector of 1/D, and column sums (the weight and bias
+    gradients) products with a vector of ones: BLAS does these several times faster than
+    NumPy's reductions over rows of a few hundred elements. On CuPy float32/float64 arrays
+    forward and backward are the CUDA kernels of tinytensor.kernels.layernorm.
+    """
+
+    def forward(self, x, w=None, b=None, nd=1, eps=1e-5):
+        xp = _xp(x)
+        d = int(np.prod(x.shape[x.ndim - nd:]))
+        x2 = x.reshape(-1, d)                                       # (N, D)
+        n = x2.shape[0]
+        wv = None if w is None else w.reshape(d)
+        bv = None if b is None else b.reshape(d)
+        self.wv, self.shape, self.nd, self.kernel = wv, x.shape, nd, None
+        if d and kernels.handles(x2, wv, bv):                       # CuPy: the CUDA kernel
+            y, mean, rstd = kernels.layer_norm_forward(x2, wv, bv, eps)
+            self.kernel = x2, mean, rstd                            # its backward's inputs
+            return y.reshape(x.shape)
+        avg = xp.full(d, 1.0 / d, dtype=x.dtype)                    # (D,): r @ avg is r's mean
+        xhat, y = xp.empty_like(x2), xp.empty_like(x2)              # (N, D)
+        rstd = xp.empty(n, dtype=x.dtype)                           # (N,)
+
+        def rows(r0, r1):  # rows r0..r1-1 (large inputs: in parallel threads)
+            xh = xhat[r0:r1]
+            xp.subtract(x2[r0:r1], (x2[r0:r1] @ avg)[:, None], out=xh)         # centred
+            rstd[r0:r1] = 1.0 / xp.sqrt((xh * xh) @ avg + eps)
+            xh *= rstd[r0:r1, None]                                            # normalised
+            if wv is not None:
+                xp.multiply(xh, wv, out=y[r0:r1])
+            else:
+                y[r0:r1] = xh
+            if bv is not None:
+                y[r0:r1] += bv
+
+        parallel.rows(n, rows, x2.size, xp, align=parallel.ROW_BLOCK,
+                      block=parallel.block_rows(d, parallel.ROW_BLOCK))
+        self.xhat, self.rstd, self.avg = xhat, rstd, avg
+        return y.reshape(x.shape)
+
+    def backward(self, gy):
+        xp = _xp(gy)
+        param_shape = self.shape[len(self.shape) - self.nd:]        # the weight's and bias's
+        needs = self.needs_grad + [False] * (3 - len(self.needs_grad))
+        if self.kernel is not None:                                 # CuPy: the CUDA kernels
+            x2, mean, rstd = self.kernel
+            gx, gw, gb = kernels.layer_norm_backward(gy.reshape(x2.shape), x2, self.wv, mean, rstd)
+            return (gx.reshape(self.shape) if needs[0] else None,
+                    gw.reshape(param_shape) if needs[1] else None,
+                    gb.reshape(param_shape) if needs[2] else None)
+        xhat, rstd, avg, wv = self.xhat, self.rstd, self.avg, self.wv
+        n, d = xhat.shape
+        g2 = gy.reshape(n, d)                                       # (N, D)
+        gyx = xp.empty_like(g2)                                     # gy * xhat
+        gx = xp.empty_like(g2) if needs[0] else None
+
+        def rows(r0, r1):
+            xp.multiply(g2[r0:r1], xhat[r0:r1], out=gyx[r0:r1])
+            if gx is None:
+                return
+            g = gx[r0:r1]                                           # becomes the input gradient
+            if wv is not None:                                      # g: the gradient of xhat
+                xp.multiply(g2[r0:r1], wv, out=g)
+                gx_hat = gyx[r0:r1] * wv                            # g * xhat
+            else:
+                g[...] = g2[r0:r1]
+                gx_hat = gyx[r0:r1].copy()
+            g -= (g @ avg)[:, None]
+            xp.multiply(xhat[r0:r1], (gx_hat @ avg)[:, None], out=gx_hat)
+            g -= gx_hat
+            g *= rstd[r0:r1, None]
+
+        parallel.rows(n, rows, g2.size, xp, align=parallel.ROW_BLOCK,
+                      block=parallel.block_rows(d, parallel.ROW_BLOCK))
+        gw = column_sums(gyx).reshape(param_shape) if needs[1] else None
+        gb = column_sums(g2).reshape(param_shape) if needs[2] else None
+        return (None if gx is None else gx.reshape(self.shape)), gw, gb
+
+
+# ---------------------------------------------------------------- cross-entropy
+class CrossEntropy(Function):
+    """Softmax cross-entropy of logits x (N, C), fused, against either targets:
+
+    integer class indices t (N,): rows whose target is ignore_index count neither in the loss
+    nor in the mean's denominator; with label smoothing eps a row's loss is
+    (1 - eps) * nll + eps * mean over classes of -log p (torch's formula);
+    class probabilities t (N, C): loss = -sum_c q_c log p_c with q = (1 - eps) * t + eps / C;
+    the mean is over the N rows, and t gets a gradient too.
+
+    reduction 'none' gives the (N,) row losses. A mean over no rows is nan, as in torch, and
+    its gradient is zero.
+    """
+
+    def forward(self, x, t, reduction="mean", ignore_index=-100, label_smoothing=0.0):
+        xp = _xp(x)
+        n, c = x.shape
+        eps = label_smoothing
+        self.reduction, self.eps, self.probs, self.kernel = reduction, eps, t.ndim == 2, None
+        if not self.probs and not eps and c and kernels.handles(x):   # CuPy: the CUDA kernel
+            loss, lse = kernels.cross_entropy_forward(x, t, ignore_index)     # (N,), (N,)
+            self.kernel = x, t, lse, ignore_index           # backward recomputes p from lse
+            self.count = (t != ignore_index).sum()
+            return _reduce(xp, loss, reduction, self.count)
+        if x.size:
+            z = x - x.max(axis=1, keepdims=True)            # (N, C)
+            e = xp.exp(z)
+            s = e.sum(axis=1, keepdims=True)                # (N, 1)
+            e /= s
+            lse = xp.log(s[:, 0])                           # (N,): log sum exp(z)
+        else:  # no rows or no classes: every row loss is 0 (and a mean is nan)
+            z = e = x.copy()
+            lse = xp.zeros(n, dtype=x.dtype)
+        self.p = e                                          # (N, C) softmax
+        if self.probs:                                      # class probabilities (N, C)
+            q = t * x.dtype.type(1 - eps) + x.dtype.type(eps / c) if eps and c else t
+            logp = z - lse[:, None]                         # (N, C)
+            loss = -(q * logp).sum(axis=1)                  # (N,)
+            self.q, self.logp, self.count = q, logp, n if x.size else 0
+        else:                                               # class indices (N,)
+            valid = t != ignore_index
+            tt = xp.where(valid, t, 0)
+            rows = xp.arange(n)
+            loss = lse - z[rows, tt] if c else lse          # (N,): -log p of the target
+            if eps and c:  # -sum_c log p_c = C * lse - sum_c z_c
+                loss = loss * x.dtype.type(1 - eps) + (c * lse - z.sum(axis=1)) * x.dtype.type(eps / c)
+            loss = xp.where(valid, loss, 0)                 # an ignored row is 0 even for -inf logits
+            self.tt, self.rows, self.valid, self.count = tt, rows, valid, valid.sum()
+        return _reduce(xp, loss, reduction, self.count)
+
+    def backward(self, gy):
+        if self.kernel is not None:                         # CuPy: the CUDA kernel
+            x, t, lse, ignore_index = self.kernel
+            scale = _row_mean_grad(gy, self.count) if self.reduction == "mean" else gy
+            return kernels.cross_entropy_backward(x, t, lse, scale, ignore_index), None
+        c, eps = self.p.shape[1], self.eps
+        if self.reduction == "none":
+            scale = gy[:, None]                             # (N, 1)
+        elif self.reduction == "sum":
+            scale = gy
+        else:
+            scale = _row_mean_grad(gy, self.count)
+        gx = self.p                                         # softmax p, reused
+        gt = None
+        if self.probs:  # d/dx = p * sum_c q_c - q;  d/dt = -(1 - eps) * log p
+            gx *= self.q.sum(axis=1, keepdims=True)
+            gx -= self.q
+            gx *= scale
+            if self.needs_grad[1]:
+                gt = self.logp * (-scale * gy.dtype.type(1 - eps))
+            return gx, gt
+        if c:  # d/dx = p - (1 - eps) * onehot(t) - eps / C
+            gx[self.rows, self.tt] -= 1 - eps if eps else 1
+            if eps:
+                gx -= gx.dtype.type(eps / c)
+        gx *= self.valid[:, None]
+        gx *= scale
+        return gx, None
+
+
+def _reduce(xp, loss, reduction, count):
+    """The (N,) row losses reduced: as they are ('none'), summed, or their mean over count rows."""
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return _row_mean(xp, loss.sum(), count)

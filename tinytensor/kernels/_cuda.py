@@ -88,16 +88,18 @@ class KernelFamily:
         self.source = HEADER + source       # what is compiled
         self.name_expressions = list(name_expressions)
         self._module = None
+        self._module_cp = None              # the cupy module (or a test's stand-in) it is for
         KernelFamily.registry.append(self)
 
     def function(self, expression):
         """The compiled kernel for one name expression (compiles the family on first call)."""
         if expression not in self.name_expressions:
             raise KeyError(f"kernel family {self.name!r} has no instantiation {expression!r}")
-        if self._module is None:
-            cp = _require_cupy()
+        cp = _require_cupy()
+        if self._module is None or self._module_cp is not cp:  # compiled for this cupy
             self._module = cp.RawModule(code=self.source, options=("-std=c++17",),
                                         name_expressions=self.name_expressions)
+            self._module_cp = cp
         return self._module.get_function(expression)
 
     def compile(self):

@@ -11,7 +11,8 @@ the same random draws give the same mask). With p == 1 everything is dropped.
 The backward needs only the output: y > 0 exactly where x + b > 0 and the element was kept,
 so no mask is stored (y is kept anyway as the next layer's input). This fuses the first half
 of the lecture's feed-forward block, Linear(C, 4C) -> ReLU, when the Linear runs without its
-bias; with p > 0 it also covers a dropout placed right after the ReLU.
+bias: fused.LinearReLU calls it on the GPU with p = 0 (the matmul is cuBLAS's). With p > 0 it
+also covers a dropout placed right after the ReLU, which the lecture's model does not have.
 
 Each CuPy kernel sits beside its NumPy reference with the same signature; the unsuffixed
 functions dispatch on the array type.
@@ -35,8 +36,9 @@ __global__ void bias_relu_dropout_fwd(const T* __restrict__ x, const T* __restri
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
         const T v = x[i] + b[i % C];
+        const T r = v <= T(0) ? T(0) : v;          // relu; NaN stays NaN, as np.maximum(v, 0)
         const bool keep = DROP ? tt_keep(u[i], p) : true;
-        y[i] = (v > T(0) && keep) ? v * scale : T(0);
+        y[i] = r * (keep ? scale : T(0));          // a dropped NaN stays NaN, as NaN * 0
     }
 }
 

@@ -8,7 +8,12 @@ queries are the last Tq of Tk positions: query i sits at position Tk - Tq + i an
 0 .. Tk - Tq + i (with Tq == 1, a cached generation step, it sees every key). The masked
 entries of y are exactly 0 and so are those of gs. This replaces the composed
 `(q @ k.T * scale).masked_fill(future, -inf).softmax(-1)` of the lecture's attention with
-one kernel each way (the same contract as tinytensor.ops.CausalSoftmax).
+one kernel each way (the contract of tinytensor.fused.CausalSoftmax: fused.causal_softmax_
+and fused.causal_softmax_backward_ call these on the GPU, for the standalone op and inside
+the attention).
+
+`out` (optional, C-contiguous, of the result's shape and dtype) receives the result and may
+be the input itself (s, or gy): the attention computes its softmax in place, without a copy.
 
 Each CuPy kernel sits beside its NumPy reference with the same signature; the unsuffixed
 functions dispatch on the array type.
@@ -23,9 +28,11 @@ from . import _cuda
 SOURCE = r"""
 // One warp per row of scores (..., Tq, Tk) laid end to end: row r is query i = r % Tq, which
 // sees keys 0 .. Tk - Tq + i.
+// y may be s (in place): each element is read, then written, by the same lane, after the
+// row's max and sum are complete (the warp reductions synchronise the warp); hence no
+// __restrict__ on s and y.
 template <typename T>
-__global__ void causal_softmax_fwd(const T* __restrict__ s, T* __restrict__ y,
-                                   long long rows, int Tq, int Tk, T scale) {
+__global__ void causal_softmax_fwd(const T* s, T* y, long long rows, int Tq, int Tk, T scale) {
     const long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= rows) return;                       // the whole warp leaves together
     const int lane = threadIdx.x % 32;
@@ -43,10 +50,10 @@ __global__ void causal_softmax_fwd(const T* __restrict__ s, T* __restrict__ y,
         yr[j] = j <= last ? tt_exp(sr[j] * scale - m) / sum : T(0);
 }
 
+// gs may be gy (in place), as y may be s above.
 template <typename T>
-__global__ void causal_softmax_bwd(const T* __restrict__ y, const T* __restrict__ gy,
-                                   T* __restrict__ gs, long long rows, int Tq, int Tk,
-                                   T scale) {
+__global__ void causal_softmax_bwd(const T* __restrict__ y, const T* gy, T* gs,
+                                   long long rows, int Tq, int Tk, T scale) {
     const long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= rows) return;
     const int lane = threadIdx.x % 32;
@@ -84,10 +91,21 @@ def _future(Tq, Tk):
 
 
 # ------------------------------------------------------------------ NumPy references
-def causal_softmax_forward_ref(s, scale):
-    """y = softmax(scale * s) over the last axis with future keys masked; s (..., Tq, Tk)."""
+def _check_out(out, like, what):
+    if out is None:
+        return
+    if out.shape != like.shape or out.dtype != like.dtype or not out.flags.c_contiguous:
+        raise ValueError(f"causal softmax out= must be a C-contiguous {like.dtype} array of the "
+                         f"{what}'s shape {like.shape}, got {out.dtype} {out.shape} "
+                         f"(contiguous: {out.flags.c_contiguous})")
+
+
+def causal_softmax_forward_ref(s, scale, out=None):
+    """y = softmax(scale * s) over the last axis with future keys masked; s (..., Tq, Tk).
+    Written into out when given (which may be s)."""
     _check_scores(s)
-    z = s * float(scale)                          # a new array of s's dtype (scale is weak)
+    _check_out(out, s, "scores")
+    z = s * float(scale) if out is None else np.multiply(s, s.dtype.type(scale), out=out)
     np.copyto(z, -np.inf, where=_future(*s.shape[-2:]))
     z -= z.max(axis=-1, keepdims=True)
     np.exp(z, out=z)
@@ -95,22 +113,24 @@ def causal_softmax_forward_ref(s, scale):
     return z
 
 
-def causal_softmax_backward_ref(y, gy, scale):
-    """gs = scale * y * (gy - sum(gy * y)); y is the forward output, gy its gradient."""
+def causal_softmax_backward_ref(y, gy, scale, out=None):
+    """gs = scale * y * (gy - sum(gy * y)); y is the forward output, gy its gradient.
+    Written into out when given (which may be gy)."""
     _check_scores(y, "output")
     if gy.shape != y.shape:
         raise ValueError(f"causal softmax gradient shape {gy.shape} != output shape {y.shape}")
+    _check_out(out, y, "output")
     dot = (gy * y).sum(axis=-1, keepdims=True)    # (..., T, 1)
-    gs = gy - dot
+    gs = gy - dot if out is None else np.subtract(gy, dot, out=out)
     gs *= y
     gs *= float(scale)
     return gs
 
 
 # ------------------------------------------------------------------ CuPy kernels
-def _forward_cuda(s, scale):
+def _forward_cuda(s, scale, out=None):
     s = _cuda.contiguous(s)
-    y = backend.cp.empty_like(s)
+    y = backend.cp.empty_like(s) if out is None else out
     Tq, Tk = s.shape[-2:]
     rows = s.size // Tk if Tk else 0
     if rows:
@@ -121,9 +141,9 @@ def _forward_cuda(s, scale):
     return y
 
 
-def _backward_cuda(y, gy, scale):
+def _backward_cuda(y, gy, scale, out=None):
     y, gy = _cuda.contiguous(y), _cuda.contiguous(gy, y.dtype)
-    gs = backend.cp.empty_like(y)
+    gs = backend.cp.empty_like(y) if out is None else out
     Tq, Tk = y.shape[-2:]
     rows = y.size // Tk if Tk else 0
     if rows:
@@ -135,19 +155,23 @@ def _backward_cuda(y, gy, scale):
 
 
 # ------------------------------------------------------------------ dispatch
-def causal_softmax_forward(s, scale):
-    """The causal softmax of s (..., Tq, Tk): the CUDA kernel for a cupy array, else NumPy."""
+def causal_softmax_forward(s, scale, out=None):
+    """The causal softmax of s (..., Tq, Tk): the CUDA kernel for a cupy array, else NumPy.
+    Written into out when given (which may be s itself)."""
     if backend.is_cuda(s):
         _check_scores(s)
-        return _forward_cuda(s, scale)
-    return causal_softmax_forward_ref(s, scale)
+        _check_out(out, s, "scores")
+        return _forward_cuda(s, scale, out)
+    return causal_softmax_forward_ref(s, scale, out)
 
 
-def causal_softmax_backward(y, gy, scale):
-    """Gradient of the scores from the output y and its gradient gy (same device as y)."""
+def causal_softmax_backward(y, gy, scale, out=None):
+    """Gradient of the scores from the output y and its gradient gy (same device as y).
+    Written into out when given (which may be gy itself)."""
     if backend.is_cuda(y):
         _check_scores(y, "output")
         if gy.shape != y.shape:
             raise ValueError(f"causal softmax gradient shape {gy.shape} != output shape {y.shape}")
-        return _backward_cuda(y, gy, scale)
-    return causal_softmax_backward_ref(y, gy, scale)
+        _check_out(out, y, "output")
+        return _backward_cuda(y, gy, scale, out)
+    return causal_softmax_backward_ref(y, gy, scale, out)

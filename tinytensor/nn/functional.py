@@ -6,8 +6,9 @@ import numbers
 import numpy as np
 
 from .. import backend, fused
-from ..ops import (CrossEntropy, LayerNorm, Linear, NLLLoss, Softmax, LogSoftmax, gelu,  # noqa: F401
-                   getitem, leaky_relu, linear, log_softmax, relu, sigmoid, silu, softmax)
+from ..fused import CrossEntropy, LayerNorm
+from ..ops import (Linear, NLLLoss, Softmax, LogSoftmax, gelu, getitem,  # noqa: F401
+                   leaky_relu, linear, log_softmax, relu, sigmoid, silu, softmax)
 from ..tensor import Tensor, get_default_dtype
 
 __all__ = ["softmax", "log_softmax", "cross_entropy", "nll_loss", "one_hot", "layer_norm", "dropout",

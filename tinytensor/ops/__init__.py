@@ -5,10 +5,12 @@ the lowercase wrapper right below; composite ops are plain functions. By topic:
     linalg.py         matmul, linear, einsum
     reduce.py         sum, mean, amax/amin, max/min with indices, var, std, logsumexp, ...
     shape.py          reshape, permute, indexing, masks, cat/stack/split, expand, repeat, tril
-    normalization.py  softmax, log_softmax, cross-entropy, layer_norm, causal softmax (fused)
+    normalization.py  softmax, log_softmax, nll_loss
     creation.py       zeros, ones, full, eye, arange, *_like, randn, rand, randint, multinomial
 
-forward/backward work on raw arrays; `xp` (numpy or cupy) is taken from the inputs.
+The fused ops (layer_norm, cross-entropy, causal softmax and attention, linear_relu,
+dropout) are in tinytensor.fused. forward/backward work on raw arrays; `xp` (numpy or cupy)
+is taken from the inputs.
 Gradients returned here may have a broadcast shape: the engine un-broadcasts them.
 This module also attaches the Tensor operators and methods (the end of this file).
 """
@@ -25,7 +27,7 @@ from .elementwise import (abs, add, clamp, cos, div, exp, floor_divide, isfinite
 from .linalg import *  # noqa: F401,F403
 from .linalg import add_rows_, column_sums, einsum, matmul  # noqa: F401
 from .normalization import *  # noqa: F401,F403
-from .normalization import causal_softmax, log_softmax, softmax  # noqa: F401
+from .normalization import log_softmax, softmax  # noqa: F401
 from .reduce import *  # noqa: F401,F403
 from .reduce import (all, amax, amin, any, argmax, argmin, cumsum, gather, logsumexp, max,  # noqa: F401
                      mean, min, std, sum, topk, var)
