@@ -321,28 +321,6 @@ class CausalAttention(Function):
         return gqkv
 
 
-class PackedCausalAttention(CausalAttention):
-    """CausalAttention straight from the fused q/k/v projection qkv (B, T, 3*C) to the heads
-    side by side (B, T, C): the same computation, with the split of qkv into q, k, v views
-    inside the op. Its gradient is then CausalAttention's (B, T, 3, nh, hs) array as it is;
-    split by getitem ops instead, each getitem's backward would write its part into a zero
-    (B, T, 3*C) array and the engine would add the three (fwd+bwd at B=16, T=256, C=384,
-    nh=6: 41 ms packed, 53 ms split by getitem)."""
-
-    def forward(self, qkv, n_head, p=0.0):
-        B, T, C3 = qkv.shape
-        nh, hs = n_head, C3 // (3 * n_head)
-        qkv5 = qkv.reshape(B, T, 3, nh, hs)                         # (B, T, 3, nh, hs)
-        q, k, v = (qkv5[:, :, i].transpose(0, 2, 1, 3) for i in range(3))   # each (B, nh, T, hs)
-        y = super().forward(q, k, v, p)                             # (B, nh, T, hs)
-        return y.transpose(0, 2, 1, 3).reshape(B, T, nh * hs)       # (B, T, C), no copy
-
-    def backward(self, gy):
-        B, nh, T, hs = self.q.shape
-        g = gy.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)          # (B, nh, T, hs)
-        return self._gradients(g).reshape(B, T, 3 * nh * hs)        # (B, T, 3*C)
-
-
 def _matmul_into(a, b, out):
     """out[...] = a @ b, written in place by NumPy's matmul (out may be a strided view)."""
     if _xp(a) is np:
@@ -360,13 +338,19 @@ def _rowdot(a, b):
 
 def causal_attention(qkv, n_head, dropout_p=0.0):
     """Causal self-attention of every head from the fused projection qkv (B, T, 3*C) to the
-    heads' outputs side by side (B, T, C); dropout_p > 0 drops attention weights (training)."""
+    heads' outputs side by side (B, T, C), as gpt.model.CausalSelfAttention computes it: split
+    into q, k, v views, causal_sdpa, heads side by side (no copies: split's backward joins the
+    three gradients, which CausalAttention lays out in one buffer); dropout_p > 0 drops
+    attention weights (training)."""
     if qkv.ndim != 3 or qkv.shape[-1] % (3 * n_head):
         raise ValueError(f"causal_attention needs qkv of shape (B, T, 3 * n_head * head_size), "
                          f"got {qkv.shape} with n_head={n_head}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1), got {dropout_p}")
-    return PackedCausalAttention.apply(qkv, n_head=int(n_head), p=float(dropout_p))
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    q, k, v = (a.view(B, T, n_head, C // n_head).transpose(1, 2)   # each (B, nh, T, hs)
+               for a in qkv.split(C, dim=2))
+    y = causal_sdpa(q, k, v, dropout_p)                             # (B, nh, T, hs)
+    return y.transpose(1, 2).reshape(B, T, C)                       # (B, T, C)
 
 
 def causal_sdpa(q, k, v, dropout_p=0.0, scale=None):
