@@ -16,7 +16,9 @@ def _xp(*a):
 def wrap_dim(dim, ndim):
     """dim in [-n, n) as a non-negative index, as torch checks it (a 0-d tensor takes 0 and -1);
     IndexError naming the dim and the valid range otherwise."""
-    n = builtins.max(ndim, 1)
+    n = ndim if ndim > 0 else 1
+    if type(dim) is int and -n <= dim < n:  # the common case
+        return dim % n
     if not isinstance(dim, numbers.Integral) or isinstance(dim, bool):
         raise TypeError(f"dim must be an int, got {type(dim).__name__} {dim!r}")
     if not -n <= dim < n:

@@ -16,6 +16,11 @@ from ._common import _xp, cast, lift, promote, result_type, to_float
 
 def _binary(fn, a, b, floating=False):
     """fn applied to a and b (Tensors or scalars, at least one a Tensor) after promotion."""
+    if isinstance(a, Tensor) and a.dtype.kind == "f" and (
+            type(b) in (int, float) or isinstance(b, Tensor) and b.dtype == a.dtype):
+        return fn(a, b)  # the common cases, where promotion changes nothing
+    if isinstance(b, Tensor) and b.dtype.kind == "f" and type(a) in (int, float):
+        return fn(a, b)
     dt, (a, b) = promote(a, b, floating=floating)
     return fn(a, b)
 

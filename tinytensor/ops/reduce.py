@@ -45,7 +45,7 @@ def mean(x, dim=None, keepdim=False, *, dtype=None):
                            f"floating point or complex dtype. Got: {_torch_dtype_name(x.dtype)} "
                            f"(convert with .float() first)")
     axes = wrap_dims(dim, x.ndim)
-    n = x.size if axes is None else int(np.prod([x.shape[a] for a in axes]))
+    n = x.size if axes is None else math.prod(x.shape[a] for a in axes)
     return sum(x, dim, keepdim) / n
 
 
