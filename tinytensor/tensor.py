@@ -333,12 +333,12 @@ class Function:
     @classmethod
     def apply(cls, *inputs, **kwargs):
         ctx = cls()
-        arrays = [x.data if isinstance(x, Tensor) else x for x in inputs]
-        out = ctx.forward(*arrays, **kwargs)
-        record = _grad_enabled and any(isinstance(x, Tensor) and x.requires_grad for x in inputs)
+        parents = [x if isinstance(x, Tensor) else None for x in inputs]
+        out = ctx.forward(*[x if p is None else p.data for x, p in zip(inputs, parents)], **kwargs)
+        needs = [p is not None and p.requires_grad for p in parents]
+        record = _grad_enabled and True in needs
         if record:
-            ctx.parents = [x if isinstance(x, Tensor) else None for x in inputs]
-            ctx.needs_grad = [isinstance(x, Tensor) and x.requires_grad for x in inputs]
+            ctx.parents, ctx.needs_grad = parents, needs
         if isinstance(out, tuple):
             results = tuple(_output(o, record and o.dtype.kind in "fc", ctx) for o in out)
             if record:

@@ -307,7 +307,8 @@ def _check_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, 
         raise RuntimeError(f"{name} needs query (..., L, E), key (..., S, E) and value "
                            f"(..., S, Ev), got {query.shape}, {key.shape} and {value.shape}")
     try:
-        batch = np.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+        batch = query.shape[:-2] if query.shape[:-2] == key.shape[:-2] == value.shape[:-2] else \
+            np.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
     except ValueError:
         raise RuntimeError(f"{name}: the leading (batch) dimensions of query {query.shape}, key "
                            f"{key.shape} and value {value.shape} do not broadcast") from None

@@ -14,7 +14,7 @@ def _sizes(args, what):
     """A shape given as separate ints or as one tuple/list, as torch takes it."""
     if len(args) == 1 and isinstance(args[0], (tuple, list)):
         args = tuple(args[0])
-    if all(type(n) is int for n in args):  # the common case, without the checks below
+    if set(map(type, args)) <= {int}:  # the common case, without the checks below
         return tuple(args)
     for n in args:
         if not isinstance(n, numbers.Integral) or isinstance(n, bool):
@@ -33,7 +33,7 @@ class Reshape(Function):
 
 def reshape(x, *shape):
     shape = _sizes(shape, "reshape")
-    known = math.prod(n for n in shape if n != -1)
+    known = math.prod(shape) if -1 not in shape else -math.prod(shape)
     if shape.count(-1) > 1 or any(n < -1 for n in shape) or (
             x.size != known if -1 not in shape else (known == 0 or x.size % known)):
         raise RuntimeError(f"shape '{list(shape)}' is invalid for input of size {x.size}")
