@@ -1,5 +1,6 @@
 """Shape ops: views and copies that move elements without changing them, indexing, masks,
 joining and splitting."""
+import itertools
 import math
 import numbers
 
@@ -32,10 +33,17 @@ class Reshape(Function):
 
 
 def reshape(x, *shape):
-    shape = _sizes(shape, "reshape")
-    known = math.prod(shape) if -1 not in shape else -math.prod(shape)
-    if shape.count(-1) > 1 or any(n < -1 for n in shape) or (
-            x.size != known if -1 not in shape else (known == 0 or x.size % known)):
+    return _reshape(x, _sizes(shape, "reshape"))
+
+
+def _reshape(x, shape):
+    """x as `shape` (ints, at most one -1), through Reshape; torch's error for a bad shape."""
+    if -1 not in shape:
+        ok = math.prod(shape) == x.size and min(shape, default=0) >= 0
+    else:
+        known = -math.prod(shape)  # the product of the other sizes
+        ok = shape.count(-1) == 1 and min(shape) >= -1 and known > 0 and x.size % known == 0
+    if not ok:
         raise RuntimeError(f"shape '{list(shape)}' is invalid for input of size {x.size}")
     return Reshape.apply(x, shape=shape)
 
@@ -44,7 +52,7 @@ def view(x, *shape):
     """reshape that never copies, as torch's view: an error where the elements of x are not
     laid out so that the new shape can share them (call .contiguous() first, or reshape)."""
     shape = _sizes(shape, "view")
-    out = reshape(x, *shape)
+    out = _reshape(x, shape)
     if out.data.size and not _shares_layout(x.data, out.shape):
         raise RuntimeError(f"view size is not compatible with input tensor's size and stride (at "
                            f"least one dimension spans across two contiguous subspaces): shape "
@@ -79,11 +87,13 @@ def contiguous(x):
 
 class Permute(Function):
     def forward(self, x, dims):
-        self.dims = dims
+        self.inverse = [0] * len(dims)
+        for i, d in enumerate(dims):
+            self.inverse[d] = i
         return x.transpose(dims)
 
     def backward(self, gy):
-        return gy.transpose(np.argsort(self.dims))
+        return gy.transpose(self.inverse)
 
 
 def permute(x, *dims):
@@ -440,7 +450,7 @@ class Split(Function):
 
     def forward(self, x, sizes, axis):
         self.shape, self.axis, self.sizes = x.shape, axis, sizes
-        ends = np.cumsum(sizes).tolist()
+        ends = list(itertools.accumulate(sizes))
         index = [slice(None)] * x.ndim
         out = []
         for start, end in zip([0] + ends[:-1], ends):
