@@ -76,7 +76,6 @@ def amax(x, dim=(), keepdim=False):
 def _all_any(name):
     def reduce(x, dim=None, keepdim=False):
         axes = wrap_dims(dim, x.ndim)
-        from ..tensor import Tensor
         return Tensor(getattr(_xp(x.data), name)(x.data.astype(bool), axis=axes, keepdims=keepdim))
     reduce.__name__ = name
     reduce.__doc__ = f"torch.{name}: a bool tensor, True where {name} of the elements over dim is."
