@@ -18,7 +18,6 @@ Every stage but "gpt" has no dropout and ignores config.dropout.
 
 Shapes: B batch, T time (context length), C = n_embd, nh heads of size hs = C // nh, V vocab.
 """
-import math
 import numbers
 from dataclasses import dataclass, replace
 

@@ -179,7 +179,7 @@ CASES = {
                          randn(2, 2, 3, 4, seed=1)),
     "einsum_reduce": (lambda a, b: tt.einsum("ij,jk->i", a, b), randn(3, 4), randn(4, 2, seed=1)),
     "einsum_ellipsis": (lambda a, b: tt.einsum("...ij,...jk", a, b), randn(2, 3, 4), randn(2, 4, 2, seed=1)),
-    "amin": (lambda a: a.amin(dim=1), randn(3, 4)),
+    "amin_dim": (lambda a: a.amin(dim=1), randn(3, 4)),
     "contiguous": (lambda a: a.transpose(0, 1).contiguous().view(-1), randn(3, 4)),
     "composite_mlp": (lambda x, w1, w2: F.cross_entropy(F.gelu(x @ w1).tanh() @ w2, np.array([1, 0, 2])),
                       randn(3, 4), randn(4, 5, seed=1), randn(5, 3, seed=2)),

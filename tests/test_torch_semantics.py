@@ -121,6 +121,8 @@ PROMOTION = {
     "int_maximum_float": lambda m: m.maximum(m.tensor([1, 5]), m.tensor([2.5, 0.5])),
     "int_clamp_float": lambda m: m.tensor([1, 2]).clamp(0.5, 1.5),
     "int_clamp_int": lambda m: m.tensor([1, 5, -3]).clamp(0, 2),
+    "int_clamp_tensor_min": lambda m: m.tensor([1, 5, -3]).clamp(m.tensor([0, 0, 0])),
+    "float_clamp_tensor_max": lambda m: m.tensor([1.0, 5.0, -3.0]).clamp(max=m.tensor([0.0, 2.0, 0.0])),
     "int_abs": lambda m: m.tensor([-1, 2]).abs(),
     "int_relu": lambda m: m.relu(m.tensor([-1, 2])),
     "int_where_float": lambda m: m.where(m.tensor([True, False]), m.tensor([1, 2]), 0.5),

@@ -47,28 +47,18 @@ def _binary(fn, reverse=False):
     return op
 
 
-def _compare(ufunc):
-    """Elementwise comparison, as torch: a bool tensor, never a gradient (`tril == 0`)."""
-    def op(self, other):
-        if other is None:
-            return NotImplemented
-        other = lift(other, self)
-        if other is NotImplemented:
-            return NotImplemented
-        dt, (a, b) = promote(self, other)
-        b = b.data if isinstance(b, Tensor) else b
-        return Tensor(getattr(_xp(a.data), ufunc)(a.data, b))
-    return op
-
-
-def _logical(ufunc, what):
+def _no_grad_op(ufunc, integral=None):
+    """An elementwise op on the promoted operands with no gradient, as torch: comparisons
+    (`tril == 0` gives a bool tensor) and, with integral naming the operator, the bitwise ops
+    of bool and integer tensors. None or a str as the other operand: NotImplemented (so
+    `t == None` is False, as in torch)."""
     def op(self, other):
         other = lift(other, self)
         if other is NotImplemented:
             return NotImplemented
         dt, (a, b) = promote(self, other)
-        if dt.kind not in "biu":
-            raise TypeError(f"{what} is only defined for bool and integer tensors, got {dt}")
+        if integral and dt.kind not in "biu":
+            raise TypeError(f"{integral} is only defined for bool and integer tensors, got {dt}")
         b = b.data if isinstance(b, Tensor) else b
         return Tensor(getattr(_xp(a.data), ufunc)(a.data, b))
     return op
@@ -99,7 +89,7 @@ def _to(self, *args, **kwargs):
             dtype = a
     out = self
     if device is not None:
-        out = Tensor.to_device(out, device)
+        out = _to_device(out, device)
     if dtype is not None:
         out = cast(out, dtype)
     return out
@@ -123,16 +113,16 @@ Tensor.__neg__ = neg
 Tensor.__abs__ = abs
 Tensor.__getitem__ = getitem
 Tensor.__setitem__ = setitem
-Tensor.__lt__ = _compare("less")
-Tensor.__le__ = _compare("less_equal")
-Tensor.__gt__ = _compare("greater")
-Tensor.__ge__ = _compare("greater_equal")
-Tensor.__eq__ = _compare("equal")
-Tensor.__ne__ = _compare("not_equal")
+Tensor.__lt__ = _no_grad_op("less")
+Tensor.__le__ = _no_grad_op("less_equal")
+Tensor.__gt__ = _no_grad_op("greater")
+Tensor.__ge__ = _no_grad_op("greater_equal")
+Tensor.__eq__ = _no_grad_op("equal")
+Tensor.__ne__ = _no_grad_op("not_equal")
 Tensor.__hash__ = object.__hash__  # by identity, as torch: tensors stay usable as dict keys
-Tensor.__and__ = Tensor.__rand__ = _logical("bitwise_and", "&")
-Tensor.__or__ = Tensor.__ror__ = _logical("bitwise_or", "|")
-Tensor.__xor__ = Tensor.__rxor__ = _logical("bitwise_xor", "^")
+Tensor.__and__ = Tensor.__rand__ = _no_grad_op("bitwise_and", "&")
+Tensor.__or__ = Tensor.__ror__ = _no_grad_op("bitwise_or", "|")
+Tensor.__xor__ = Tensor.__rxor__ = _no_grad_op("bitwise_xor", "^")
 Tensor.__invert__ = _invert
 Tensor.logical_not = _invert
 
@@ -145,7 +135,7 @@ for _name in ["sum", "mean", "amax", "amin", "all", "any", "exp", "log", "tanh",
               "argmax", "argmin", "topk", "logsumexp", "var", "std", "cumsum", "gather"]:
     setattr(Tensor, _name, globals()[_name])
 Tensor.clip = clamp
-Tensor.to_device = Tensor.to
+_to_device = Tensor.to  # tensor.py's: devices only
 Tensor.to = _to
 Tensor.long = lambda self: cast(self, np.int64)
 Tensor.int = lambda self: cast(self, np.int32)

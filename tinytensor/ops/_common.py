@@ -1,6 +1,5 @@
 """What every op module shares: the array module of the inputs, torch's dimension checks and
 type promotion, and the Cast Function that promotion inserts into the graph."""
-import builtins
 import numbers
 
 import numpy as np
@@ -111,9 +110,3 @@ def as_tensor(x, like=None):
         return x
     t = Tensor(x)
     return t if like is None else t.to(like.device)
-
-
-def expect_tensor(x, what):
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{what} expects a Tensor, got {type(x).__name__}")
-    return x

@@ -439,9 +439,16 @@ def clamp(x, min=None, max=None):  # noqa: A002 - torch's argument names
     if min is None and max is None:
         raise RuntimeError("clamp: at least one of 'min' or 'max' must not be None")
     if isinstance(min, Tensor) or isinstance(max, Tensor):
-        lo = x.dtype.type(-np.inf) if min is None else min
-        hi = x.dtype.type(np.inf) if max is None else max
-        dt, (x, lo, hi) = promote(x, lift(lo, x), lift(hi, x))
+        bounds = [None if b is None else lift(b, x) for b in (min, max)]
+        dt, promoted = promote(x, *(b for b in bounds if b is not None))
+        x, rest = promoted[0], iter(promoted[1:])
+
+        def bound(b, end):  # a missing bound: the dtype's extreme, so it never binds
+            if b is not None:
+                return next(rest)
+            v = (-np.inf, np.inf)[end] if dt.kind == "f" else (np.iinfo(dt).min, np.iinfo(dt).max)[end]
+            return Tensor(np.full((), v, dtype=dt)).to(x.device)
+        lo, hi = bound(bounds[0], 0), bound(bounds[1], 1)
         return ClampTensor.apply(x, lo, hi)
     dt = result_type(x, *(b for b in (min, max) if b is not None))
     return Clamp.apply(cast(x, dt), lo=min, hi=max)

@@ -1,10 +1,8 @@
 """Products: matmul, linear (one GEMM over all leading dimensions) and einsum."""
-import numbers
-
 import numpy as np
 
 from .. import parallel
-from ..tensor import Function, Tensor
+from ..tensor import Function
 from ._common import _xp, as_tensor
 
 
