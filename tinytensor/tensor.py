@@ -215,7 +215,7 @@ class Tensor:
                 else:
                     t.grad += g
                 continue
-            if id(ctx) in multi:  # one output of several: backward runs once, after the last
+            if multi and id(ctx) in multi:  # one output of several: backward runs once, after the last
                 waiting = multi[id(ctx)]
                 waiting[ctx.outputs.index(id(t))] = g
                 t._ctx = _RELEASED
@@ -230,12 +230,14 @@ class Tensor:
                 for parent, pg in zip(ctx.parents, in_grads):
                     if pg is None or parent is None or not parent.requires_grad:
                         continue
-                    if pg.shape != parent.shape:
-                        pg = _unbroadcast(pg, parent.shape)
-                    if pg.dtype != parent.dtype:  # e.g. through a cast: grads keep their input's dtype
-                        pg = pg.astype(parent.dtype)
-                    prev = grads.get(id(parent))
-                    grads[id(parent)] = pg if prev is None else parallel.add(prev, pg)
+                    data = parent.data
+                    if pg.shape != data.shape:
+                        pg = _unbroadcast(pg, data.shape)
+                    if pg.dtype is not data.dtype and pg.dtype != data.dtype:
+                        pg = pg.astype(data.dtype)  # e.g. through a cast: grads keep their input's dtype
+                    key = id(parent)
+                    prev = grads.get(key)
+                    grads[key] = pg if prev is None else parallel.add(prev, pg)
             if ctx is not _RELEASED:  # free the graph as we go: saved arrays and links go
                 t._ctx = _RELEASED
                 ctx.parents = None
@@ -270,15 +272,17 @@ def _topo_order(root):
     Function with several outputs among them, a _Waiting list (by id of the Function)."""
     order, visited, multi = [], set(), {}
     stack = [(root, False)]
+    push, pop, seen, append = stack.append, stack.pop, visited.add, order.append
     while stack:
-        t, done = stack.pop()
+        t, done = pop()
         if done:
-            order.append(t)
+            append(t)
             continue
-        if id(t) in visited:
+        key = id(t)
+        if key in visited:
             continue
-        visited.add(id(t))
-        stack.append((t, True))
+        seen(key)
+        push((t, True))
         ctx = t._ctx
         if ctx is not None:
             if ctx.outputs is not None:
@@ -288,7 +292,7 @@ def _topo_order(root):
                 waiting.count += 1
             for p in ctx.parents:
                 if p is not None and p.requires_grad and id(p) not in visited:
-                    stack.append((p, False))
+                    push((p, False))
     return order, multi
 
 
@@ -333,12 +337,20 @@ class Function:
     @classmethod
     def apply(cls, *inputs, **kwargs):
         ctx = cls()
-        parents = [x if isinstance(x, Tensor) else None for x in inputs]
-        out = ctx.forward(*[x if p is None else p.data for x, p in zip(inputs, parents)], **kwargs)
-        needs = [p is not None and p.requires_grad for p in parents]
-        record = _grad_enabled and True in needs
+        parents, arrays, record = [], [], False
+        for x in inputs:  # one pass: the Tensors' arrays, and whether any wants a gradient
+            if isinstance(x, Tensor):
+                parents.append(x)
+                arrays.append(x.data)
+                record = record or x.requires_grad
+            else:
+                parents.append(None)
+                arrays.append(x)
+        out = ctx.forward(*arrays, **kwargs)
+        record = record and _grad_enabled
         if record:
-            ctx.parents, ctx.needs_grad = parents, needs
+            ctx.parents = parents
+            ctx.needs_grad = [p is not None and p.requires_grad for p in parents]
         if isinstance(out, tuple):
             results = tuple(_output(o, record and o.dtype.kind in "fc", ctx) for o in out)
             if record:

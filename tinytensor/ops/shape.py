@@ -87,13 +87,14 @@ def contiguous(x):
 
 class Permute(Function):
     def forward(self, x, dims):
-        self.inverse = [0] * len(dims)
-        for i, d in enumerate(dims):
-            self.inverse[d] = i
+        self.dims = dims
         return x.transpose(dims)
 
     def backward(self, gy):
-        return gy.transpose(self.inverse)
+        inverse = [0] * len(self.dims)
+        for i, d in enumerate(self.dims):
+            inverse[d] = i
+        return gy.transpose(inverse)
 
 
 def permute(x, *dims):
@@ -482,20 +483,25 @@ def _root(a):
 
 def _joined(gys, axis, shape):
     """The pieces' gradients as one array of the input's shape without a copy, when they are
-    consecutive pieces of one buffer laid out like the input (as the fused attention returns
-    the gradients of q, k and v split from one projection); else None."""
-    if any(g is None or not isinstance(g, np.ndarray) for g in gys):
+    consecutive pieces of one contiguous buffer laid out like the input (as the fused attention
+    returns the gradients of q, k and v split from one projection); else None."""
+    if any(type(g) is not np.ndarray for g in gys):
         return None
     g0 = gys[0]
     root = _root(g0)
+    if type(root) is not np.ndarray or not root.flags.c_contiguous:
+        return None
     step = g0.strides[axis]
-    start = g0.__array_interface__["data"][0]
+    start = first = g0.ctypes.data
     for g in gys:
         if g.strides != g0.strides or g.dtype != g0.dtype or _root(g) is not root \
-                or g.__array_interface__["data"][0] != start:
+                or g.ctypes.data != start:
             return None
         start += g.shape[axis] * step
-    return np.lib.stride_tricks.as_strided(g0, shape=shape, strides=g0.strides)
+    # a view of root from g0's first element with g0's strides (it lies inside root: the
+    # pieces do, and they tile it along axis)
+    return np.ndarray(shape, dtype=g0.dtype, buffer=root, offset=first - root.ctypes.data,
+                      strides=g0.strides)
 
 
 def split(x, split_size_or_sections, dim=0):
