@@ -109,15 +109,16 @@ def for_ranges(n, fn, parts=None, align=1):
             c.set_num_threads(t)
 
 
-def rows(n, fn, size, xp=np, align=1, block=None, min_size=MIN_ELEMENTS):
+def rows(n, fn, size, xp=np, align=1, block=None, min_size=None):
     """fn(a, b) over row ranges covering 0 .. n: through for_ranges when the arrays are NumPy
-    arrays (xp is numpy) and the op touches at least min_size elements (size), else fn(0, n).
+    arrays (xp is numpy) and the op touches at least min_size (default MIN_ELEMENTS) elements
+    (size), else fn(0, n).
 
     block: for large work, each thread calls fn on ranges of this many rows (a multiple of
     align) one after the other, so that an op's several passes over a range hit the CPU's
     cache instead of memory.
     """
-    if not (xp is np and size >= min_size):
+    if not (xp is np and size >= (MIN_ELEMENTS if min_size is None else min_size)):
         fn(0, n)
         return
     if block is not None and block < n:

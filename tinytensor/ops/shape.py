@@ -24,8 +24,10 @@ def _sizes(args, what):
 
 
 class Reshape(Function):
-    def forward(self, x, shape):
+    def forward(self, x, shape, view=False):
         self.shape = x.shape
+        if view and type(x) is np.ndarray and not x.flags.c_contiguous:
+            return _view_array(x, shape)
         return x.reshape(shape)
 
     def backward(self, gy):
@@ -36,40 +38,34 @@ def reshape(x, *shape):
     return _reshape(x, _sizes(shape, "reshape"))
 
 
-def _reshape(x, shape):
+def _reshape(x, shape, view=False):
     """x as `shape` (ints, at most one -1), through Reshape; torch's error for a bad shape."""
     if -1 not in shape:
-        ok = math.prod(shape) == x.size and min(shape, default=0) >= 0
+        ok = math.prod(shape) == x.data.size and min(shape, default=0) >= 0
     else:
         known = -math.prod(shape)  # the product of the other sizes
-        ok = shape.count(-1) == 1 and min(shape) >= -1 and known > 0 and x.size % known == 0
+        ok = shape.count(-1) == 1 and min(shape) >= -1 and known > 0 and x.data.size % known == 0
     if not ok:
-        raise RuntimeError(f"shape '{list(shape)}' is invalid for input of size {x.size}")
-    return Reshape.apply(x, shape=shape)
+        raise RuntimeError(f"shape '{list(shape)}' is invalid for input of size {x.data.size}")
+    return Reshape.apply(x, shape=shape, view=view)
 
 
 def view(x, *shape):
     """reshape that never copies, as torch's view: an error where the elements of x are not
     laid out so that the new shape can share them (call .contiguous() first, or reshape)."""
-    shape = _sizes(shape, "view")
-    out = _reshape(x, shape)
-    if out.data.size and not _shares_layout(x.data, out.shape):
+    return _reshape(x, _sizes(shape, "view"), view=True)
+
+
+def _view_array(a, shape):
+    """a (a NumPy array, not C-contiguous) as `shape` sharing its elements, or torch's error."""
+    try:
+        return np.reshape(a, shape, copy=False)  # NumPy >= 2.1 raises where a copy would be needed
+    except TypeError:  # an older NumPy: no copy= argument, and no check
+        return a.reshape(shape)
+    except ValueError:
         raise RuntimeError(f"view size is not compatible with input tensor's size and stride (at "
                            f"least one dimension spans across two contiguous subspaces): shape "
-                           f"{x.shape} -> {list(shape)}. Use .reshape(...) instead")
-    return out
-
-
-def _shares_layout(a, shape):
-    if a.flags.c_contiguous or not isinstance(a, np.ndarray):
-        return True
-    try:
-        np.reshape(a, shape, copy=False)  # NumPy >= 2.1 raises where a copy would be needed
-    except TypeError:  # an older NumPy: no such check
-        return True
-    except ValueError:
-        return False
-    return True
+                           f"{a.shape} -> {list(shape)}. Use .reshape(...) instead") from None
 
 
 class Contiguous(Function):
@@ -109,10 +105,11 @@ def permute(x, *dims):
 
 
 def transpose(x, dim0, dim1):
-    d0, d1 = wrap_dim(dim0, x.ndim), wrap_dim(dim1, x.ndim)
-    dims = list(range(x.ndim))
-    if x.ndim:
-        dims[d0], dims[d1] = dims[d1], dims[d0]
+    n = x.data.ndim
+    d0, d1 = wrap_dim(dim0, n), wrap_dim(dim1, n)
+    dims = list(range(n))
+    if n:
+        dims[d0], dims[d1] = d1, d0
     return Permute.apply(x, dims=tuple(dims))
 
 
