@@ -95,20 +95,10 @@ def _to(self, *args, **kwargs):
     return out
 
 
-Tensor.__add__ = _binary(add)
-Tensor.__radd__ = _binary(add, reverse=True)
-Tensor.__sub__ = _binary(sub)
-Tensor.__rsub__ = _binary(sub, reverse=True)
-Tensor.__mul__ = _binary(mul)
-Tensor.__rmul__ = _binary(mul, reverse=True)
-Tensor.__truediv__ = _binary(div)
-Tensor.__rtruediv__ = _binary(div, reverse=True)
-Tensor.__floordiv__ = _binary(floor_divide)
-Tensor.__rfloordiv__ = _binary(floor_divide, reverse=True)
-Tensor.__pow__ = _binary(pow)
-Tensor.__rpow__ = _binary(pow, reverse=True)
-Tensor.__matmul__ = _binary(matmul)
-Tensor.__rmatmul__ = _binary(matmul, reverse=True)
+for _name, _fn in (("add", add), ("sub", sub), ("mul", mul), ("truediv", div),
+                   ("floordiv", floor_divide), ("pow", pow), ("matmul", matmul)):
+    setattr(Tensor, f"__{_name}__", _binary(_fn))                  # x + y
+    setattr(Tensor, f"__r{_name}__", _binary(_fn, reverse=True))   # 2 + x
 Tensor.__neg__ = neg
 Tensor.__abs__ = abs
 Tensor.__getitem__ = getitem
