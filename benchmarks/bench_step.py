@@ -14,8 +14,10 @@ why), with the weights of one initialisation:
     tinytensor     gpt.model's GPTLanguageModel (fused q/k/v, fused attention, flat AdamW)
     torch          the lecture's PyTorch model, one Linear per head and per q/k/v
                    (tests/torch_gpt_reference.py), the weights copied by gpt.interop
-    torch-fused    the same in PyTorch with one q/k/v Linear and all heads in one batched
-                   matmul (nanoGPT style, not scaled_dot_product_attention), for reference
+    torch-fused    the same model written as nanoGPT writes it: one q/k/v Linear, the heads
+                   batched, torch's F.scaled_dot_product_attention(is_causal=True)
+    torch-compile  torch-fused under torch.compile (default backend, inductor); compiling
+                   happens in setup and its time is reported apart ("compile s"), not in ms/step
 
 After --warmup untimed steps each, the models take turns: a turn is --lead untimed steps and
 --block timed steps back to back (as in training), after --gap seconds of rest (so the previous
@@ -44,7 +46,8 @@ sys.path.insert(0, HERE)
 
 import common  # noqa: E402
 
-MODELS = ("tinytensor", "torch", "torch-fused")
+MODELS = ("tinytensor", "torch", "torch-fused", "torch-compile")
+DEFAULT_MODELS = ("tinytensor", "torch", "torch-fused")
 
 
 def batch(cfg, seed, i):
@@ -113,7 +116,7 @@ def _memory():
     return {"rss_mb": rss, "peak_mb": peak}
 
 
-def torch_worker(cfg, seed, lr, weights, fused, threads):
+def torch_worker(cfg, seed, lr, weights, kind, threads):
     import numpy as np
     import torch
     torch.set_num_threads(threads)
@@ -122,10 +125,10 @@ def torch_worker(cfg, seed, lr, weights, fused, threads):
     def setup():
         torch.manual_seed(seed)
         arrays = np.load(weights)
-        prefix = "ours/" if fused else "lecture/"
+        prefix = "lecture/" if kind == "torch" else "ours/"
         sd = {k[len(prefix):]: torch.from_numpy(arrays[k])
               for k in arrays.files if k.startswith(prefix)}
-        if fused:
+        if kind != "torch":
             model = fused_torch_model(cfg)
         else:
             from torch_gpt_reference import GPTLanguageModel
@@ -136,13 +139,26 @@ def torch_worker(cfg, seed, lr, weights, fused, threads):
         w["opt"] = torch.optim.AdamW(
             [{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.01},
              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=lr)
+        compile_s = None
+        if kind == "torch-compile":
+            t0 = time.perf_counter()
+            model = torch.compile(model)
+            x, y = (torch.from_numpy(a) for a in batch(cfg, seed, 0))
+            model(x, y)[1].backward()  # compiles the training graphs (forward and backward)
+            for p in params:
+                p.grad = None
+            with torch.no_grad():     # and the evaluation graph
+                model.eval()
+                model(x, y)
+                model.train()
+            compile_s = time.perf_counter() - t0
         model.eval()
         with torch.no_grad():
             _, loss = model(*(torch.from_numpy(a) for a in batch(cfg, seed, 0)))
         model.train()
         w["model"] = model
         return {"params": sum(p.numel() for p in params), "eval_loss": loss.item(),
-                "rss_mb": common.memory_mb()[0]}
+                "rss_mb": common.memory_mb()[0], "compile_s": compile_s}
 
     def step(i):
         x, y = (torch.from_numpy(a) for a in batch(cfg, seed, i))
@@ -162,8 +178,9 @@ def torch_worker(cfg, seed, lr, weights, fused, threads):
 
 
 def fused_torch_model(cfg):
-    """The lecture's GPT in PyTorch with tinytensor's parameter names and layout: one q/k/v
-    Linear per block, every head in one batched matmul (the way nanoGPT writes it)."""
+    """The lecture's GPT in PyTorch with tinytensor's parameter names and layout, written as
+    nanoGPT writes it: one q/k/v Linear per block, split into the heads, all heads in torch's
+    F.scaled_dot_product_attention (its fused kernels where it has them)."""
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
@@ -174,18 +191,17 @@ def fused_torch_model(cfg):
             self.nh = nh
             self.qkv = nn.Linear(C, 3 * C, bias=False)
             self.proj = nn.Linear(C, C)
-            self.attn_dropout, self.dropout = nn.Dropout(p), nn.Dropout(p)
-            future = torch.triu(torch.ones(T, T, dtype=torch.bool), 1)              # (T, T)
-            self.register_buffer("future", future, persistent=False)
+            self.dropout = nn.Dropout(p)
+            self.p = p
 
         def forward(self, x):
             B, T, C = x.shape
-            hs = C // self.nh
-            qkv = self.qkv(x).view(B, T, 3, self.nh, hs)                          # (B, T, 3, nh, hs)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4)                                  # each (B, nh, T, hs)
-            att = (q @ k.transpose(-2, -1)) * hs ** -0.5                          # (B, nh, T, T)
-            att = self.attn_dropout(att.masked_fill(self.future[:T, :T], float("-inf")).softmax(-1))
-            y = (att @ v).transpose(1, 2).reshape(B, T, C)                        # (B, T, C)
+            q, k, v = self.qkv(x).split(C, dim=2)                                 # each (B, T, C)
+            q, k, v = (a.view(B, T, self.nh, C // self.nh).transpose(1, 2)        # (B, nh, T, hs)
+                       for a in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.p if self.training else 0.0,
+                                               is_causal=True)                    # (B, nh, T, hs)
+            y = y.transpose(1, 2).contiguous().view(B, T, C)                      # (B, T, C)
             return self.dropout(self.proj(y))
 
     class FeedForward(nn.Module):
@@ -238,7 +254,9 @@ def parse_args(argv=None):
                    help="untimed steps that start each turn (default: small 1, lecture 0)")
     p.add_argument("--threads", type=int, default=common.usable_cores(),
                    help="threads per framework (default: the usable cores, %(default)s here)")
-    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                   help=f"comma-separated, from {', '.join(MODELS)} (default %(default)s; "
+                        f"torch-compile adds about a minute of compiling on a CPU)")
     p.add_argument("--gap", type=float, default=0.3,
                    help="seconds of rest before each step (default %(default)s): BLAS and OpenMP "
                         "threads spin for a while after their work, and would slow the next model")
@@ -324,6 +342,7 @@ def summarize(args, cfg, setups, times, losses, memory, gemm):
             "mfu": flops / (ms / 1e3) / (peak * 1e9),
             "peak_mb": memory[kind]["peak_mb"], "setup_rss_mb": setups[kind]["rss_mb"],
             "eval_loss": setups[kind]["eval_loss"], "params": setups[kind]["params"],
+            "compile_s": setups[kind].get("compile_s"),
             "losses": losses[kind],
         }
     return {"preset": args.preset, "config": dict(cfg, vocab_size=common.VOCAB),
@@ -351,9 +370,13 @@ def print_table(res):
         print(f"{kind:12s} {r['ms_per_step']:9.1f} {min(r['ms_all']):9.1f} {r['tinytensor_ratio']:8.2f}x "
               f"{r['tokens_per_s']:9,.0f} {r['gflops']:8.1f} {r['mfu']:5.0%} {r['peak_mb']:8.0f} "
               f"{r['eval_loss']:10.5f}")
-    if "torch" in res["results"]:
-        ratio = res["results"]["torch"]["tinytensor_ratio"]
-        print(f"\nratio tinytensor / torch (lecture model): {ratio:.2f}")
+    names = {"torch": "the lecture's model, eager", "torch-fused": "nanoGPT-style model, eager",
+             "torch-compile": "nanoGPT-style model, torch.compile"}
+    print()
+    for kind, r in res["results"].items():
+        if kind in names:
+            extra = f" (compiling took {r['compile_s']:.0f} s, not counted)" if r.get("compile_s") else ""
+            print(f"ratio tinytensor / torch ({names[kind]}): {r['tinytensor_ratio']:.2f}{extra}")
 
 
 def worker_main(args):
@@ -361,7 +384,7 @@ def worker_main(args):
     if args._worker == "tinytensor":
         handlers = tinytensor_worker(cfg, args.seed, args.lr, args._weights)
     else:
-        handlers = torch_worker(cfg, args.seed, args.lr, args._weights, args._worker == "torch-fused",
+        handlers = torch_worker(cfg, args.seed, args.lr, args._weights, args._worker,
                                 args.threads)
     common.serve(handlers)
 

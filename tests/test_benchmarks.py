@@ -45,6 +45,17 @@ def test_bench_step_compares_the_same_training_step():
     assert r["peak_gflops"] > 0 and r["flops_per_step"] > 0
 
 
+def test_bench_step_torch_compile_contender_trains_the_same_model():
+    """The nanoGPT-style model under torch.compile: the same losses, compile time apart."""
+    r = run_json("bench_step.py", "--preset", "small", "--iters", "1", "--warmup", "0",
+                 "--block", "1", "--lead", "0", "--gap", "0", "--models", "tinytensor,torch-compile")
+    res = r["results"]
+    assert set(res) == {"tinytensor", "torch-compile"}
+    assert res["torch-compile"]["losses"] == pytest.approx(res["tinytensor"]["losses"], rel=1e-5)
+    assert res["torch-compile"]["eval_loss"] == pytest.approx(res["tinytensor"]["eval_loss"], rel=1e-5)
+    assert res["torch-compile"]["compile_s"] > 0 and res["tinytensor"]["compile_s"] is None
+
+
 def test_bench_ops_times_every_op():
     r = run_json("bench_ops.py", "--reps", "1", "--rounds", "1")
     assert len(r["ops"]) == 10
