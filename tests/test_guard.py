@@ -161,6 +161,25 @@ def test_an_interrupt_before_the_first_checkpoint_claims_none(monkeypatch, capsy
     assert signal.getsignal(signal.SIGTERM) == before
 
 
+def test_only_a_bug_prints_a_traceback_and_asks_for_a_report(monkeypatch, capsys):
+    import train.train as T
+    for error, code, expected in ((ZeroDivisionError("oops"), 1, None),
+                                  (MemoryError(), 1, "error: out of memory (MemoryError); use a "
+                                   "smaller --n_embd, --n_layer, --batch_size or --block_size"),
+                                  (PermissionError(13, "Permission denied", "out/loss.png"), 1,
+                                   "error: out/loss.png: Permission denied")):
+        def fails(argv, stop, error=error):
+            raise error
+        monkeypatch.setattr(T, "run", fails)
+        assert T.main([]) == code
+        err = capsys.readouterr().err
+        if expected is None:
+            assert err.startswith("Traceback") and "ZeroDivisionError: oops" in err
+            assert err.splitlines()[-1] == "error: " + guard.REPORT
+        else:
+            assert err == expected + "\n"
+
+
 def test_atomic_write_leaves_no_temporary_file_and_names_the_real_file(tmp_path):
     path = tmp_path / "ckpt.npz"
     path.write_bytes(b"old")
