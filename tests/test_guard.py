@@ -157,7 +157,7 @@ def test_an_interrupt_before_the_first_checkpoint_claims_none(monkeypatch, capsy
     before = signal.getsignal(signal.SIGTERM)
     assert T.main(["--out_dir", "x"]) == 130
     err = capsys.readouterr().err
-    assert err == "error: interrupted by SIGINT before the first checkpoint: there is nothing to resume\n"
+    assert err == "error: interrupted by SIGINT before this run wrote a checkpoint\n"
     assert signal.getsignal(signal.SIGTERM) == before
 
 

@@ -550,7 +550,7 @@ def main(argv=None):
 
     def stopped(why):
         if stop.saved is None:
-            return f"{why} before the first checkpoint: there is nothing to resume"
+            return f"{why} before this run wrote a checkpoint"
         path, step = stop.saved
         return f"{why}; {path} (step {step}) is intact: continue with --resume"
 
