@@ -7,6 +7,7 @@ the whole process group is killed and the test fails with the output so far.
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -276,7 +277,7 @@ def test_one_two_and_four_ranks_train_the_same_model(tmp_path):
     ("raise", "rank 1: ValueError: boom on purpose", 1),
     ("thread", "rank 1: RuntimeError: boom in a thread", 1),
     ("abort", "rank 1: stopping on purpose", 3),
-    ("mismatch", "RankMismatchError: rank 1 has a different config: lr=0.2 (rank 0: 0.1)", 1),
+    ("mismatch", "error: rank 1 has a different config: lr=0.2 (rank 0: 0.1)", 1),
 ])
 def test_an_error_on_one_rank_ends_every_rank_and_is_printed_once(mode, line, rc):
     code, out, err, seconds = run_mpi(3, "fail.py", mode, timeout=60)
@@ -295,8 +296,12 @@ def test_a_killed_rank_ends_the_job_within_60_seconds():
     assert "unreachable" not in out
 
 
-def test_bad_setting_is_one_clear_line_from_rank_0():
+def test_bad_setting_is_one_clear_line_from_each_rank_that_has_it():
+    """A setting may be bad on one rank only, so the rank that has it says so (no traceback:
+    not a bug); here both have it, and the first to abort may end the other before it speaks."""
     code, out, err, _ = run_mpi(2, "collectives.py", "--threads", "1",
                                 env=clean_env(TT_DIST_BACKEND="gloo"), timeout=60)
-    line = "DistributedError: TT_DIST_BACKEND='gloo': expected 'mpi' or 'nccl'"
-    assert code != 0 and err.count(line) == 1 and "Traceback" not in err, err
+    line = "error: TT_DIST_BACKEND='gloo': expected 'mpi' or 'nccl'"
+    said = [x for x in err.splitlines() if line in x]
+    assert code != 0 and 1 <= len(said) <= 2 and "Traceback" not in err, err
+    assert all(re.fullmatch(rf"rank [01]: {re.escape(line)}", x) for x in said), said

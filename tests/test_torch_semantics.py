@@ -414,3 +414,35 @@ def test_to_and_dtype_methods():
         tt.tensor(None)
     with pytest.raises(TypeError, match="cannot make a tensor"):
         tt.tensor("abc")
+
+
+@pytest.mark.parametrize("seed", [0, -1, -2**63, 2**63, 2**64 - 1, True, 7.9])
+def test_manual_seed_takes_what_torch_takes(seed):
+    """torch.manual_seed maps a negative seed to seed + 2**64: two seeds that torch treats as one
+    give one stream here too."""
+    torch.manual_seed(seed)
+    tt.manual_seed(seed)
+    a = tt.nn.Linear(3, 4).weight.numpy().copy()
+    tt.manual_seed(torch.initial_seed())  # torch's view of the same seed, in [0, 2**64)
+    np.testing.assert_array_equal(tt.nn.Linear(3, 4).weight.numpy(), a)
+
+
+@pytest.mark.parametrize("seed", [2**64, -2**63 - 1, 10**30])
+def test_manual_seed_out_of_range_is_torchs_error(seed):
+    with pytest.raises(ValueError, match="Overflow when unpacking long") as ours:
+        tt.manual_seed(seed)
+    with pytest.raises(ValueError, match="Overflow when unpacking long"):
+        torch.manual_seed(seed)
+    assert str(seed) in str(ours.value)
+
+
+def test_shape_errors_name_both_shapes_and_dims_their_range():
+    with pytest.raises(RuntimeError, match=r"\(2, 3\) and \(4, 5\) cannot be multiplied"):
+        tt.tensor(np.ones((2, 3))) @ tt.tensor(np.ones((4, 5)))
+    with pytest.raises(RuntimeError, match=r"input of shape \(2, 3\) and weight of shape \(5, 4\)"):
+        tt.nn.Linear(4, 5)(tt.tensor(np.ones((2, 3), dtype=np.float32)))
+    for op in (lambda x: F.softmax(x, dim=3), lambda x: F.log_softmax(x, dim=-3),
+               lambda x: x.sum(dim=2), lambda x: x.transpose(0, 5)):
+        with pytest.raises(IndexError, match=r"Dimension out of range \(expected to be in range "
+                                             r"of \[-2, 1\]"):
+            op(tt.tensor(np.ones((2, 3))))

@@ -328,6 +328,8 @@ def test_bad_data_file(tmp_path, bad_files, name, needle):
     (["--config", "huge"], ["unknown preset 'huge'", "small", "lecture"]),
     (["positional"], ["unexpected argument 'positional'"]),
     (["--max_iters"], ["--max_iters needs a value"]),
+    (["--learning_rate", "1e-4", "--min_lr", "1e-3"],
+     ["min_lr (0.001) is above learning_rate (0.0001)", "--min_lr of at most 0.0001"]),
 ])
 def test_bad_config_is_a_one_line_error(tmp_path, text_file, args, needles):
     p = run_train(*TINY, "--data", text_file, "--out_dir", tmp_path / "o", *args)

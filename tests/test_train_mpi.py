@@ -2,11 +2,14 @@
 different number of ranks, and a failure on any rank ends the job (issue: data parallel)."""
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,3 +106,79 @@ def test_a_file_error_on_rank_0_ends_every_rank(tmp_path, text_file):
     lines = [line for line in r.stderr.splitlines() if "error:" in line]
     assert len(lines) == 1 and "rank 0: error: " in lines[0] and str(blocker) in lines[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+def run_mpmd(out_dir, text_file, rank1_args=(), rank1_env=(), *extra, timeout=120):
+    """Two ranks, rank 1 with its own extra arguments and environment (mpirun's MPMD form)."""
+    cmd = [sys.executable, str(TRAIN), "--data", str(text_file), "--out_dir", str(out_dir), *TINY,
+           "--max_iters", "4", *extra]
+    env_args = [a for k, v in rank1_env for a in ("-env", k, v)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([MPIRUN, "-n", "1", *cmd, ":", "-n", "1", *env_args, *cmd, *rank1_args],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def error_lines(r):
+    assert "Traceback" not in r.stderr, r.stderr
+    return [line for line in r.stderr.splitlines() if "error:" in line]
+
+
+def test_ranks_that_disagree_are_named_before_the_first_broadcast(tmp_path, text_file):
+    other = tmp_path / "other.txt"
+    other.write_text(text_file.read_text(encoding="utf-8") + "@", encoding="utf-8")
+    cases = [((), [("TT_BUCKET_MB", "5")], ["rank 1 has TT_BUCKET_MB=5.0 (rank 0: 25.0)"]),
+             (("--data", str(other)), (), [f"--data='{other}'", "vocab=", "data sha256=",
+                                          "data size="]),
+             (("--n_embd", "32"), (), ["--n_embd=32 (rank 0: 16)"])]
+    for args, env, needles in cases:
+        r = run_mpmd(tmp_path / "o", text_file, args, env)
+        lines = error_lines(r)
+        assert r.returncode == 1 and len(lines) == 1, r.stderr[-2000:]
+        assert lines[0].startswith("error: rank 1 has ") and "same environment" in lines[0]
+        for needle in needles:
+            assert needle in lines[0], lines[0]
+        assert not (tmp_path / "o" / "ckpt.npz").exists()
+
+
+def test_an_error_on_one_rank_reaches_the_user_from_that_rank(tmp_path, text_file):
+    r = run_mpmd(tmp_path / "o", text_file, (), [("TT_THREADS_PER_RANK", "many")])
+    assert r.returncode == 1 and error_lines(r) == [
+        "rank 1: error: TT_THREADS_PER_RANK='many': expected a positive integer"], r.stderr
+    (tmp_path / "missing").mkdir()
+    r = run_mpmd(tmp_path / "o", text_file, ("--data", str(tmp_path / "missing" / "t.txt")))
+    lines = error_lines(r)
+    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("rank 1: error: "), r.stderr
+    assert "t.txt" in lines[0]
+
+
+def test_a_signal_to_one_rank_stops_every_rank_with_a_checkpoint(tmp_path, text_file):
+    cmd = [MPIRUN, "-n", "2", sys.executable, str(TRAIN), "--data", str(text_file), "--out_dir",
+           str(tmp_path), *TINY, "--max_iters", "100000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        for line in proc.stdout:
+            if line.startswith("step 6: train loss"):
+                break
+        rank1 = [pid for pid in os.listdir("/proc") if pid.isdigit() and _is_rank(pid, str(tmp_path), 1)]
+        assert len(rank1) == 1
+        os.kill(int(rank1[0]), signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and "Traceback" not in err, err[-2000:]
+    step = int(re.search(r"^stopped by SIGTERM at step (\d+): wrote", out, re.M)[1])
+    meta = json.loads(str(np.load(tmp_path / "ckpt.npz", allow_pickle=False)["meta"]))
+    assert meta["step"] == step >= 7
+    assert sorted(os.listdir(tmp_path)) == ["best.npz", "ckpt.npz", "loss.png", "metrics.jsonl"]
+
+
+def _is_rank(pid, out_dir, rank):
+    """Process `pid` is train.py's rank `rank` writing to out_dir."""
+    try:
+        cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    except OSError:
+        return False
+    return (out_dir.encode() in cmdline and str(TRAIN).encode() in cmdline
+            and f"PMI_RANK={rank}".encode() in environ)

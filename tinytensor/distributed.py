@@ -66,6 +66,11 @@ class RankMismatchError(DistributedError):
     """Ranks disagree on the config or the parameters (raised on every rank)."""
 
 
+class SettingError(DistributedError):
+    """A bad environment setting of this rank (TT_THREADS_PER_RANK, TT_DIST_BACKEND, ...): other
+    ranks may not share it, so the rank that sees it reports it (see abort)."""
+
+
 # ----- start-up ------------------------------------------------------------------------------
 
 def launched_under_mpi():
@@ -104,7 +109,7 @@ def init(force=False):
         backend.use_device(_local_rank % backend.device_count())
     choice = os.environ.get("TT_DIST_BACKEND", "mpi").strip().lower()
     if choice not in ("mpi", "nccl"):
-        raise DistributedError(f"TT_DIST_BACKEND={choice!r}: expected 'mpi' or 'nccl'")
+        raise SettingError(f"TT_DIST_BACKEND={choice!r}: expected 'mpi' or 'nccl'")
     if choice == "nccl" and world_size() > 1:
         _nccl_comm = _make_nccl_comm()
 
@@ -119,6 +124,12 @@ def world_size():
     """The number of ranks (1 without MPI)."""
     _ensure_init()
     return _comm.Get_size() if _comm is not None else 1
+
+
+def local_size():
+    """The number of ranks on this node (they share its memory)."""
+    _ensure_init()
+    return _local_size
 
 
 def is_main():
@@ -147,7 +158,7 @@ def _set_blas_threads(default):
     wanted = os.environ.get("TT_THREADS_PER_RANK", "").strip()
     if wanted:
         if not wanted.isdigit() or int(wanted) < 1:
-            raise DistributedError(f"TT_THREADS_PER_RANK={wanted!r}: expected a positive integer")
+            raise SettingError(f"TT_THREADS_PER_RANK={wanted!r}: expected a positive integer")
         n = int(wanted)
     elif any(os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                             "MKL_NUM_THREADS")):
@@ -196,12 +207,15 @@ def _fail(exc_type, exc, tb):
         return
     _aborting = True
     r = _comm.Get_rank()
-    same_everywhere = issubclass(exc_type, (DistributedError, KeyboardInterrupt))
-    if not same_everywhere:
+    same_everywhere = (issubclass(exc_type, (DistributedError, KeyboardInterrupt))
+                       and not issubclass(exc_type, SettingError))
+    if issubclass(exc_type, SettingError):  # a bad setting, maybe of this rank only: no bug
+        _say(f"rank {r}: error: {exc}")
+    elif not same_everywhere:
         _say("".join(traceback.format_exception(exc_type, exc, tb))
              + f"rank {r}: {exc_type.__name__}: {exc}")
     elif r == 0:  # raised on every rank: rank 0 alone says it
-        _say(f"{exc_type.__name__}: {exc}".rstrip(": "))
+        _say(f"error: {exc}" if str(exc) else f"error: {exc_type.__name__}")
     else:
         time.sleep(10)  # give rank 0 time to print; its Abort ends this rank first
     _end_all(1)
@@ -255,6 +269,32 @@ def barrier():
 def _param_list(params):
     """A Module's parameters, or a list of Tensors as given."""
     return list(params.parameters()) if hasattr(params, "parameters") else list(params)
+
+
+def allgather(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (small picklable objects); [obj] alone."""
+    if world_size() == 1:
+        return [obj]
+    return _comm.allgather(obj)
+
+
+def check_same(values):
+    """Raise RankMismatchError (on every rank) naming each rank and field whose value differs
+    from rank 0's. values: {field: small JSON-able value}, e.g. the config, the data's size and
+    sha256, settings such as TT_BUCKET_MB. Call it before the first broadcast: ranks that
+    disagree there fail inside MPI with a message that names neither."""
+    everyone = allgather(values)
+    problems = []
+    for r, theirs in enumerate(everyone[1:], start=1):
+        keys = sorted(set(everyone[0]) | set(theirs), key=str)
+        diff = [k for k in keys if theirs.get(k, "<missing>") != everyone[0].get(k, "<missing>")]
+        if diff:
+            problems.append(f"rank {r} has " + ", ".join(
+                f"{k}={theirs.get(k, '<missing>')!r} (rank 0: {everyone[0].get(k, '<missing>')!r})"
+                for k in diff[:5]))
+    if problems:
+        raise RankMismatchError("; ".join(problems) + "; every rank must run the same command "
+                                "on the same data with the same environment")
 
 
 def broadcast_parameters(model, root=0):
@@ -350,9 +390,18 @@ def _bucket_mb(bucket_mb):
         try:
             bucket_mb = float(setting)
         except ValueError:
-            raise DistributedError(f"TT_BUCKET_MB={setting!r}: expected a size in MB, "
-                                   f"e.g. 25") from None
+            bucket_mb = -1.0
+        if not (bucket_mb > 0 and np.isfinite(bucket_mb)):
+            raise SettingError(f"TT_BUCKET_MB={setting!r}: expected a size in MB > 0, "
+                               f"e.g. 25")
     return bucket_mb
+
+
+def settings():
+    """The environment settings every rank must share ({name: value}; SettingError if one is
+    malformed): compare them with check_same before the first collective that depends on them."""
+    return {"TT_BUCKET_MB": _bucket_mb(None),
+            "TT_DIST_BACKEND": os.environ.get("TT_DIST_BACKEND", "mpi").strip().lower()}
 
 
 def _chunks(size, itemsize, bucket_mb=None):

@@ -5,13 +5,16 @@ A checkpoint holds
     model/<name>      one array per model parameter (its state_dict)
     optim/<i>/<key>   AdamW state of parameter i (step, exp_avg, exp_avg_sq), when saved
 
-`save_npz_atomic` writes a temporary file in the same directory, flushes and fsyncs it,
-then os.replace()s it over the target: a crash at any moment leaves either the old file
-or the new one, never a torn one. `load_npz` opens with allow_pickle=False and turns
-every way a file can be missing or broken into one CheckpointError line.
+`atomic_write` (every file train.py writes) writes a temporary `.NAME.XXXXXXXX.tmp` in the
+same directory, flushes and fsyncs it, then os.replace()s it over the target: a crash at any
+moment leaves either the old file or the new one, never a torn one; the temporary file is
+removed on any exception (Ctrl-C included), and `remove_stale_temps` removes those a killed
+run left. `load_npz` opens with allow_pickle=False and turns every way a file can be missing
+or broken into one CheckpointError line; `unpack` and `load_metrics` check every field they read.
 """
 import json
 import os
+import re
 import tempfile
 import zipfile
 
@@ -25,26 +28,60 @@ class CheckpointError(RuntimeError):
     """A missing, unreadable or malformed checkpoint; the message is one line for the user."""
 
 
-def save_npz_atomic(path, arrays):
-    """Write {name: array} to `path` as .npz so that `path` is never seen half-written."""
+def atomic_write(path, write):
+    """Call write(f) on a binary temporary file beside `path`, then put it in place atomically.
+
+    An OSError (a full disk, a directory where the file should be) names `path`, not the
+    temporary file, which never outlives the call.
+    """
     path = os.path.abspath(path)
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                                   dir=folder)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+    except BaseException as e:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        if isinstance(e, OSError) and e.filename != path:
+            raise OSError(e.errno, f"cannot write it ({e.strerror or e})", path) from None
         raise
     _fsync_dir(folder)
+
+
+def save_npz_atomic(path, arrays):
+    """Write {name: array} to `path` as .npz so that `path` is never seen half-written."""
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+# atomic_write's temporary files (and the names of older versions: metrics.jsonl.tmp, loss.png.tmp)
+_TEMP = re.compile(r"^(\.(ckpt\.npz|best\.npz|metrics\.jsonl|loss\.png)\.[a-z0-9_]+\.tmp"
+                   r"|(metrics\.jsonl|loss\.png)\.tmp)$")
+
+
+def remove_stale_temps(folder):
+    """Remove the temporary files a killed run left in `folder` (our own names only); returns
+    their names. Call it only while holding the folder's lock: a live run's are not stale."""
+    try:
+        names = [n for n in os.listdir(folder) if _TEMP.match(n)]
+    except FileNotFoundError:
+        return []
+    for name in names:
+        try:
+            os.unlink(os.path.join(folder, name))
+        except FileNotFoundError:
+            pass
+    return names
 
 
 def _umask():
@@ -109,9 +146,7 @@ def unpack(arrays, path="checkpoint"):
     if meta.get("version") != VERSION:
         raise CheckpointError(f"{path} has checkpoint version {meta.get('version')}, "
                               f"this code reads version {VERSION}")
-    for key in ("step", "config", "tokenizer"):
-        if key not in meta:
-            raise CheckpointError(f"{path}: 'meta' lacks the {key!r} entry")
+    check_meta(meta, path)
     model_state = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
     if not model_state:
         raise CheckpointError(f"{path} holds no model parameters")
@@ -120,10 +155,88 @@ def unpack(arrays, path="checkpoint"):
         state = {}
         for k, v in arrays.items():
             if k.startswith("optim/"):
-                _, i, key = k.split("/", 2)
+                _, i, key = (k.split("/", 2) + ["", ""])[:3]
+                if not (i.isdigit() and key):
+                    raise CheckpointError(f"{path}: malformed optimizer entry {k!r} "
+                                          f"(expected optim/<index>/<name>)")
                 state.setdefault(int(i), {})[key] = v
         optimizer_state = {"state": state, "param_groups": meta["optimizer"]["param_groups"]}
     return meta, model_state, optimizer_state
+
+
+def check_meta(meta, path):
+    """CheckpointError naming `path` and the entry unless meta's entries have their types:
+    step a non-negative int, config an object, tokenizer a string, losses numbers or null,
+    optimizer an object with a list of param_groups."""
+    def bad(key, expected):
+        what = (f"the meta entry {key!r} should be {expected}, got {json.dumps(meta[key])[:60]}"
+                if key in meta else f"'meta' lacks the {key!r} entry ({expected})")
+        raise CheckpointError(f"{path}: {what}; the file is damaged: delete it or use another "
+                              f"checkpoint")
+    step = meta.get("step")
+    if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+        bad("step", "a non-negative integer")
+    if not isinstance(meta.get("config"), dict):
+        bad("config", "an object of config fields")
+    if not isinstance(meta.get("tokenizer"), str):
+        bad("tokenizer", "a JSON string")
+    for key in ("train_loss", "val_loss", "best_val_loss"):
+        value = meta.get(key)
+        if value is not None and not _is_number(value):
+            bad(key, "a number or null")
+    if "optimizer" in meta and not (isinstance(meta["optimizer"], dict) and isinstance(
+            meta["optimizer"].get("param_groups"), list) and all(
+            isinstance(g, dict) for g in meta["optimizer"]["param_groups"])):
+        bad("optimizer", "an object with a list of param_groups")
+
+
+def load_tokenizer(meta, path):
+    """The CharTokenizer of a checked meta (see check_meta); CheckpointError naming `path`."""
+    from gpt.tokenizer import CharTokenizer
+    try:
+        return CharTokenizer.from_json(meta["tokenizer"])
+    except ValueError as e:
+        raise CheckpointError(f"{path}: the meta entry 'tokenizer' is unusable ({e}); the file "
+                              f"is damaged: delete it or use another checkpoint") from None
+
+
+def _is_number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def load_metrics(path, keep_before):
+    """The rows of metrics.jsonl a resume at step `keep_before` keeps: train rows of earlier
+    steps, eval rows up to it. Every row is checked (an object with a non-negative int step and
+    numeric losses); CheckpointError names the file and line. A last line cut short by a kill
+    is dropped."""
+    rows = []
+    if not os.path.exists(path):
+        return rows
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().split("\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        where = f"{path} line {i + 1}"
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if i == last:
+                continue  # a line cut short by a kill
+            raise CheckpointError(f"{where} is not JSON; fix or delete that line") from None
+        kind = "eval" if isinstance(row, dict) and ("val_loss" in row or "train_loss" in row) \
+            else "train"
+        need = ("train_loss", "val_loss") if kind == "eval" else ("loss",)
+        step = row.get("step") if isinstance(row, dict) else None
+        if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0
+                and all(_is_number(row.get(k)) for k in need)):
+            expected = ", ".join(("step (an integer >= 0)",) + need)
+            raise CheckpointError(f"{where} should be an object with {expected}, got "
+                                  f"{line.strip()[:60]}; fix or delete that line")
+        if (kind == "eval" and step <= keep_before) or (kind == "train" and step < keep_before):
+            rows.append(row)
+    return rows
 
 
 def save_checkpoint(path, meta, model, optimizer=None):

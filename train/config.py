@@ -90,6 +90,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be in [0, 1), got {value}")
         if self.lr_decay not in ("none", "cosine"):
             raise ConfigError(f"lr_decay must be 'none' or 'cosine', got {self.lr_decay!r}")
+        if self.lr_decay == "cosine" and self.min_lr > self.learning_rate:
+            raise ConfigError(f"min_lr ({self.min_lr:g}) is above learning_rate "
+                              f"({self.learning_rate:g}): the cosine decay would raise the rate; "
+                              f"pass a --min_lr of at most {self.learning_rate:g}")
         if self.device not in ("cpu", "cuda", "auto"):
             raise ConfigError(f"device must be 'cpu', 'cuda' or 'auto', got {self.device!r}")
         if not self.out_dir:
@@ -268,12 +272,31 @@ def make_config(preset=None, overrides=None):
     return TrainConfig(**values)
 
 
+# Fields added after checkpoints were first written: a saved config without one gets its default.
+# Every other field must be there: a default would silently change the run (n_embd 128 -> 32).
+LATER_FIELDS = ("fused",)
+
+
 def config_from_dict(d):
-    """A TrainConfig from a saved dict (e.g. a checkpoint's); unknown keys are an error."""
-    names = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(d) - names)
+    """A TrainConfig from a saved dict (e.g. a checkpoint's): every field present (except
+    LATER_FIELDS) and of its type, no unknown ones; ConfigError otherwise."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"the saved config is not an object of fields: {str(d)[:60]}")
+    types = field_types()
+    unknown = sorted(set(d) - set(types))
     if unknown:
         raise ConfigError(f"saved config has unknown fields {unknown}")
+    missing = [k for k in types if k not in d and k not in LATER_FIELDS]
+    if missing:
+        raise ConfigError(f"saved config lacks the fields {missing}")
+    for name, value in d.items():
+        kind = types[name]
+        ok = (isinstance(value, bool) if kind is bool else
+              isinstance(value, kind) and not isinstance(value, bool) if kind in (int, str) else
+              isinstance(value, (int, float)) and not isinstance(value, bool))
+        if not ok:
+            raise ConfigError(f"saved config field {name} should be a {kind.__name__}, got "
+                              f"{json.dumps(value)[:40]}")
     return TrainConfig(**d)
 
 

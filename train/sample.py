@@ -19,7 +19,8 @@ import numpy as np  # noqa: E402
 
 import tinytensor as tt  # noqa: E402
 from tinytensor import backend  # noqa: E402
-from train.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from train import guard  # noqa: E402
+from train.checkpoint import CheckpointError, load_checkpoint, load_tokenizer  # noqa: E402
 from train.config import ConfigError, config_from_dict  # noqa: E402
 
 
@@ -60,12 +61,11 @@ def parse_args(argv):
 def load_model(path, device="cpu"):
     """(model in eval mode, tokenizer, meta) from a checkpoint; CheckpointError if unusable."""
     from gpt.model import GPTConfig, build_model
-    from gpt.tokenizer import CharTokenizer
 
     meta, model_state, _ = load_checkpoint(path)
+    tokenizer = load_tokenizer(meta, path)
     try:
         cfg = config_from_dict(meta["config"])
-        tokenizer = CharTokenizer.from_json(meta["tokenizer"])
         gconf = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=cfg.block_size, n_embd=cfg.n_embd,
                           n_head=cfg.n_head, n_layer=cfg.n_layer, dropout=0.0)
         model = build_model(cfg.model, gconf)
@@ -79,29 +79,31 @@ def load_model(path, device="cpu"):
 
 
 def main(argv=None):
+    """sample() inside guard.boundary: a bad command line exits 2, an unusable checkpoint (or
+    another file or memory error) 1, each with one `error:` line; Ctrl-C (130) and a closed
+    output pipe (141, `sample.py | head`) end quietly."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    known = [(UsageError, 2), ((CheckpointError, OSError, MemoryError), 1)]
+    return guard.boundary(lambda: sample(argv), known, stopped=lambda why: None)
+
+
+def sample(argv):
+    """Print the samples the command line asks for; reads out_dir without taking its lock."""
+    args = parse_args(argv)
     try:
-        args = parse_args(argv)
-        try:
-            device = backend.check_device(args.device)
-        except (ValueError, RuntimeError) as e:
-            raise UsageError(str(e)) from None
-        path = os.path.join(args.out_dir, "best.npz" if args.best else "ckpt.npz")
-        model, tokenizer, meta = load_model(path, device)
-        if args.start:
-            unknown = sorted(set(args.start) - set(tokenizer.chars))
-            if unknown:
-                raise UsageError(f"--start has characters outside the checkpoint's vocabulary: "
-                                 f"{', '.join(map(repr, unknown))}")
-            prompt = tokenizer.encode(args.start)
-        else:
-            prompt = [0]
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        device = backend.check_device(args.device)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(str(e)) from None
+    path = os.path.join(args.out_dir, "best.npz" if args.best else "ckpt.npz")
+    model, tokenizer, meta = load_model(path, device)
+    if args.start:
+        unknown = sorted(set(args.start) - set(tokenizer.chars))
+        if unknown:
+            raise UsageError(f"--start has characters outside the checkpoint's vocabulary: "
+                             f"{', '.join(map(repr, unknown))}")
+        prompt = tokenizer.encode(args.start)
+    else:
+        prompt = [0]
 
     tt.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)

@@ -11,6 +11,7 @@ and loss.png. The run depends only on the seed and the config: training batches,
 batches and dropout each draw from their own stream, derived from (seed, stream, step), so
 evaluating more often or resuming from a checkpoint never changes the training losses.
 """
+import hashlib
 import json
 import math
 import os
@@ -29,7 +30,10 @@ import tinytensor as tt  # noqa: E402
 from tinytensor import backend  # noqa: E402
 from tinytensor import distributed as dist  # noqa: E402
 from tinytensor.optim import AdamW, clip_grad_norm_, lr_schedule  # noqa: E402
-from train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
+from train import guard  # noqa: E402
+from train.checkpoint import (CheckpointError, atomic_write, load_checkpoint,  # noqa: E402
+                              load_metrics, load_tokenizer, remove_stale_temps, save_checkpoint)
+from gpt.data import DataError  # noqa: E402
 from train.config import (MODEL_SHAPE_FIELDS, PRESETS, ConfigError, TrainConfig,  # noqa: E402
                           config_from_dict, format_config, make_config, parse_args, usage)
 
@@ -112,28 +116,14 @@ class Metrics:
     def __init__(self, path, resume_step=None):
         self.path = path
         self.train, self.evals = [], []  # (step, loss), (step, train_loss, val_loss)
-        if resume_step is None:
-            open(path, "w").close()
-            return
-        # keep what the checkpoint covers: train rows before its step, eval rows up to it
-        kept = []
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        row = json.loads(line)
-                    except ValueError:
-                        continue  # a line cut short by a kill
-                    if "val_loss" in row and row["step"] <= resume_step:
-                        kept.append(row)
-                        self.evals.append((row["step"], row["train_loss"], row["val_loss"]))
-                    elif "loss" in row and row["step"] < resume_step:
-                        kept.append(row)
-                        self.train.append((row["step"], row["loss"]))
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(row) + "\n" for row in kept)
-        os.replace(tmp, path)
+        # on resume keep what the checkpoint covers: train rows before its step, eval rows up to it
+        kept = [] if resume_step is None else load_metrics(path, resume_step)
+        for row in kept:
+            if "val_loss" in row:
+                self.evals.append((row["step"], row["train_loss"], row["val_loss"]))
+            else:
+                self.train.append((row["step"], row["loss"]))
+        atomic_write(path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in kept).encode()))
 
     def write(self, row):
         with open(self.path, "a", encoding="utf-8") as f:
@@ -164,17 +154,17 @@ def plot_losses(metrics, path):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path + ".tmp"
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(fig)
 
 
 # ----- setup ----------------------------------------------------------------------------
 
-def resolve_config(argv):
-    """The run's TrainConfig and, with --resume, the loaded checkpoint (meta, model, optim)."""
-    preset, overrides = parse_args(argv)
+def resolve_config(preset, overrides):
+    """The run's TrainConfig and, with --resume, the loaded checkpoint (meta, model, optim,
+    tokenizer), every field of its meta checked."""
     cfg = make_config(preset, overrides)
     if not cfg.resume:
         return cfg, None
@@ -187,8 +177,11 @@ def resolve_config(argv):
         raise CheckpointError(f"{path} holds no optimizer state, so it cannot be resumed")
     try:
         saved = config_from_dict(meta["config"])
-    except (ConfigError, TypeError) as e:
-        raise CheckpointError(f"{path}: unusable saved config ({e})") from None
+        saved.validate()
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: unusable saved config ({e}); the file is damaged: "
+                              f"delete it or use another out_dir") from None
+    tokenizer = load_tokenizer(meta, path)
     # the saved config, updated by what this command line names explicitly
     explicit = dict(PRESETS[preset]) if preset else {}
     explicit.update(overrides)
@@ -199,23 +192,36 @@ def resolve_config(argv):
     if changed:
         raise ConfigError(f"--resume: the model in {path} has a different shape ({', '.join(changed)}); "
                           f"these cannot change on resume: use the checkpoint's values or another out_dir")
-    return cfg, (meta, model_state, optim_state)
+    return cfg, (meta, model_state, optim_state, tokenizer)
+
+
+def prepare(preset, overrides, lock):
+    """What every rank does before the ranks compare notes: the config (and checkpoint), then
+    on rank 0 the out_dir lock and the removal of a killed run's temporary files, then build()
+    and the fingerprint of what it built."""
+    from gpt.model import MODELS
+    cfg, ckpt = resolve_config(preset, overrides)
+    cfg.validate(model_names=list(MODELS), world_size=dist.world_size())
+    if dist.is_main():
+        lock.acquire()  # held until run() ends
+        remove_stale_temps(cfg.out_dir)
+    built = build(cfg, ckpt)
+    return cfg, ckpt, built + (fingerprint(cfg, *built),)
 
 
 def build(cfg, ckpt):
-    """Data, tokenizer, model (on its device) and optimizer, restored from ckpt when resuming."""
-    from gpt.data import CharDataset, DataError, load_text
-    from gpt.model import MODELS, GPTConfig, build_model
-    from gpt.tokenizer import CharTokenizer
+    """Data, tokenizer, model (on its device) and optimizer, restored from ckpt when resuming;
+    the model's memory is checked against the machine's before it is made."""
+    from gpt.data import CharDataset, load_text
+    from gpt.model import GPTConfig, build_model
 
-    cfg.validate(model_names=list(MODELS), world_size=dist.world_size())
     try:
         device = backend.check_device(cfg.device)
     except (ValueError, RuntimeError) as e:
         raise ConfigError(str(e)) from None
 
     text = load_text(cfg.data or None)
-    tokenizer = CharTokenizer.from_json(ckpt[0]["tokenizer"]) if ckpt else None
+    tokenizer = ckpt[3] if ckpt else None
     try:
         dataset = CharDataset(text, tokenizer)
     except DataError:
@@ -232,19 +238,37 @@ def build(cfg, ckpt):
         gconf.validate()
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    guard.check_memory(*guard.estimate_memory(
+        gconf.vocab_size, cfg.block_size, cfg.n_embd, cfg.n_head, cfg.n_layer,
+        cfg.batch_size // dist.world_size(), device), ranks_here=dist.local_size())
     tt.manual_seed(cfg.seed)  # parameter initialisation
     model = build_model(cfg.model, gconf)
     model.to(device)
     optimizer = make_optimizer(model, cfg)
     if ckpt:
-        meta, model_state, optim_state = ckpt
+        meta, model_state, optim_state, _ = ckpt
         try:
             model.load_state_dict(model_state)
             optimizer.load_state_dict(optim_state)
-        except (KeyError, ValueError, IndexError) as e:
+        except (KeyError, ValueError, IndexError, TypeError) as e:
             msg = str(e.args[0]) if e.args else type(e).__name__
             raise CheckpointError(f"{cfg.out_dir}/ckpt.npz does not match the model: {msg}") from None
     return dataset, model, optimizer, device
+
+
+def fingerprint(cfg, dataset, model, optimizer, device):
+    """What every rank must agree on before the first broadcast (dist.check_same): the config,
+    the data (its size, sha256 and vocabulary), the parameters' dtype, the device and the
+    environment settings of tinytensor.distributed. Empty in one process."""
+    if dist.world_size() == 1:
+        return {}
+    values = {f"--{k}": v for k, v in cfg.to_dict().items()}
+    values.update({"data size": int(dataset.data.size),
+                   "data sha256": hashlib.sha256(dataset.data.tobytes()).hexdigest(),
+                   "vocab": dataset.tokenizer.vocab_size,
+                   "dtype": str(next(iter(model.parameters())).dtype), "device": device})
+    values.update(dist.settings())
+    return values
 
 
 # ----- the run ----------------------------------------------------------------------------
@@ -265,6 +289,7 @@ class RunState:
     best_val: float                   # the best validation loss so far (inf: none yet)
     last_saved: Optional[int]         # the step of the last checkpoint (None: none written yet)
     main: bool                        # rank 0: prints, logs and writes the files
+    stop: guard.StopSignals           # SIGINT/SIGTERM: a request to stop at a step boundary
     metrics: Optional[Metrics] = None  # metrics.jsonl and the loss history (rank 0 only)
     bar: object = None                # the tqdm progress bar on a terminal (rank 0), else None
     t_log: float = 0.0                # time.perf_counter() at the last train log line
@@ -279,22 +304,23 @@ class RunState:
         return os.path.join(self.cfg.out_dir, "best.npz")
 
 
-def setup(cfg, ckpt):
-    """Build everything (restored from ckpt when resuming), make every rank start from rank 0's
-    weights, print the run's header and open metrics.jsonl (rank 0)."""
-    dataset, model, optimizer, device = build(cfg, ckpt)
-    start = int(ckpt[0]["step"]) if ckpt else 0
+def setup(cfg, ckpt, built, stop):
+    """Check that every rank built the same (prepare()'s fingerprint), make every rank start
+    from rank 0's weights, print the run's header and open metrics.jsonl (rank 0)."""
+    dataset, model, optimizer, device, values = built
+    start = ckpt[0]["step"] if ckpt else 0
     best_val = ckpt[0].get("best_val_loss", math.inf) if ckpt else math.inf
     if start > cfg.max_iters:
         raise ConfigError(f"max_iters ({cfg.max_iters}) is below the checkpoint's step ({start}); "
                           f"pass --max_iters {start} or more")
+    dist.check_same(values)
     dist.broadcast_parameters(model)
     dist.check_consistent(cfg.to_dict(), list(model.parameters()))
     state = RunState(cfg=cfg, dataset=dataset, model=model, optimizer=optimizer, device=device,
                      start=start, best_val=math.inf if best_val is None else best_val,
-                     last_saved=start if ckpt else None, main=dist.is_main())
+                     last_saved=start if ckpt else None, main=dist.is_main(), stop=stop)
+    stop.saved = (state.ckpt_path, start) if ckpt else None
     if state.main:
-        os.makedirs(cfg.out_dir, exist_ok=True)
         print("config:\n" + format_config(cfg), flush=True)
         print(f"data: {cfg.data or 'tiny Shakespeare'}: {len(dataset.data):,} tokens "
               f"({len(dataset.train):,} train, {len(dataset.val):,} val), "
@@ -313,7 +339,7 @@ def setup(cfg, ckpt):
 def train_step(state, step):
     """One optimizer step on the global batch of `step`: this rank's rows forward and backward,
     gradients averaged over the ranks, clipped, AdamW. Returns (the loss averaged over the
-    ranks, the learning rate used)."""
+    ranks, the learning rate used); state.stop learns whether any rank was asked to stop."""
     cfg, model, optimizer = state.cfg, state.model, state.optimizer
     lr = get_lr(step, cfg)
     for group in optimizer.param_groups:
@@ -329,8 +355,11 @@ def train_step(state, step):
     dist.allreduce_gradients(optimizer.flat)      # that buffer, averaged over the ranks
     if cfg.grad_clip > 0:
         clip_grad_norm_(list(model.parameters()), cfg.grad_clip)
-    # the mean over ranks is non-finite when any rank's loss is: every rank stops alike
-    step_loss = float(dist.allreduce_mean(loss.item()))
+    # the mean over ranks is non-finite when any rank's loss is, and a stop asked on any rank
+    # shows in the mean of the stop flags: every rank stops alike
+    step_loss, *asked = dist.allreduce_mean(np.array([loss.item(), *state.stop.flags()]))
+    step_loss = float(step_loss)
+    state.stop.agree(asked)
     if not math.isfinite(step_loss):
         raise TrainingError(nonfinite_message(state, step, "training loss"))
     optimizer.step()
@@ -349,6 +378,7 @@ def evaluate(state, step):
         save_checkpoints(state, step, losses)
         plot_losses(state.metrics, os.path.join(state.cfg.out_dir, "loss.png"))
     state.last_saved = step
+    state.stop.saved = (state.ckpt_path, step)
 
 
 def save_checkpoints(state, step, losses):
@@ -360,8 +390,21 @@ def save_checkpoints(state, step, losses):
                     state.optimizer)
 
 
-def checkpoint_meta(state, step, losses):
+def stop_early(state, step):
+    """A signal asked some rank to stop and every rank has finished step - 1: rank 0 saves
+    ckpt.npz (no evaluation: no time to lose) and says so. Returns the exit status."""
+    if state.main:
+        save_checkpoint(state.ckpt_path, checkpoint_meta(state, step), state.model, state.optimizer)
+        say(state, f"stopped by {state.stop.name} at step {step}: wrote {state.ckpt_path}; "
+                   f"continue with --resume")
+    state.last_saved = step
+    state.stop.saved = (state.ckpt_path, step)
+    return state.stop.exit_code
+
+
+def checkpoint_meta(state, step, losses=None):
     cfg = state.cfg
+    losses = losses or {"train": None, "val": None}  # None: saved when stopped by a signal
     return {"step": step, "config": cfg.to_dict(), "tokenizer": state.dataset.tokenizer.to_json(),
             "train_loss": losses["train"], "val_loss": losses["val"],
             "best_val_loss": state.best_val, "world_size": dist.world_size(),
@@ -373,8 +416,10 @@ def checkpoint_meta(state, step, losses):
 def nonfinite_message(state, step, what):
     kept = (f"the last good checkpoint {state.ckpt_path} (step {state.last_saved}) is kept"
             if state.last_saved is not None else "no checkpoint was written")
+    clip = (f"a lower --grad_clip (now {state.cfg.grad_clip:g})" if state.cfg.grad_clip > 0
+            else "--grad_clip 1.0")
     return (f"non-finite {what} at step {step}: training stopped; {kept}; "
-            f"try a lower learning_rate (now {state.cfg.learning_rate:g}) or --grad_clip 1.0")
+            f"try a lower --learning_rate (now {state.cfg.learning_rate:g}) or {clip}")
 
 
 def log_step(state, step, step_loss, lr):
@@ -421,22 +466,26 @@ def progress_bar(state):
 
 def train(state):
     """The loop: evaluate every eval_interval steps (not twice at a step just checkpointed),
-    a train_step and its log each step, and a last evaluation at max_iters."""
+    a train_step and its log each step, and a last evaluation at max_iters. SIGINT/SIGTERM
+    end it at the next step boundary, with a checkpoint. Returns the exit status."""
     cfg = state.cfg
     state.model.train()
     state.t_log, state.steps_since_log = time.perf_counter(), 0
     # non-finite values are caught by the loss checks, not by NumPy's warnings
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"), state.stop.armed_here():
         for step in range(state.start, cfg.max_iters):
             if step % cfg.eval_interval == 0 and step != state.last_saved:
                 evaluate(state, step)
                 state.t_log, state.steps_since_log = time.perf_counter(), 0  # not step time
             step_loss, lr = train_step(state, step)
             log_step(state, step, step_loss, lr)
+            if state.stop.signum is not None:  # every rank knows it (train_step's collective)
+                return stop_early(state, step + 1)
         evaluate(state, cfg.max_iters)
+    return 0
 
 
-def run(argv):
+def run(argv, stop):
     if any(a in ("-h", "--help") for a in argv):
         if dist.is_main():
             try:
@@ -446,23 +495,31 @@ def run(argv):
             print(usage(preset))
         return 0
     tt.malloc.keep_freed_memory()  # reuse freed temporaries (TT_MALLOC_TUNING=0: leave malloc be)
-    cfg, ckpt = resolve_config(argv)
-    state = setup(cfg, ckpt)
-    if state.start == cfg.max_iters:
-        if state.main:
-            print(f"nothing to do: the checkpoint is already at step {state.start}; "
-                  f"raise --max_iters to go on")
-        return 0
-    state.bar = progress_bar(state)
-    train(state)
-    if state.bar is not None:
-        state.bar.close()
-    if state.main:
+    preset, overrides = parse_args(argv)
+    lock = guard.OutDirLock(make_config(preset, overrides).out_dir)
+    try:
+        # an error on any rank while preparing ends every rank, named with its rank
+        cfg, ckpt, built = guard.together(lambda: prepare(preset, overrides, lock), KNOWN_ERRORS)
+        state = setup(cfg, ckpt, built, stop)
+        if state.start == cfg.max_iters:
+            if state.main:
+                print(f"nothing to do: the checkpoint is already at step {state.start}; "
+                      f"raise --max_iters to go on")
+            return 0
+        state.bar = progress_bar(state)
+        try:
+            code = train(state)
+        finally:
+            if state.bar is not None:
+                state.bar.close()
+    finally:
+        lock.release()
+    if state.main and code == 0:
         print(f"done: {cfg.max_iters} steps; best val loss {state.best_val:.4f}; wrote "
               f"{state.ckpt_path}, {state.best_path}, "
               f"{os.path.join(cfg.out_dir, 'metrics.jsonl')}, "
               f"{os.path.join(cfg.out_dir, 'loss.png')}")
-    return 0
+    return code
 
 
 def terminal_columns():
@@ -479,37 +536,29 @@ def format_eta(seconds):
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
-def fail(message, code, every_rank=True):
-    """One line on stderr; returns code, the exit status.
-
-    every_rank: every rank hits this same error (a bad config, a non-finite loss), so each
-    returns and rank 0 alone prints it. Otherwise (an OSError: rank 0 alone writes the files)
-    under MPI this rank prints it and ends every rank through dist.abort, so that no rank is
-    left waiting in its next collective.
-    """
-    line = "error: " + " ".join(str(message).split("\n"))
-    if not every_rank and dist.world_size() > 1:
-        dist.abort(line, code)
-    if dist.world_size() == 1 or dist.is_main():
-        print(line, file=sys.stderr, flush=True)
-    return code
+# The errors bad input or the environment can raise, with their exit status; and those of them
+# every rank raises alike (guard.boundary prints them once, from rank 0).
+KNOWN_ERRORS = [(ConfigError, 2),
+                ((DataError, CheckpointError, TrainingError, guard.LockError, guard.OutOfMemory,
+                  guard.RankError, dist.DistributedError, OSError, MemoryError), 1)]
+EVERY_RANK = (ConfigError, TrainingError, guard.RankError, dist.RankMismatchError)
 
 
 def main(argv=None):
-    from gpt.data import DataError
     argv = sys.argv[1:] if argv is None else list(argv)
-    dist.init()
-    try:
-        return run(argv)
-    except ConfigError as e:
-        return fail(e, 2)
-    except (DataError, CheckpointError, TrainingError) as e:
-        return fail(e, 1)
-    except OSError as e:  # e.g. out_dir not writable, disk full
-        message = f"{e.strerror or e}: {e.filename}" if e.filename else e
-        return fail(message, 1, every_rank=False)  # rank 0 alone writes: end every rank
-    except KeyboardInterrupt:
-        return fail("interrupted; the last checkpoint in out_dir is intact (continue with --resume)", 130)
+    stop = guard.StopSignals()
+
+    def stopped(why):
+        if stop.saved is None:
+            return f"{why} before this run wrote a checkpoint"
+        path, step = stop.saved
+        return f"{why}; {path} (step {step}) is intact: continue with --resume"
+
+    def body():
+        with stop:  # SIGINT/SIGTERM handled until run() returns, then as before
+            dist.init()
+            return run(argv, stop)
+    return guard.boundary(body, KNOWN_ERRORS, EVERY_RANK, stopped)
 
 
 if __name__ == "__main__":
