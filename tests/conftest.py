@@ -71,6 +71,9 @@ def _worker_files(run):
 
 
 def pytest_configure(config):
+    if os.environ.get("TT_FAKE_CUPY"):  # the whole session on the cupy stand-in (fake_cupy.py)
+        import fake_cupy
+        fake_cupy.install()
     if not hasattr(config, "workerinput"):  # the main process: pytest-xdist workers inherit the id
         os.environ["TT_WORST_ERRORS_RUN"] = str(os.getpid())
 
@@ -106,3 +109,11 @@ def pytest_terminal_summary(terminalreporter):
         tr.write_line(f"{family:<{width}}{cells}")
     tr.write_line(f"(written to {WORST_ERRORS_PATH})")
 
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """The cupy stand-in (tests/fake_cupy.py) as tinytensor's cupy for one test: 'cuda' works
+    without a GPU, with CuPy's rules on host/device mixing; its transfer counts start at 0."""
+    import fake_cupy
+    return fake_cupy.install(monkeypatch=monkeypatch)

@@ -1,7 +1,9 @@
 """Softmax cross-entropy of logits against integer targets, forward and backward.
 
     forward:  lse_n  = log(sum_c exp(x_nc))                     (saved for the backward)
-              loss_n = lse_n - x_n,t_n     (0 where t_n == ignore_index)
+              loss_n = lse_n - x_n,t_n     (0 where t_n == ignore_index; computed as
+                                            (max_n - x_n,t_n) + log(sum_c exp(x_nc - max_n)),
+                                            exact where logits are large, as torch's)
     backward: gx_nc  = (exp(x_nc - lse_n) - [c == t_n]) * scale_n   (0 where ignored)
 
 logits x (N, C), targets t (N,) integers, loss and lse (N,). `scale` is the gradient of
@@ -37,13 +39,14 @@ __global__ void cross_entropy_fwd(const T* __restrict__ x, const long long* __re
     m = warp_max(m);
     T s = 0;
     for (int j = lane; j < C; j += 32) s += tt_exp(xr[j] - m);
-    const T l = m + tt_log(warp_sum(s));
+    const T log_s = tt_log(warp_sum(s));
+    const T l = m + log_s;
     if (lane == 0) {
         const long long target = t[row];
         lse[row] = l;
         if (target == ignore_index) loss[row] = T(0);
         else if (target < 0 || target >= C) loss[row] = tt_nan(l);
-        else loss[row] = l - xr[target];
+        else loss[row] = (m - xr[target]) + log_s;  // not l - x: l ~ m loses digits
     }
 }
 
@@ -110,9 +113,9 @@ def cross_entropy_forward_ref(logits, targets, ignore_index=-100):
     m = logits.max(axis=1)                        # (N,)
     e = logits - m[:, None]                       # (N, C)
     np.exp(e, out=e)
-    lse = np.log(e.sum(axis=1))
-    lse += m
-    loss = lse - logits[np.arange(N), t]
+    log_s = np.log(e.sum(axis=1))
+    loss = (m - logits[np.arange(N), t]) + log_s  # not lse - x: lse ~ m loses digits
+    lse = log_s + m
     loss[~valid] = 0
     return loss, lse
 
