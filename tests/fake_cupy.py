@@ -486,7 +486,8 @@ def install(n_devices=1, monkeypatch=None, kernels=True):
 
 def main(argv):
     """python tests/fake_cupy.py SCRIPT ARGS...: run SCRIPT as __main__ with the stand-in.
-    TT_FAKE_CUPY_REPORT=path writes the transfer counts there as JSON at exit;
+    TT_FAKE_CUPY_REPORT=path writes the transfer counts there as JSON at exit (path.RANK under
+    mpirun);
     TT_FAKE_CUPY_KERNELS=off: install(kernels=False); TT_FAKE_CUPY_DEVICES=n pretend GPUs."""
     import atexit
     import json
@@ -494,6 +495,9 @@ def main(argv):
     install(int(os.environ.get("TT_FAKE_CUPY_DEVICES", "1")),
             kernels=os.environ.get("TT_FAKE_CUPY_KERNELS", "emulate") != "off")
     report = os.environ.get("TT_FAKE_CUPY_REPORT")
+    rank = os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK"))
+    if report and rank is not None:  # under mpirun: one report per rank, path.RANK
+        report = f"{report}.{rank}"
     if report:
         atexit.register(lambda: json.dump({"transfers": dict(transfers), "uploads": dict(uploads),
                                            "sites": dict(transfer_sites.most_common(20))},
