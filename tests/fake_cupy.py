@@ -432,6 +432,7 @@ def _make_module(n_devices):
     m = types.ModuleType("cupy")
     m.__file__ = __file__
     m._n_devices = n_devices
+    m.__version__ = "stand-in (tests/fake_cupy.py)"
     for name in ("ndarray", "asarray", "array", "asnumpy", "ascontiguousarray",
                  "get_array_module"):
         setattr(m, name, globals()[name])
@@ -504,7 +505,7 @@ def main(argv):
                                           open(report, "w"), indent=1))
     script = argv[0]
     sys.argv = list(argv)
-    sys.path.insert(1, os.path.dirname(os.path.abspath(script)))  # after the checkout's root
+    sys.path[:0] = [os.path.dirname(_HERE), os.path.dirname(os.path.abspath(script))]
     runpy.run_path(script, run_name="__main__")
 
 

@@ -6,8 +6,8 @@ op below runs on the CPU (NumPy) and on the device under test, forward and backw
 two must agree (float64 to 1e-10, float32 to 1e-5, relative to the largest magnitude); on the
 device the op must have launched its kernels, and only them. Devices as in test_kernels.py:
 'emulated' is the cupy stand-in of tests/fake_cupy.py (CuPy's rules on host/device mixing,
-NumPy underneath) whose kernels run their CUDA source in tests/cuda_emulator.py (needs g++); 'cuda' is a GPU (skipped
-without one).
+NumPy underneath) whose kernels run their CUDA source in tests/cuda_emulator.py (needs g++);
+'cuda' is a GPU (skipped without one).
 """
 import numpy as np
 import pytest
