@@ -170,7 +170,8 @@ def env_step(c):
 
 
 def mpirun():
-    return shutil.which("mpirun", path=os.path.dirname(PY) + os.pathsep + os.environ.get("PATH", ""))
+    return shutil.which("mpirun",
+                        path=os.path.dirname(PY) + os.pathsep + os.environ.get("PATH", ""))
 
 
 # ----- 2: the op suite on cuda
@@ -269,7 +270,8 @@ def torch_train(out_json, argv):
     device = torch.device(argv[argv.index("--device") + 1] if "--device" in argv else "cpu")
     net = GPTLanguageModel(dataset.tokenizer.vocab_size, cfg.block_size, cfg.n_embd, cfg.n_head,
                            cfg.n_layer, cfg.dropout)
-    net.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in lecture_state_dict(model).items()})
+    net.load_state_dict({k: torch.from_numpy(v.copy())
+                         for k, v in lecture_state_dict(model).items()})
     net.to(device).train()
     params = list(net.parameters())
     opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2],
@@ -300,8 +302,8 @@ def bench_step(c):
         status = "ok"
         for tf32 in (False, True):
             name = "4_bench_" + ("tf32" if tf32 else "fp32")
-            cmd = [PY, os.path.join(ROOT, "benchmarks", "bench_gpu.py"), "--json", c.path(name + ".json"),
-                   "--models", "tinytensor,torch_eager"] + (["--tf32"] if tf32 else [])
+            cmd = [PY, os.path.join(ROOT, "benchmarks", "bench_gpu.py"),
+                   "--json", c.path(name + ".json"), "--models", "tinytensor,torch_eager"] + (["--tf32"] if tf32 else [])
             cmd += (["--device", "cpu", "--preset", "tiny", "--iters", "1", "--rounds", "1",
                      "--warmup", "1"] if c.args.dry_run else
                     ["--preset", "lecture", "--iters", "5", "--rounds", "3", "--warmup", "2"])
@@ -313,8 +315,9 @@ def bench_step(c):
             with open(c.path(name + ".json")) as f:
                 r = json.load(f)
             m, mem = r["median_ms"], r.get("memory", {})
+            ratio = r["ratios"]["tinytensor/torch_eager"]
             results.append(f"{'tf32' if tf32 else 'fp32'}: tt {m['tinytensor']:.1f} ms, torch "
-                           f"{m['torch_eager']:.1f} ms, ratio {r['ratios']['tinytensor/torch_eager']:.2f}"
+                           f"{m['torch_eager']:.1f} ms, ratio {ratio:.2f}"
                            + (f", cupy pool {mem['cupy_pool_held_MiB']:.0f} MiB, torch "
                               f"{mem['torch_max_allocated_MiB']:.0f} MiB" if mem else ""))
         return status, "; ".join(results)
@@ -326,7 +329,7 @@ def mpi_step(c):
     def fn():
         runner = mpirun()
         if runner is None:
-            return "skipped", "mpirun not found (pip install mpich into the environment: docs/gpu.md)"
+            return "skipped", "mpirun not found (docs/gpu.md: carry the MPICH wheel)"
         small = (TINY if c.args.dry_run else ["--n_embd", 64, "--n_head", 2, "--n_layer", 2,
                                               "--block_size", 32, "--batch_size", 8])
         n_steps = 6 if c.args.dry_run else 20

@@ -58,7 +58,8 @@ def total_transfers():
     return sum(transfers.values())
 
 
-_PLUMBING = (__file__, os.path.join("tinytensor", "backend.py"), os.path.join("tinytensor", "tensor.py"))
+_PLUMBING = (__file__, os.path.join("tinytensor", "backend.py"),
+             os.path.join("tinytensor", "tensor.py"))
 
 
 def _count(kind):
