@@ -6,7 +6,8 @@ device. By default that is 'cpu', plus 'cuda' where cupy and a GPU are usable
 TT_DEVICES=cpu,cuda; a requested 'cuda' without a GPU is skipped with the reason.
 
 At the end of the session the worst relative error against PyTorch per op family (see
-torch_helper.py) is printed and written to /tmp/tt_worst_errors.json.
+torch_helper.py) is printed and written to /tmp/tt_worst_errors.json (or $TT_WORST_ERRORS).
+TT_FAKE_CUPY=1 runs the whole session on the cupy stand-in (tests/fake_cupy.py).
 """
 import glob
 import json
@@ -22,7 +23,7 @@ from tinytensor import backend  # noqa: E402
 
 _tensor_mod = sys.modules["tinytensor.tensor"]  # the module (tinytensor.tensor is the function)
 
-WORST_ERRORS_PATH = "/tmp/tt_worst_errors.json"
+WORST_ERRORS_PATH = os.environ.get("TT_WORST_ERRORS", "/tmp/tt_worst_errors.json")
 _merged_worst = {}
 
 
@@ -71,6 +72,9 @@ def _worker_files(run):
 
 
 def pytest_configure(config):
+    if os.environ.get("TT_FAKE_CUPY"):  # the whole session on the cupy stand-in (fake_cupy.py)
+        import fake_cupy
+        fake_cupy.install()
     if not hasattr(config, "workerinput"):  # the main process: pytest-xdist workers inherit the id
         os.environ["TT_WORST_ERRORS_RUN"] = str(os.getpid())
 
@@ -106,3 +110,11 @@ def pytest_terminal_summary(terminalreporter):
         tr.write_line(f"{family:<{width}}{cells}")
     tr.write_line(f"(written to {WORST_ERRORS_PATH})")
 
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """The cupy stand-in (tests/fake_cupy.py) as tinytensor's cupy for one test: 'cuda' works
+    without a GPU, with CuPy's rules on host/device mixing; its transfer counts start at 0."""
+    import fake_cupy
+    return fake_cupy.install(monkeypatch=monkeypatch)

@@ -92,3 +92,24 @@ def test_bench_allreduce_refuses_to_run_without_mpi():
                        capture_output=True, text=True, timeout=120)
     assert p.returncode != 0
     assert "mpirun -n 2" in p.stderr
+
+
+def test_gpu_check_dry_run_runs_every_step_and_writes_everything(tmp_path):
+    """benchmarks/gpu_check.py --dry-run: the GPU visit's steps on the cupy stand-in."""
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"),
+                        "--dry-run", "--out", str(out)], capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    status = {r["step"]: r["status"] for r in summary["steps"]}
+    mpi_ok = "skipped" if shutil.which("mpirun", path=os.path.dirname(sys.executable) + os.pathsep
+                                       + os.environ.get("PATH", "")) is None else "ok"
+    assert status == {"env": "ok", "ops": "ok", "train": "ok", "bench": "ok", "mpirun": mpi_ok}, p.stdout
+    assert (out / "summary.txt").read_text() in p.stdout
+    curves = json.loads((out / "3_train_losses.json").read_text())
+    assert curves["step"] == list(range(10))
+    assert max(abs(a - b) for a, b in zip(curves["tinytensor"], curves["torch"])) < 1e-5
+    worst = json.loads((out / "2_worst_errors.json").read_text())
+    assert "matmul" in worst and worst["matmul"]["float32"] <= 1e-5
+    for name in ("1_env.json", "4_bench_fp32.json", "4_bench_tf32.json"):
+        assert (out / name).exists(), name

@@ -5,9 +5,9 @@ The fused ops choose the CUDA kernels for cupy float32/float64 arrays (kernels.h
 op below runs on the CPU (NumPy) and on the device under test, forward and backward, and the
 two must agree (float64 to 1e-10, float32 to 1e-5, relative to the largest magnitude); on the
 device the op must have launched its kernels, and only them. Devices as in test_kernels.py:
-'emulated' fakes cupy with NumPy for the array expressions around the kernel calls and runs
-the kernels' CUDA source in tests/cuda_emulator.py (needs g++); 'cuda' is a GPU (skipped
-without one).
+'emulated' is the cupy stand-in of tests/fake_cupy.py (CuPy's rules on host/device mixing,
+NumPy underneath) whose kernels run their CUDA source in tests/cuda_emulator.py (needs g++);
+'cuda' is a GPU (skipped without one).
 """
 import numpy as np
 import pytest
@@ -18,15 +18,14 @@ import tinytensor.nn.functional as F
 from tinytensor import backend
 from tinytensor.fused import causal_softmax
 from tinytensor.kernels import _cuda
-import cuda_emulator as _emulator
+import fake_cupy
 from test_kernels import DEVICES, DTYPES, Device, ce_inputs, check, rng_arrays
 
 
 @pytest.fixture(params=DEVICES)
 def op_device(request, monkeypatch):
-    if request.param == "emulated":
-        monkeypatch.setattr(backend, "cp", _emulator.fake_cupy(numpy_fallback=True))
-        monkeypatch.setattr(backend, "_cuda_ok", True)      # tensors may move to "cuda"
+    if request.param == "emulated":  # the strict stand-in (tests/fake_cupy.py), kernels emulated
+        fake_cupy.install(monkeypatch=monkeypatch)
     return Device(request.param, backend.cp)
 
 

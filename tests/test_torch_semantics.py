@@ -164,12 +164,12 @@ ZERO_D = {
     "unsqueeze0": lambda a: a.unsqueeze(0), "unsqueeze-1": lambda a: a.unsqueeze(-1),
     "reshape": lambda a: a.reshape(1, 1), "view-1": lambda a: a.view(-1),
     "transpose": lambda a: a.transpose(0, -1), "expand": lambda a: a.expand(2, 3),
-    "mul_vector": lambda a: a * torch.ones(3) if isinstance(a, torch.Tensor) else a * tt.ones(3),
+    "mul_vector": lambda a: a * torch.ones(3) if isinstance(a, torch.Tensor) else a * tt.ones(3).to(a.device),
     "pow": lambda a: a ** 2, "exp": lambda a: a.exp(), "sigmoid": lambda a: a.sigmoid(),
     "clamp": lambda a: a.clamp(max=0.1), "stack": lambda a: (torch if isinstance(a, torch.Tensor) else tt).stack([a, a]),
     "repeat": lambda a: a.repeat(2, 3), "logsumexp": lambda a: a.logsumexp(0),
     "cumsum": lambda a: a.cumsum(0), "std": lambda a: (a * torch.ones(3) if isinstance(a, torch.Tensor)
-                                                       else a * tt.ones(3)).std(0, keepdim=True)[0],
+                                                       else a * tt.ones(3).to(a.device)).std(0, keepdim=True)[0],
 }
 
 

@@ -440,14 +440,16 @@ def allreduce_gradients(flat, bucket_mb=None):
     flat.flags[...] = backend.to_device(present, backend.device_of(flat.flags))
     xp = backend.get_array_module(flat.grad)
     xp.divide(flat.grad, world_size(), out=flat.grad)  # the sum over ranks is then the mean
-    _sum_over_ranks(flat, _bucket_mb(bucket_mb))
-    present = backend.to_numpy(flat.flags) > 0
+    staged = _sum_over_ranks(flat, _bucket_mb(bucket_mb))
+    # the summed flags: on a GPU staged through the host they are there already (no transfer)
+    present = (staged[flat.grad.size:] if staged is not None else backend.to_numpy(flat.flags)) > 0
     for p, view, ok in zip(flat.params, flat.grad_views, present):
         p.grad = view if ok else None
 
 
 def _sum_over_ranks(flat, bucket_mb):
-    """flat.grad_and_flags <- its sum over all ranks, in place, one Allreduce per chunk."""
+    """flat.grad_and_flags <- its sum over all ranks, in place, one Allreduce per chunk.
+    Returns the host copy it summed when the buffer is on a GPU staged through the host."""
     buf = flat.grad_and_flags
     chunks = _chunks(buf.size, buf.itemsize, bucket_mb)
     if not backend.is_cuda(buf):
@@ -468,3 +470,4 @@ def _sum_over_ranks(flat, bucket_mb):
         for a, b in chunks:
             _comm.Allreduce(MPI.IN_PLACE, host[a:b])
         buf.set(host)
+        return host

@@ -12,8 +12,8 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)  # run from any directory, installed or not
+if sys.path[0] != ROOT:  # run from any directory, installed or not; first, also when
+    sys.path.insert(0, ROOT)  # PYTHONPATH has it: else `train` is train/train.py, not the package
 
 import numpy as np  # noqa: E402
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)  # run from any directory, installed or not
+if sys.path[0] != ROOT:  # run from any directory, installed or not; first, also when
+    sys.path.insert(0, ROOT)  # PYTHONPATH has it: else `train` is train/train.py, not the package
 
 import numpy as np  # noqa: E402
 

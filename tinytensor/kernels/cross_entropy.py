@@ -1,14 +1,17 @@
 """Softmax cross-entropy of logits against integer targets, forward and backward.
 
     forward:  lse_n  = log(sum_c exp(x_nc))                     (saved for the backward)
-              loss_n = lse_n - x_n,t_n     (0 where t_n == ignore_index)
-    backward: gx_nc  = (exp(x_nc - lse_n) - [c == t_n]) * scale_n   (0 where ignored)
+              loss_n = lse_n - x_n,t_n     (0 where t_n == ignore_index; computed as
+                                            (max_n - x_n,t_n) + log(sum_c exp(x_nc - max_n)),
+                                            exact where logits are large, as torch's)
+    backward: gx_nc  = (softmax(x_n)_c - [c == t_n]) * scale_n   (0 where ignored)
 
 logits x (N, C), targets t (N,) integers, loss and lse (N,). `scale` is the gradient of
 each row's loss: a number (e.g. 1 / number of counted rows for a mean) or an (N,) array (the
 incoming gradient of reduction='none'); on the GPU it may also be a 0-d device array, so a
-mean's 1/count never has to visit the host. The backward recomputes the softmax from lse
-instead of keeping an (N, C) probability array alive between forward and backward.
+mean's 1/count never has to visit the host. The backward recomputes the softmax from the
+logits (row max and sum; exp(x - lse) would lose digits for large logits) instead of keeping
+an (N, C) probability array alive between forward and backward; lse is checked, not read.
 
 Targets outside [0, C) other than ignore_index raise in the NumPy reference; the CUDA
 kernel cannot raise without a host round-trip, so it returns a NaN loss for such rows.
@@ -22,6 +25,17 @@ from .. import backend
 from . import _cuda
 
 SOURCE = r"""
+// The max of a row of C logits and log(sum_j exp(x_j - max)), over the 32 lanes of a warp.
+template <typename T>
+__device__ __forceinline__ void row_max_log_sum(const T* xr, int C, int lane, T& m, T& log_s) {
+    m = tt_neg_inf(T(0));
+    for (int j = lane; j < C; j += 32) m = tt_max(m, xr[j]);
+    m = warp_max(m);
+    T s = 0;
+    for (int j = lane; j < C; j += 32) s += tt_exp(xr[j] - m);
+    log_s = tt_log(warp_sum(s));
+}
+
 // One warp per row of logits (N, C).
 template <typename T>
 __global__ void cross_entropy_fwd(const T* __restrict__ x, const long long* __restrict__ t,
@@ -32,37 +46,42 @@ __global__ void cross_entropy_fwd(const T* __restrict__ x, const long long* __re
     const int lane = threadIdx.x % 32;
     const T* xr = x + row * C;
 
-    T m = tt_neg_inf(T(0));
-    for (int j = lane; j < C; j += 32) m = tt_max(m, xr[j]);
-    m = warp_max(m);
-    T s = 0;
-    for (int j = lane; j < C; j += 32) s += tt_exp(xr[j] - m);
-    const T l = m + tt_log(warp_sum(s));
+    T m, log_s;
+    row_max_log_sum(xr, C, lane, m, log_s);
+    const T l = m + log_s;
     if (lane == 0) {
         const long long target = t[row];
         lse[row] = l;
         if (target == ignore_index) loss[row] = T(0);
         else if (target < 0 || target >= C) loss[row] = tt_nan(l);
-        else loss[row] = l - xr[target];
+        else loss[row] = (m - xr[target]) + log_s;  // not l - x: l ~ m loses digits
     }
 }
 
-// One thread per logit. scale_mode 0: every row's scale is `scale`; 1: scale_ptr[0] (a
-// device scalar); 2: scale_ptr[row].
+// One warp per row. scale_mode 0: every row's scale is `scale`; 1: scale_ptr[0] (a device
+// scalar); 2: scale_ptr[row]. The row's max and sum are recomputed from x rather than taken
+// from lse: exp(x - lse) loses digits when the logits are large (lse ~ x ~ 1e4 in float32
+// has an ulp of 1e-3), exp((x - max) - log(sum)) does not. lse is not read.
 template <typename T>
 __global__ void cross_entropy_bwd(const T* __restrict__ x, const long long* __restrict__ t,
                                   const T* __restrict__ lse, T* __restrict__ gx,
-                                  long long n, int C, long long ignore_index,
+                                  long long rows, int C, long long ignore_index,
                                   T scale, const T* __restrict__ scale_ptr, int scale_mode) {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x) {
-        const long long row = i / C;
-        const long long target = t[row];
-        if (target == ignore_index) { gx[i] = T(0); continue; }
-        const T s = scale_mode == 0 ? scale : scale_ptr[scale_mode == 1 ? 0 : row];
-        const T onehot = (i - row * C) == target ? T(1) : T(0);
-        gx[i] = (tt_exp(x[i] - lse[row]) - onehot) * s;
+    const long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= rows) return;
+    const int lane = threadIdx.x % 32;
+    const T* xr = x + row * C;
+    T* gr = gx + row * C;
+    const long long target = t[row];
+    if (target == ignore_index) {           // the whole warp leaves together
+        for (int j = lane; j < C; j += 32) gr[j] = T(0);
+        return;
     }
+    T m, log_s;
+    row_max_log_sum(xr, C, lane, m, log_s);
+    const T sc = scale_mode == 0 ? scale : scale_ptr[scale_mode == 1 ? 0 : row];
+    for (int j = lane; j < C; j += 32)
+        gr[j] = (tt_exp((xr[j] - m) - log_s) - (j == target ? T(1) : T(0))) * sc;
 }
 """
 
@@ -110,9 +129,9 @@ def cross_entropy_forward_ref(logits, targets, ignore_index=-100):
     m = logits.max(axis=1)                        # (N,)
     e = logits - m[:, None]                       # (N, C)
     np.exp(e, out=e)
-    lse = np.log(e.sum(axis=1))
-    lse += m
-    loss = lse - logits[np.arange(N), t]
+    log_s = np.log(e.sum(axis=1))
+    loss = (m - logits[np.arange(N), t]) + log_s  # not lse - x: lse ~ m loses digits
+    lse = log_s + m
     loss[~valid] = 0
     return loss, lse
 
@@ -124,8 +143,9 @@ def cross_entropy_backward_ref(logits, targets, lse, scale, ignore_index=-100):
     N, C = logits.shape
     valid, t = _valid_targets(targets, C, ignore_index)
     row_scale = _row_scale(np.asarray(scale, dtype=logits.dtype), N)   # (N,)
-    gx = logits - lse[:, None]                    # (N, C)
-    np.exp(gx, out=gx)
+    gx = logits - logits.max(axis=1, keepdims=True)   # (N, C); not logits - lse, which loses
+    np.exp(gx, out=gx)                                # digits for large logits (as the kernel)
+    gx /= gx.sum(axis=1, keepdims=True)
     gx[np.arange(N), t] -= 1
     gx *= np.where(valid, row_scale, 0)[:, None]
     return gx
@@ -179,8 +199,8 @@ def _backward_cuda(logits, targets, lse, scale, ignore_index):
         scale_ptr, mode, value = cp.asarray(scale, dtype=x.dtype), 2, 0.0
     if x.size:
         kernel = FAMILY.function(_cuda.instantiate(_BWD, _cuda.ctype(x.dtype)))
-        grid, block = _cuda.flat_grid(x.size)
-        kernel(grid, block, (x, t, lse, gx, np.int64(x.size), np.int32(C),
+        grid, block = _cuda.row_grid(N)
+        kernel(grid, block, (x, t, lse, gx, np.int64(N), np.int32(C),
                              np.int64(ignore_index), _cuda.scalar(value, x.dtype), scale_ptr,
                              np.int32(mode)))
     return gx

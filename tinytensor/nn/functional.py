@@ -217,7 +217,7 @@ def embedding(idx, weight):
     if i.dtype.kind not in "iu":
         raise TypeError(f"embedding indices must be integers, got dtype {i.dtype}")
     n = weight.shape[0]
-    if i.size and (int(i.min()) < 0 or int(i.max()) >= n):
+    if i.size and bool(((i < 0) | (i >= n)).any()):  # one read of the device, not two
         raise IndexError(f"embedding index out of range: indices must be in [0, {n}), "
                          f"got min {int(i.min())}, max {int(i.max())}")
     return getitem(weight, i)

@@ -369,7 +369,9 @@ def where(cond, a=None, b=None):
     if a is None or b is None:
         raise NotImplementedError("where(condition) with one argument (nonzero) is not supported: "
                                   "pass where(condition, a, b)")
-    cond = cond.data if isinstance(cond, Tensor) else np.asarray(cond)
+    cond = cond.data if isinstance(cond, Tensor) else cond
+    if not (isinstance(cond, np.ndarray) or backend.is_cuda(cond)):
+        cond = np.asarray(cond)  # Python values (on cupy np.asarray of a device array raises)
     if cond.dtype != bool:
         raise TypeError(f"where expects a bool condition, got dtype {cond.dtype}")
     like = a if isinstance(a, Tensor) else b if isinstance(b, Tensor) else None
@@ -379,7 +381,7 @@ def where(cond, a=None, b=None):
     a, b = (x if isinstance(x, Tensor) or isinstance(x, numbers.Number) else as_tensor(x, like)
             for x in (a, b))
     dt, (a, b) = promote(a, b)
-    return Where.apply(cond, a, b)
+    return Where.apply(backend.to_device(cond, like.device), a, b)
 
 
 # ---------------------------------------------------------------- joining and splitting
