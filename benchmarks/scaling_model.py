@@ -29,13 +29,13 @@ import statistics
 import sys
 import time
 
-# one process, 2 threads, measured on the 2-core test machine on 2026-12-02 (a slow day for
-# its shared host: the small step took 85-95 ms that day against 38-42 ms in the README's
-# table; medians of 3 runs of 55 steps)
+# one process, 2 threads, measured on the 2-core test machine on 2026-12-02 with --measure 3
+# (a slow day for its shared host: the small step took 80-95 ms that day against 38-42 ms in
+# the README's table, the lecture step 13 s against 8.6 s)
 PRESETS = {
     #            parameters  batch  forward ms  backward ms  AdamW ms
-    "small": dict(params=816_705, batch=12, fwd_ms=35.0, bwd_ms=55.3, opt_ms=5.7),
-    "lecture": dict(params=10_788_929, batch=64, fwd_ms=3050.0, bwd_ms=5300.0, opt_ms=240.0),
+    "small": dict(params=816_705, batch=12, fwd_ms=28.2, bwd_ms=47.4, opt_ms=5.4),
+    "lecture": dict(params=10_788_929, batch=64, fwd_ms=4764.0, bwd_ms=8166.0, opt_ms=87.6),
 }
 RANKS = (1, 2, 8, 32, 128, 512)
 MODEL_SHAPES = {"small": dict(block_size=64, n_embd=128, n_head=4, n_layer=4),
@@ -76,14 +76,14 @@ def measure(preset, steps):
 
 def allreduce_ms(nbytes, ranks, gbit_s, latency_us):
     """Ring allreduce (reduce-scatter then all-gather): 2 (N-1)/N of the bytes cross each
-    rank's link, in 2 (N-1) messages."""
+    rank's link, in 2 (N-1) messages (large messages: small ones would take a tree, log N)."""
     if ranks == 1:
         return 0.0
     bandwidth = gbit_s * 1e9 / 8                                   # bytes per second
     return 1e3 * (2 * (ranks - 1) / ranks * nbytes / bandwidth) + 2 * (ranks - 1) * latency_us / 1e3
 
 
-def step_ms(p, ranks, gbit_s, latency_us, overlap, strong, bucket_mb=25.0):
+def step_ms(p, ranks, gbit_s, latency_us, overlap, strong, bucket_mb=1.0):
     """Predicted ms per step for N ranks (see the module docstring)."""
     split = ranks if strong else 1
     fwd, bwd, opt = p["fwd_ms"] / split, p["bwd_ms"] / split, p["opt_ms"]
@@ -95,15 +95,15 @@ def step_ms(p, ranks, gbit_s, latency_us, overlap, strong, bucket_mb=25.0):
     return fwd + max(bwd, comm - last) + last + opt
 
 
-def table(preset, bandwidths, latency_us, strong):
+def table(preset, bandwidths, latency_us, strong, bucket_mb):
     p = PRESETS[preset]
     rows = []
+    # strong scaling: the batch's rows split evenly, so only rank counts that divide it
+    ranks_list = [n for n in (1, 2, 4, 8, 16, 32, 64) if p["batch"] % n == 0] if strong else RANKS
     for gbit in bandwidths:
-        for ranks in RANKS:
-            if strong and ranks > p["batch"]:
-                continue  # a batch of B rows splits over at most B ranks
+        for ranks in ranks_list:
             off = step_ms(p, ranks, gbit, latency_us, False, strong)
-            on = step_ms(p, ranks, gbit, latency_us, True, strong)
+            on = step_ms(p, ranks, gbit, latency_us, True, strong, bucket_mb)
             one = step_ms(p, 1, gbit, latency_us, False, strong)
             # weak scaling: N times the tokens per step; strong: the same tokens
             work = ranks if not strong else 1
@@ -118,6 +118,9 @@ def main(argv=None):
     ap.add_argument("--preset", default="small,lecture", help="comma-separated: small, lecture")
     ap.add_argument("--bandwidth", default="25,100", help="Gbit/s per rank, comma-separated")
     ap.add_argument("--latency", type=float, default=5.0, help="us per message (default %(default)s)")
+    ap.add_argument("--bucket-mb", type=float, default=1.0,
+                    help="with overlap, the size of the last bucket, whose sum cannot hide behind "
+                         "backward (default %(default)s MB, DDP's first bucket)")
     ap.add_argument("--strong", action="store_true",
                     help="split one global batch over the ranks (default: each rank keeps the batch)")
     for name in ("fwd", "bwd", "opt"):
@@ -136,8 +139,8 @@ def main(argv=None):
         bandwidths = [float(b) for b in args.bandwidth.split(",")]
     except ValueError:
         ap.error(f"--bandwidth takes Gbit/s numbers separated by commas, got {args.bandwidth!r}")
-    if min(bandwidths) <= 0 or args.latency < 0:
-        ap.error("--bandwidth must be > 0 and --latency >= 0")
+    if min(bandwidths) <= 0 or args.latency < 0 or args.bucket_mb <= 0:
+        ap.error("--bandwidth and --bucket-mb must be > 0 and --latency >= 0")
     if args.measure < 0:
         ap.error(f"--measure takes a number of steps >= 0, got {args.measure}")
     for p in presets if args.measure else ():
@@ -149,7 +152,7 @@ def main(argv=None):
                 ap.error(f"--{name}-ms must be >= 0, got {value}")
             for p in presets:
                 PRESETS[p][f"{name}_ms"] = value
-    out = {p: table(p, bandwidths, args.latency, args.strong) for p in presets}
+    out = {p: table(p, bandwidths, args.latency, args.strong, args.bucket_mb) for p in presets}
     if args.json:
         print(json.dumps(out, indent=1))
         return
