@@ -264,7 +264,7 @@ def torch_train(out_json, argv):
     from gpt.interop import lecture_state_dict
     from torch_gpt_reference import GPTLanguageModel
     from train import train as T
-    cfg, _ = T.resolve_config(argv)
+    cfg, _ = T.resolve_config(*T.parse_args(argv))
     cfg = T.replace(cfg, device="cpu")      # tinytensor builds the initial weights on the CPU
     dataset, model, _, _ = T.build(cfg, None)
     device = torch.device(argv[argv.index("--device") + 1] if "--device" in argv else "cpu")
