@@ -118,3 +118,12 @@ def fake_cuda(monkeypatch):
     without a GPU, with CuPy's rules on host/device mixing; its transfer counts start at 0."""
     import fake_cupy
     return fake_cupy.install(monkeypatch=monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """A small made-up text (test_train.make_text) in a file: the data of train.py's tests."""
+    from test_train import make_text
+    path = tmp_path_factory.mktemp("data") / "tiny.txt"
+    path.write_text(make_text(), encoding="utf-8")
+    return str(path)

@@ -182,14 +182,6 @@ def losses(out_dir):
 
 
 @pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    from test_train import make_text
-    path = tmp_path_factory.mktemp("data") / "tiny.txt"
-    path.write_text(make_text(), encoding="utf-8")
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory, text_file):
     out = str(tmp_path_factory.mktemp("cpu") / "out")
     p = subprocess.run([sys.executable, os.path.join(ROOT, "train", "train.py"), *TINY,

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from test_train import TINY, TRAIN, assert_one_line_error, make_text, run_train
+from test_train import TINY, TRAIN, assert_one_line_error, run_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "train", "sample.py")
@@ -23,15 +23,8 @@ OUTPUTS = ["best.npz", "ckpt.npz", "loss.png", "metrics.jsonl"]
 LONG = [*TINY, "--max_iters", 100000, "--eval_interval", 5, "--log_interval", 1]
 
 from train import guard  # noqa: E402
-from train.checkpoint import (CheckpointError, atomic_write, load_checkpoint,  # noqa: E402
+from train.checkpoint import (atomic_write, load_checkpoint,  # noqa: E402
                               load_npz, save_npz_atomic)
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "tiny.txt"
-    path.write_text(make_text(), encoding="utf-8")
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -33,13 +33,6 @@ def make_text(n_words=1500, seed=0):
     return "\n".join(lines) + "\n"
 
 
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "tiny.txt"
-    path.write_text(make_text(), encoding="utf-8")
-    return str(path)
-
-
 def run_train(*args, cwd=None):
     p = subprocess.run([sys.executable, TRAIN, *map(str, args)], capture_output=True, text=True,
                        cwd=cwd, timeout=300)
