@@ -284,17 +284,19 @@ def check_same(values):
     sha256, settings such as TT_BUCKET_MB. Call it before the first broadcast: ranks that
     disagree there fail inside MPI with a message that names neither."""
     everyone = allgather(values)
-    problems = []
-    for r, theirs in enumerate(everyone[1:], start=1):
-        keys = sorted(set(everyone[0]) | set(theirs), key=str)
-        diff = [k for k in keys if theirs.get(k, "<missing>") != everyone[0].get(k, "<missing>")]
-        if diff:
-            problems.append(f"rank {r} has " + ", ".join(
-                f"{k}={theirs.get(k, '<missing>')!r} (rank 0: {everyone[0].get(k, '<missing>')!r})"
-                for k in diff[:5]))
+    problems = [f"rank {r} has " + ", ".join(diff[:5])
+                for r, diff in enumerate((_field_diffs(everyone[0], theirs) for theirs in everyone[1:]),
+                                         start=1) if diff]
     if problems:
         raise RankMismatchError("; ".join(problems) + "; every rank must run the same command "
                                 "on the same data with the same environment")
+
+
+def _field_diffs(ours, theirs):
+    """'key=theirs (rank 0: ours)' for each key whose value differs between two dicts."""
+    keys = sorted(set(ours) | set(theirs), key=str)
+    return [f"{k}={theirs.get(k, '<missing>')!r} (rank 0: {ours.get(k, '<missing>')!r})"
+            for k in keys if theirs.get(k, "<missing>") != ours.get(k, "<missing>")]
 
 
 def broadcast_parameters(model, root=0):
@@ -361,10 +363,7 @@ def check_consistent(config, params):
     problems = []
     for r, theirs in enumerate(everyone[1:], start=1):
         if theirs["config"] != everyone[0]["config"]:
-            a, b = json.loads(configs[0]), json.loads(configs[r])
-            keys = sorted(k for k in set(a) | set(b) if a.get(k, "<missing>") != b.get(k, "<missing>"))
-            detail = ", ".join(f"{k}={b.get(k, '<missing>')!r} (rank 0: {a.get(k, '<missing>')!r})"
-                               for k in keys[:5])
+            detail = ", ".join(_field_diffs(json.loads(configs[0]), json.loads(configs[r]))[:5])
             problems.append(f"rank {r} has a different config: {detail}")
         elif len(theirs["params"]) != len(everyone[0]["params"]):
             problems.append(f"rank {r} has {len(theirs['params'])} parameters, rank 0 has "
