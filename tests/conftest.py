@@ -8,6 +8,10 @@ TT_DEVICES=cpu,cuda; a requested 'cuda' without a GPU is skipped with the reason
 At the end of the session the worst relative error against PyTorch per op family (see
 torch_helper.py) is printed and written to /tmp/tt_worst_errors.json (or $TT_WORST_ERRORS).
 TT_FAKE_CUPY=1 runs the whole session on the cupy stand-in (tests/fake_cupy.py).
+
+The `cpu_kernels` fixture runs a test once with NumPy alone and once with the compiled CPU
+kernels (tinytensor/kernels/cpu.py, needs numba); the modules of the ops that have such a
+kernel use it for every test (pytestmark).
 """
 import glob
 import json
@@ -44,6 +48,20 @@ def device(request):
     if request.param == "cuda" and not backend.cuda_available():
         pytest.skip("TT_DEVICES asks for cuda, but cupy or a GPU is not available")
     return request.param
+
+
+@pytest.fixture(params=["numpy", "compiled"])
+def cpu_kernels(request):
+    """'numpy' or 'compiled': the CPU path the ops take (tinytensor.kernels.cpu switched off or
+    on). Modules whose ops have a compiled kernel use it for every test, so both paths pass the
+    same checks; 'compiled' is skipped only where numba is not installed."""
+    from tinytensor.kernels import cpu
+    try:
+        cpu.use(request.param == "compiled")
+    except ImportError:
+        pytest.skip("numba is not installed (pip install -e \".[fast]\"): the compiled CPU kernels")
+    yield request.param
+    cpu.use(None)
 
 
 @pytest.fixture(autouse=True)

@@ -12,6 +12,9 @@ from tinytensor.gradcheck import gradcheck
 from tinytensor.fused import causal_softmax
 from torch_helper import check, dtypes, randn
 
+# every test here runs with NumPy alone and with the compiled CPU kernels (conftest)
+pytestmark = pytest.mark.usefixtures("cpu_kernels")
+
 # float64 results agree to rounding; float32 ones to a few ulps of the largest value
 TOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 2e-6}
 
@@ -494,6 +497,7 @@ def test_malloc_tuning_is_an_explicit_call():
 
 _REUSE_SCRIPT = """
 import resource, numpy as np, tinytensor.malloc as m, tinytensor
+
 m.keep_freed_memory()
 def step():  # 3 GB in 100 MB temporaries, as a lecture-preset step's activations
     arrays = [np.ones(25_000_000, np.float32) for _ in range(30)]

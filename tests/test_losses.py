@@ -19,6 +19,9 @@ import tinytensor.nn.functional as F
 from tinytensor.gradcheck import gradcheck
 from torch_helper import Const, check, dtypes, randn
 
+# every test here runs with NumPy alone and with the compiled CPU kernels (conftest)
+pytestmark = pytest.mark.usefixtures("cpu_kernels")
+
 INF = math.inf
 REDUCTIONS = ("mean", "sum", "none")
 

@@ -11,6 +11,9 @@ import tinytensor.nn as nn
 from tinytensor import backend
 from torch_helper import check_module, dtypes, randn
 
+# every test here runs with NumPy alone and with the compiled CPU kernels (conftest)
+pytestmark = pytest.mark.usefixtures("cpu_kernels")
+
 
 # ---------------------------------------------------------------- layers against torch.nn
 LAYERS = {  # name: (op family, our layer, torch's layer, input)

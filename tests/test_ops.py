@@ -15,6 +15,9 @@ import tinytensor.nn.functional as F
 from tinytensor import backend
 from torch_helper import Const, check, dtypes, randn
 
+# every test here runs with NumPy alone and with the compiled CPU kernels (conftest)
+pytestmark = pytest.mark.usefixtures("cpu_kernels")
+
 INF = math.inf
 
 

@@ -130,6 +130,10 @@ def _add_rows(target, idx, values):
     n = target.shape[0]
     rows = idx.reshape(-1)
     rows = np.where(rows < 0, rows + n, rows)                       # numpy's negative indices
+    from .kernels import cpu
+    if cpu.takes(target, values) and target.flags.c_contiguous:    # one compiled loop
+        cpu.add_rows(target, rows, values)
+        return
     vals = values.reshape(rows.size, -1)                            # (N, rest of a row)
     order = np.argsort(rows, kind="stable")
     rows = rows[order]

@@ -32,6 +32,7 @@ Shapes: B batch, T time, C = nh * hs channels, nh heads of size hs.
 import numpy as np
 
 from . import backend, kernels, parallel
+from .kernels import cpu
 from . import random as _random
 from .ops import column_sums
 from .ops.normalization import _row_mean, _row_mean_grad
@@ -379,6 +380,8 @@ class LinearReLU(Function):
         y = x.reshape(-1, x.shape[-1]) @ w.T                        # (N, out)
         if b is not None and kernels.handles(y, b):                 # CuPy: one CUDA kernel
             y = kernels.bias_relu_dropout_forward(y, b)             # relu(y + b)
+        elif cpu.takes(y, b):                                       # one compiled pass
+            cpu.bias_relu_(y, b)
         else:
             def rows(r0, r1):  # bias and relu (as ReLU: x * (x > 0)), large y over threads
                 yr = y[r0:r1]
@@ -396,6 +399,8 @@ class LinearReLU(Function):
         gb = None
         if kernels.handles(y, gy2):  # CuPy: gy * (y > 0) and its column sums in one kernel
             g, gb = kernels.bias_relu_dropout_backward(gy2, y)
+        elif cpu.takes(y, gy2):      # the same in one compiled pass
+            g, gb = cpu.relu_backward(gy2, y, need_bias=len(self.needs_grad) > 2)
         else:
             g = xp.empty_like(gy2)
             parallel.rows(len(g), lambda r0, r1: xp.multiply(gy2[r0:r1], y[r0:r1] > 0,
@@ -438,6 +443,10 @@ class LayerNorm(Function):
             y, mean, rstd = kernels.layer_norm_forward(x2, wv, bv, eps)
             self.kernel = x2, mean, rstd                            # its backward's inputs
             return y.reshape(x.shape)
+        if d and cpu.takes(x2, wv, bv):                             # compiled CPU kernel
+            y, mean, rstd = cpu.layer_norm_forward(x2, wv, bv, eps)
+            self.kernel = x2, mean, rstd
+            return y.reshape(x.shape)
         avg = xp.full(d, 1.0 / d, dtype=x.dtype)                    # (D,): r @ avg is r's mean
         xhat, y = xp.empty_like(x2), xp.empty_like(x2)              # (N, D)
         rstd = xp.empty(n, dtype=x.dtype)                           # (N,)
@@ -463,9 +472,14 @@ class LayerNorm(Function):
         xp = _xp(gy)
         param_shape = self.shape[len(self.shape) - self.nd:]        # the weight's and bias's
         needs = self.needs_grad + [False] * (3 - len(self.needs_grad))
-        if self.kernel is not None:                                 # CuPy: the CUDA kernels
+        if self.kernel is not None:                                 # the CUDA or CPU kernels
             x2, mean, rstd = self.kernel
-            gx, gw, gb = kernels.layer_norm_backward(gy.reshape(x2.shape), x2, self.wv, mean, rstd)
+            if type(x2) is np.ndarray:                              # the compiled CPU kernel
+                gx, gw, gb = cpu.layer_norm_backward(gy.reshape(x2.shape), x2, self.wv, mean,
+                                                     rstd, need_x=needs[0])
+            else:
+                gx, gw, gb = kernels.layer_norm_backward(gy.reshape(x2.shape), x2, self.wv,
+                                                         mean, rstd)
             return (gx.reshape(self.shape) if needs[0] else None,
                     gw.reshape(param_shape) if needs[1] else None,
                     gb.reshape(param_shape) if needs[2] else None)
@@ -522,6 +536,10 @@ class CrossEntropy(Function):
             self.kernel = x, t, lse, ignore_index           # backward recomputes p from lse
             self.count = (t != ignore_index).sum()
             return _reduce(xp, loss, reduction, self.count)
+        if not self.probs and not eps and c and cpu.takes(x):  # the compiled CPU kernel
+            loss, self.p, self.count = cpu.cross_entropy_forward(x, t, ignore_index)
+            self.kernel = t, ignore_index
+            return _reduce(xp, loss, reduction, self.count)
         if x.size:
             z = x - x.max(axis=1, keepdims=True)            # (N, C)
             e = xp.exp(z)
@@ -549,9 +567,12 @@ class CrossEntropy(Function):
         return _reduce(xp, loss, reduction, self.count)
 
     def backward(self, gy):
-        if self.kernel is not None:                         # CuPy: the CUDA kernel
-            x, t, lse, ignore_index = self.kernel
+        if self.kernel is not None:                         # the CUDA or CPU kernel
             scale = _row_mean_grad(gy, self.count) if self.reduction == "mean" else gy
+            if len(self.kernel) == 2:                       # CPU: from the saved softmax
+                t, ignore_index = self.kernel
+                return cpu.cross_entropy_backward(self.p, t, ignore_index, scale), None
+            x, t, lse, ignore_index = self.kernel
             return kernels.cross_entropy_backward(x, t, lse, scale, ignore_index), None
         c, eps = self.p.shape[1], self.eps
         if self.reduction == "none":

@@ -16,6 +16,10 @@ Who calls them on the GPU (docs/gpu.md has the table): fused.CausalSoftmax and
 fused.CausalAttention (causal softmax), fused.LayerNorm (layer norm), fused.CrossEntropy
 (cross-entropy), fused.LinearReLU (bias + ReLU, no dropout), optim.AdamW (AdamW).
 
+On the CPU, kernels/cpu.py holds the compiled (Numba) counterparts of the small memory-bound
+ops, an optional accelerator used when numba is installed (`pip install -e ".[fast]"`); it is
+imported by the ops that use it, and imports numba only on first use.
+
 CUDA sources are compiled on first use (cupy caches the binaries on disk);
 `compile_all()` compiles every kernel up front, e.g. before timing. Importing this package
 never needs cupy. Without a GPU, tests/cuda_emulator.py runs the same CUDA source on the CPU

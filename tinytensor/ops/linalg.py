@@ -2,6 +2,7 @@
 import numpy as np
 
 from .. import parallel
+from ..kernels import cpu
 from ..tensor import Function
 from ._common import _xp, as_tensor
 
@@ -93,6 +94,9 @@ class Linear(Function):
 def add_rows_(y, b):
     """y += b for y (N, out) and b (out,), in place; large y in row ranges over threads."""
     xp = _xp(y)
+    if cpu.takes(y, b):  # one compiled pass (NumPy broadcasts slowly over short rows)
+        cpu.add_bias_(y, b)
+        return
     parallel.rows(len(y), lambda r0, r1: xp.add(y[r0:r1], b, out=y[r0:r1]), y.size, xp)
 
 
