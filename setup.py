@@ -18,5 +18,8 @@ setup(
         "mpi": ["mpi4py", "mpich", "threadpoolctl"],
         # CUDA 12 drivers; for CUDA 13 drivers install cupy-cuda13x instead
         "gpu": ["cupy-cuda12x"],
+        # the compiled CPU kernels (tinytensor/kernels/cpu.py): layer norm, cross-entropy,
+        # bias + ReLU, embedding gradients in one pass each; without it NumPy does them
+        "fast": ["numba"],
     },
 )
