@@ -217,3 +217,38 @@ def test_gpt_step_compiled_equals_numpy():
     for i, (a, r) in enumerate(zip(out["compiled"], out["numpy"])):
         err = np.max(np.abs(a - r)) / max(np.max(np.abs(r)), 1e-30)
         assert err <= 1e-5, f"tensor {i}: relative error {err:.3g}"
+
+
+def test_exp_neg_within_two_ulp_of_numpy():
+    from tinytensor.kernels import _numba_cpu
+    z = -np.abs(np.random.default_rng(13).standard_normal(20000) * 20).astype(np.float32)
+    z[:6] = [-np.inf, np.nan, 0.0, -0.0, -100.0, -87.3]
+    ref = np.exp(z)
+    ours = z.copy()
+    _numba_cpu.exp_neg_(ours, np.empty(z.size, np.int32))
+    normal = ref >= np.finfo(np.float32).tiny
+    ulps = np.abs(ours[normal].view(np.int32) - ref[normal].view(np.int32))
+    assert ulps.max() <= 2, f"{ulps.max()} ulp from np.exp"
+    assert (ours[~normal & ~np.isnan(z)] == 0).all()      # underflow and exp(-inf): exactly 0
+    assert np.isnan(ours[1]) and ours[2] == ours[3] == 1
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 5), (4, 1, 7), (3, 4, 9), (2, 64, 64)])
+def test_causal_softmax_equals_numpy_path(shape):
+    """fused.causal_softmax_ and its backward: the compiled float32 kernels vs NumPy's
+    (Tq == Tk, Tq < Tk, Tq == 1), masked weights exactly 0, a NaN score makes its row NaN."""
+    from tinytensor import fused
+    x = rand(shape, np.float32, 14, scale=3.0)
+    g = rand(shape, np.float32, 15)
+    x[(0,) * (len(shape) - 1) + (0,)] = np.nan             # row 0 sees key 0: NaN row
+    out = {}
+    for path in ("numpy", "compiled"):
+        cpu.use(path == "compiled")
+        y = fused.causal_softmax_(x.copy())
+        out[path] = y, fused.causal_softmax_backward_(g.copy(), y)
+    tq, tk = shape[-2:]
+    future = np.triu(np.ones((tq, tk), bool), tk - tq + 1)
+    for a, r, what in zip(out["compiled"], out["numpy"], ("weights", "gradient")):
+        np.testing.assert_array_equal(np.isnan(a), np.isnan(r), err_msg=what)
+        assert (np.nan_to_num(a)[..., future] == 0).all(), f"{what}: masked entries not 0"
+        close(np.nan_to_num(a), np.nan_to_num(r), np.float32, what)

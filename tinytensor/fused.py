@@ -162,6 +162,8 @@ def causal_softmax_(att):
         return att
     if kernels.handles(att) and att.flags.c_contiguous:  # CuPy: the CUDA kernel, over att
         return kernels.causal_softmax_forward(att, 1.0, out=att)
+    if att.dtype == np.float32 and cpu.takes(att) and att.flags.c_contiguous:  # compiled
+        return cpu.causal_softmax_(att)
     xp = _xp(att)
     tq, tk = att.shape[-2:]
     if tq > 1:  # the future lies in the last Tq columns, above their diagonal
@@ -181,6 +183,8 @@ def causal_softmax_backward_(g, y):
         return g
     if kernels.handles(y) and g.dtype == y.dtype and g.flags.c_contiguous:  # the kernel, over g
         return kernels.causal_softmax_backward(y, g, 1.0, out=g)
+    if cpu.takes(g, y) and g.flags.c_contiguous and y.flags.c_contiguous:  # compiled, one pass
+        return cpu.causal_softmax_backward_(g, y)
     g -= _rowdot(g, y)
     g *= y
     return g

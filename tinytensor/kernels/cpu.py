@@ -6,6 +6,7 @@ step, where NumPy makes several passes over the data and broadcasts slowly over 
     cross-entropy    cross_entropy_forward / _backward           fused.CrossEntropy's NumPy path
     row scatter-add  add_rows                                    np.add.at on whole rows
     bias (+ ReLU)    add_bias_, bias_relu_, relu_backward         fused.LinearReLU, ops Linear
+    causal softmax   causal_softmax_ (float32), _backward_        fused.causal_softmax_, ..._backward_
 
 They run when Numba is installed (`pip install -e ".[fast]"`) and not switched off:
 
@@ -153,6 +154,12 @@ def cross_entropy_forward(x, t, ignore_index=-100):
     z, p = np.empty_like(x), np.empty_like(x)
     mx = np.empty(n, dtype=x.dtype)
     loss = np.empty(n, dtype=x.dtype)
+    if x.dtype == np.float32:                          # max, shift, exp, sums in one pass
+        count = k.cross_entropy_f32(x, t, int(ignore_index), p, loss)
+        if count < 0:
+            raise IndexError(f"cross_entropy target out of range: class indices must be in "
+                             f"[0, {x.shape[1]}) or ignore_index={ignore_index}")
+        return loss, p, count
     if k.row_max_shift(x, t, int(ignore_index), z, mx) < 0:
         raise IndexError(f"cross_entropy target out of range: class indices must be in "
                          f"[0, {x.shape[1]}) or ignore_index={ignore_index}")
@@ -214,3 +221,24 @@ def relu_backward(gy, y, need_bias=True):
     parallel.rows(n, run, y.size, align=ROW_BLOCK)
     gb = (parts[0] if blocks == 1 else parts.sum(axis=0)) if need_bias else None
     return g, gb
+
+
+# ------------------------------------------------------------------ causal softmax
+def causal_softmax_(att):
+    """att (..., Tq, Tk) float32, C-contiguous <- its causal softmax over the last axis, in
+    place (fused.causal_softmax_'s meaning: query row i sees keys 0 .. Tk - Tq + i)."""
+    k = _load()
+    tq, tk = att.shape[-2:]
+    rows = att.reshape(-1, tk)
+    parallel.rows(len(rows), lambda r0, r1: k.causal_softmax_f32_(rows[r0:r1], tq, tk),
+                  att.size, align=tq)
+    return att
+
+
+def causal_softmax_backward_(g, y):
+    """g <- y * (g - sum(g * y, last axis)) in place (g, y of one shape and dtype, C-contiguous)."""
+    k = _load()
+    tk = g.shape[-1]
+    g2, y2 = g.reshape(-1, tk), y.reshape(-1, tk)
+    parallel.rows(len(g2), lambda r0, r1: k.causal_softmax_backward_(g2[r0:r1], y2[r0:r1]), g.size)
+    return g
