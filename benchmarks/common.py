@@ -100,7 +100,21 @@ def machine(threads):
     import numpy as np
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"{cpu_name()}, {usable_cores()} cores, {threads} thread(s) per framework; "
-            f"Python {platform.python_version()}, NumPy {np.__version__}; load average {load:.2f}")
+            f"Python {platform.python_version()}, NumPy {np.__version__}; "
+            f"tinytensor's compiled CPU kernels {compiled_kernels()}; load average {load:.2f}")
+
+
+def compiled_kernels():
+    """'on (numba X)' or 'off (why)': whether tinytensor's workers use kernels/cpu.py."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from tinytensor.kernels import cpu
+    if os.environ.get("TT_NUMBA", "").strip() == "0":
+        return "off (TT_NUMBA=0)"
+    if not cpu.enabled():
+        return "off (numba not installed)"
+    import numba
+    return f"on (numba {numba.__version__})"
 
 
 # ----------------------------------------------------------------- worker processes
