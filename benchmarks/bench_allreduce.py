@@ -14,8 +14,17 @@ give each parameter a fresh gradient array (set by hand), which allreduce_gradie
 copies into the flat buffer, then sums in pieces of 25 MB, one piece, or 4 MB. The last row
 is the path training takes: backward has written the gradients into the flat buffer, which
 is divided and summed in place (no copies).
+
+--steps N (default 10; 0 skips it) adds a second table: a training step's backward followed by
+the gradient averaging, on each rank's share of the preset's global batch (small 12 rows,
+lecture 64), timed N times (a lecture-preset backward takes seconds here: choose N to fit).
+"backward alone" is the floor; "overlap off" is backward then allreduce_gradients (TT_OVERLAP=0);
+"overlap on" is backward with a GradientReducer summing 1 MB buckets during it, then finish().
+The gain can be at most the allreduce time, and only where a rank has spare cores for the
+communication thread and its copies (not on a 2-core machine running 2 ranks).
 """
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -29,9 +38,9 @@ import tinytensor  # noqa: E402
 from tinytensor import distributed as dist  # noqa: E402
 from tinytensor.optim import AdamW  # noqa: E402
 
-PRESETS = {  # vocab, block_size, n_embd, n_head, n_layer
-    "small": (65, 64, 128, 4, 4),
-    "lecture": (65, 256, 384, 6, 6),
+PRESETS = {  # vocab, block_size, n_embd, n_head, n_layer, global batch (train presets)
+    "small": (65, 64, 128, 4, 4, 12),
+    "lecture": (65, 256, 384, 6, 6, 64),
 }
 
 
@@ -54,6 +63,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--presets", default="small,lecture")
+    ap.add_argument("--steps", type=int, default=10, help="repeats of the backward + reduce "
+                    "table (0: skip it)")
     args = ap.parse_args()
     for name in args.presets.split(","):
         if name not in PRESETS:
@@ -71,7 +82,7 @@ def main():
 
     rng = np.random.default_rng(dist.rank())
     for name in args.presets.split(","):
-        vocab, block, n_embd, n_head, n_layer = PRESETS[name]
+        vocab, block, n_embd, n_head, n_layer, _ = PRESETS[name]
         model = build_model("gpt", GPTConfig(vocab_size=vocab, block_size=block, n_embd=n_embd,
                                              n_head=n_head, n_layer=n_layer, dropout=0.0))
         params = list(model.parameters())
@@ -112,6 +123,53 @@ def main():
             if main_rank:
                 print(f"{name:8s} {n:11,d} {mb:6.1f} {label:38s} {ms:8.2f} {ms / base:6.2f}x "
                       f"{mb / ms:6.2f}")
+    if args.steps > 0:
+        backward_and_reduce(args.presets.split(","), args.steps, comm, main_rank)
+
+
+def backward_and_reduce(presets, repeats, comm, main_rank):
+    """The second table: backward + gradient averaging per training step, overlap off and on."""
+    if main_rank:
+        print(f"\nbackward + gradient averaging of a training step (median of {repeats}, the "
+              f"slowest rank's time)\n")
+        print(f"{'preset':8s} {'rows/rank':>9s} {'variant':44s} {'ms':>9s} {'vs off':>7s}")
+    for name in presets:
+        vocab, block, n_embd, n_head, n_layer, batch = PRESETS[name]
+        model = build_model("gpt", GPTConfig(vocab_size=vocab, block_size=block, n_embd=n_embd,
+                                             n_head=n_head, n_layer=n_layer, dropout=0.0))
+        dist.broadcast_parameters(model)
+        opt = AdamW(list(model.parameters()), lr=1e-3)
+        rows_here = max(1, batch // dist.world_size())
+        rng = np.random.default_rng(1)  # every rank its own rows of one global batch
+        xs = [rng.integers(0, vocab, (batch, block))[dist.rank()::dist.world_size()][:rows_here]
+              for _ in range(2)]
+        on = dist.GradientReducer(opt.flat, overlap=True)
+        off = dist.GradientReducer(opt.flat, overlap=False)  # allreduce_gradients
+        quiet = on.no_sync  # `on`'s hooks stay out of the other variants' backward passes
+        variants = [("backward alone", quiet, lambda: None),
+                    ("backward, allreduce_gradients (overlap off)", quiet, off.finish),
+                    (f"backward + GradientReducer (on, {len(on.buckets)} buckets)",
+                     contextlib.nullcontext, on.finish)]
+        times = {label: [] for label, _, _ in variants}
+        for i in range(repeats + 1):  # one warm-up round
+            for label, context, reduce in variants:
+                x = xs[i % 2]
+                _, loss = model(x, x)
+                opt.zero_grad()
+                comm.Barrier()
+                t0 = time.perf_counter()
+                with context():
+                    loss.backward()
+                reduce()
+                dt = comm.allreduce(time.perf_counter() - t0, op=dist.MPI.MAX)
+                if i >= 1:
+                    times[label].append(dt * 1e3)
+        on.close()
+        med = {label: float(np.median(t)) for label, t in times.items()}
+        base = med[variants[1][0]]
+        for label, ms in med.items():
+            if main_rank:
+                print(f"{name:8s} {rows_here:9d} {label:44s} {ms:9.2f} {ms / base:6.2f}x")
 
 
 if __name__ == "__main__":

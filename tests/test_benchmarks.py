@@ -75,10 +75,16 @@ def test_bench_generate_cache_gives_the_same_tokens():
 @pytest.mark.skipif(MPIRUN is None, reason="mpirun not found: pip install -e '.[mpi]'")
 def test_bench_allreduce_under_mpirun():
     p = subprocess.run([MPIRUN, "-n", "2", sys.executable, str(BENCH / "bench_allreduce.py"),
-                        "--repeats", "2", "--presets", "small"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
+                        "--repeats", "2", "--presets", "small", "--steps", "1"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
-    rows = [line.split() for line in p.stdout.splitlines() if line.startswith("small ")]
+    first, second = p.stdout.split("backward + gradient averaging")
+    steps = [line.split() for line in second.splitlines() if line.startswith("small ")]
+    assert [" ".join(r[2:-2]) for r in steps] == [
+        "backward alone", "backward, allreduce_gradients (overlap off)",
+        "backward + GradientReducer (on, 4 buckets)"], second
+    assert all(float(r[-2]) > 0 for r in steps) and steps[1][-1] == "1.00x"
+    rows = [line.split() for line in first.splitlines() if line.startswith("small ")]
     labels = [" ".join(r[3:-3]) for r in rows]
     assert labels == ["raw Allreduce (1 buffer)", "allreduce_gradients, 25 MB buckets",
                       "allreduce_gradients, one buffer", "allreduce_gradients, 4 MB buckets",

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "tests" / "mpi"
 MPI_ENV_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "MPI_LOCALNRANKS", "HYDRA_")
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "TT_THREADS_PER_RANK",
-               "TT_DIST_BACKEND", "TT_BUCKET_MB")
+               "TT_DIST_BACKEND", "TT_BUCKET_MB", "TT_OVERLAP")
 
 
 def clean_env(**extra):
@@ -197,6 +197,32 @@ def test_gradient_chunks_cover_the_buffer(monkeypatch):
         dist._chunks(5, 4)
 
 
+def test_overlap_setting_and_its_bucket_size(monkeypatch):
+    monkeypatch.delenv("TT_BUCKET_MB", raising=False)
+    monkeypatch.delenv("TT_OVERLAP", raising=False)
+    assert dist.settings()["TT_OVERLAP"] == 1 and dist.settings()["TT_BUCKET_MB"] == 1.0
+    monkeypatch.setenv("TT_OVERLAP", "0")
+    assert dist.settings()["TT_OVERLAP"] == 0 and dist.settings()["TT_BUCKET_MB"] == 25.0
+    monkeypatch.setenv("TT_OVERLAP", "maybe")
+    with pytest.raises(dist.SettingError, match=r"^TT_OVERLAP='maybe': expected 0 or 1$"):
+        dist.settings()
+
+
+def test_gradient_reducer_in_one_process_adds_no_hooks_and_changes_nothing():
+    tt.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = tt.optim.AdamW(model.parameters())
+    reducer = dist.GradientReducer(opt.flat, overlap=True)
+    assert not reducer.active and "one process" in reducer.describe()
+    assert all(getattr(p, "_post_hooks", None) is None for p in model.parameters())
+    model(tt.tensor(np.ones((4, 3), np.float32))).sum().backward()
+    before = [p.grad.copy() for p in model.parameters()]
+    reducer.finish()
+    assert all(np.array_equal(p.grad, g) for p, g in zip(model.parameters(), before))
+    with pytest.raises(TypeError, match="GradientReducer takes the FlatParameters"):
+        dist.GradientReducer(list(model.parameters()))
+
+
 def test_launched_under_mpi_reads_the_launcher_environment(monkeypatch):
     for k in list(os.environ):
         if k.startswith(MPI_ENV_PREFIXES):
@@ -229,12 +255,27 @@ def test_allreduce_gradients_default_bucket_size():
     assert "calls=2" in out  # one per flat buffer (one float32, one float64)
 
 
-def test_gpu_arrays_are_staged_through_host_memory():
+@pytest.mark.parametrize("n", [2, 3])
+def test_overlapped_reducer_equals_allreduce_gradients(n):
+    """GradientReducer (buckets summed during backward) against allreduce_gradients on a GPT's
+    steps, missing gradients and misuse (tests/mpi/check_overlap.py): bitwise for 2 ranks."""
+    expect_ok(run_mpi(n, "check_overlap.py", *(["--exact"] if n == 2 else [])), f"{n} ranks")
+
+
+@pytest.mark.parametrize("how", [[], ["--reducer"]])
+def test_gpu_arrays_are_staged_through_host_memory(how):
     # a cupy stand-in with 3 pretend GPUs (tests/mpi/fake_gpu.py): 4 ranks use GPUs 0, 1, 2, 0;
-    # MPI must only read gradients after the stream is synchronized
-    out = expect_ok(run_mpi(4, "check_allreduce.py", "--bucket_mb", "5e-5", "--fake_gpu"),
+    # MPI must only read gradients after the stream is synchronized; GradientReducer takes the
+    # same path
+    out = expect_ok(run_mpi(4, "check_allreduce.py", "--bucket_mb", "5e-5", "--fake_gpu", *how),
                     "fake GPU, 4 ranks")
     assert "fake GPU" in out
+
+
+def test_reducer_finish_alone_is_allreduce_gradients():
+    """GradientReducer.finish() with no backward (gradients set by hand, accumulated in place,
+    None on some ranks or all, two dtypes): the same checks as allreduce_gradients."""
+    expect_ok(run_mpi(3, "check_allreduce.py", "--bucket_mb", "5e-5", "--reducer"), "3 ranks")
 
 
 def test_collectives_broadcast_consistency_and_threads():

@@ -320,3 +320,88 @@ def test_split_backward_joins_consecutive_gradient_views_without_a_copy():
     q, k, v = (a.view(2, 4, 1, 2).transpose(1, 2) for a in qkv.split(2, dim=2))
     fused.causal_sdpa(q, k, v).sum().backward()                    # gradients joined, then copied
     assert qkv.grad.shape == (2, 4, 6) and np.isfinite(qkv.grad).all()
+
+
+# ----- post-accumulate-grad hooks (torch's Tensor.register_post_accumulate_grad_hook) ----------
+
+def _hooked_run(lib, make, steps=2):
+    """A chain in which each op brings one new leaf (so the order of the hooks is unique), one
+    leaf used three times and one never used; returns [(name, grad seen inside the hook)]."""
+    rng = np.random.default_rng(0)
+    values = {k: rng.standard_normal(s).astype(np.float32)
+              for k, s in [("x", (4, 3)), ("w1", (3, 5)), ("b1", (5,)), ("w2", (5, 2)),
+                           ("s", (2,)), ("unused", (3,))]}
+    x = values.pop("x")
+    x = tt.Tensor(x) if lib is tt else torch.tensor(x)  # a constant input: one leaf per op
+    leaves = {k: make(v) for k, v in values.items()}
+    seen, handles = [], {}
+    for k, p in leaves.items():
+        handles[k] = p.register_post_accumulate_grad_hook(
+            lambda t, k=k: seen.append((k, np.array(t.grad.numpy() if lib is torch else t.grad))))
+    for step in range(steps):
+        if step == 1:
+            handles["b1"].remove()
+            handles["b1"].remove()  # twice is harmless, as torch
+        h = ((x @ leaves["w1"]) + leaves["b1"]).tanh()
+        h = (h @ leaves["w2"]) * leaves["s"]
+        (h * leaves["s"] + leaves["s"]).sum().backward()  # s: three consumers, one hook call
+    return seen
+
+
+def test_post_accumulate_grad_hooks_match_torch():
+    ours = _hooked_run(tt, lambda v: tt.Tensor(v, requires_grad=True))
+    ref = _hooked_run(torch, lambda v: torch.tensor(v, requires_grad=True))
+    assert [k for k, _ in ours] == [k for k, _ in ref] == \
+        ["s", "w2", "b1", "w1", "s", "w2", "w1"]  # the second backward accumulates
+    for (k, got), (_, want) in zip(ours, ref):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_post_accumulate_grad_hook_fires_during_backward_in_reverse_layer_order():
+    """A leaf's hook runs as soon as its last consumer's backward has run, not after the whole
+    walk: the last layer's parameters come first (what gradient bucketing overlaps with)."""
+    tt.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(4)])
+    params = list(model.parameters())
+    events = []
+    for i, p in enumerate(params):
+        p.register_post_accumulate_grad_hook(lambda t, i=i: events.append(("hook", i)))
+
+    class Probe(Function):  # records when backward passes the input of each layer
+        def forward(self, x, name):
+            self.name = name
+            return x
+
+        def backward(self, gy):
+            events.append(("backward", self.name))
+            return gy
+    h = tt.Tensor(np.ones((2, 4), np.float32), requires_grad=True)  # so layer 0's probe records
+    for k, layer in enumerate(model):
+        h = layer(Probe.apply(h, name=k))
+    h.sum().backward()
+    for k in range(4):  # layer k's weight and bias are ready before backward reaches layer k-1
+        before = events.index(("backward", k - 1)) if k else len(events)
+        assert {("hook", 2 * k), ("hook", 2 * k + 1)} <= set(events[:before]), events
+
+
+def test_post_accumulate_grad_hook_only_on_leaves_that_require_grad():
+    x = tt.Tensor(np.ones(3, np.float32), requires_grad=True)
+    with pytest.raises(RuntimeError, match="cannot be registered on non-leaf tensors"):
+        (x * 2.0).register_post_accumulate_grad_hook(lambda t: None)
+    with pytest.raises(RuntimeError, match="doesn't require gradient"):
+        tt.Tensor(np.ones(3, np.float32)).register_post_accumulate_grad_hook(lambda t: None)
+    with pytest.raises(RuntimeError, match="cannot be registered on non-leaf tensors"):
+        (torch.ones(3, requires_grad=True) * 2).register_post_accumulate_grad_hook(lambda t: None)
+
+
+def test_post_accumulate_grad_hook_sees_the_root_leaf_and_runs_without_grad():
+    v = tt.Tensor(np.zeros(3, np.float32), requires_grad=True)
+    modes = []
+
+    def sgd(p):
+        modes.append(tt.is_grad_enabled())
+        p.data -= 0.01 * p.grad
+    v.register_post_accumulate_grad_hook(sgd)
+    v.backward(np.array([1.0, 2.0, 3.0], np.float32))
+    np.testing.assert_allclose(v.data, [-0.01, -0.02, -0.03])  # torch's docstring example
+    assert modes == [False]

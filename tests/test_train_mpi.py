@@ -33,11 +33,11 @@ def text_file(tmp_path_factory):
     return p
 
 
-def run(nranks, out_dir, text_file, *extra, timeout=240):
+def run(nranks, out_dir, text_file, *extra, timeout=240, env=()):
     cmd = [sys.executable, str(TRAIN), "--data", str(text_file), "--out_dir", str(out_dir), *TINY, *extra]
     if nranks > 1:
         cmd = [MPIRUN, "-n", str(nranks)] + cmd
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **dict(env))
     env.pop("OMP_NUM_THREADS", None)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -78,6 +78,30 @@ def test_resume_two_rank_checkpoint_with_other_rank_counts(resume_ranks, single,
     got = losses(tmp_path)
     assert sorted(got) == sorted(single)
     assert max(abs(got[s] - single[s]) for s in single) <= 1e-4
+
+
+def test_overlapped_gradient_reduction_trains_bitwise_as_the_plain_one(tmp_path, text_file):
+    """TT_OVERLAP=1 (buckets summed during backward) and TT_OVERLAP=0 (allreduce_gradients
+    after it): with 2 ranks the same per-step losses and final weights to the last bit (a sum
+    of two numbers does not depend on how the buffer is cut), and a resumed run as well.
+    1 kB buckets: many of them, even for this tiny model."""
+    def weights(out):
+        with np.load(out / "ckpt.npz", allow_pickle=False) as z:
+            return {k: z[k] for k in z.files if k != "meta"}
+    runs = {}
+    for name, overlap, extra in [("on", "1", []), ("off", "0", []), ("resumed", "1", ["6"])]:
+        out = tmp_path / name
+        env = [("TT_BUCKET_MB", "0.001"), ("TT_OVERLAP", overlap)]
+        for max_iters, resume in ([(x, []) for x in extra] + [("12", ["--resume"] if extra else [])]):
+            r = run(2, out, text_file, "--max_iters", max_iters, *resume, env=env)
+            assert r.returncode == 0, r.stderr[-3000:]
+            said = "during backward, in " if overlap == "1" else "after backward, in pieces of "
+            assert f"gradients: summed over the ranks {said}" in r.stdout, r.stdout[:3000]
+        runs[name] = (losses(out), weights(out))
+    (on, w_on), (off, w_off), (resumed, w_resumed) = runs["on"], runs["off"], runs["resumed"]
+    assert len(on) >= 12 and on == off == resumed, (on, off, resumed)
+    for k in w_on:
+        assert np.array_equal(w_on[k], w_off[k]) and np.array_equal(w_on[k], w_resumed[k]), k
 
 
 def test_batch_not_divisible_by_ranks_is_a_clear_error(tmp_path, text_file):
@@ -126,7 +150,8 @@ def error_lines(r):
 def test_ranks_that_disagree_are_named_before_the_first_broadcast(tmp_path, text_file):
     other = tmp_path / "other.txt"
     other.write_text(text_file.read_text(encoding="utf-8") + "@", encoding="utf-8")
-    cases = [((), [("TT_BUCKET_MB", "5")], ["rank 1 has TT_BUCKET_MB=5.0 (rank 0: 25.0)"]),
+    cases = [((), [("TT_BUCKET_MB", "5")], ["rank 1 has TT_BUCKET_MB=5.0 (rank 0: 1.0)"]),
+             ((), [("TT_OVERLAP", "0")], ["TT_OVERLAP=0 (rank 0: 1)"]),
              (("--data", str(other)), (), [f"--data='{other}'", "vocab=", "data sha256=",
                                           "data size="]),
              (("--n_embd", "32"), (), ["--n_embd=32 (rank 0: 16)"])]
@@ -144,6 +169,9 @@ def test_an_error_on_one_rank_reaches_the_user_from_that_rank(tmp_path, text_fil
     r = run_mpmd(tmp_path / "o", text_file, (), [("TT_THREADS_PER_RANK", "many")])
     assert r.returncode == 1 and error_lines(r) == [
         "rank 1: error: TT_THREADS_PER_RANK='many': expected a positive integer"], r.stderr
+    r = run_mpmd(tmp_path / "o", text_file, (), [("TT_OVERLAP", "maybe")])
+    assert r.returncode == 1 and error_lines(r) == [
+        "rank 1: error: TT_OVERLAP='maybe': expected 0 or 1"], r.stderr
     (tmp_path / "missing").mkdir()
     r = run_mpmd(tmp_path / "o", text_file, ("--data", str(tmp_path / "missing" / "t.txt")))
     lines = error_lines(r)

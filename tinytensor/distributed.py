@@ -9,10 +9,13 @@ ranks, so every rank takes the same optimizer step and the parameters stay ident
     dist.broadcast_parameters(model)        # every rank starts from rank 0's weights
     dist.check_consistent(config, params)   # same config and weights everywhere, or a clear error
     optimizer = AdamW(model.parameters())   # keeps parameters and gradients in optimizer.flat
+    reducer = dist.GradientReducer(optimizer.flat)  # sums gradient buckets during backward
     for step ...:
         loss.backward()                     # writes the gradients into optimizer.flat.grad
-        dist.allreduce_gradients(optimizer.flat)  # p.grad = mean over ranks, in place
+        reducer.finish()                    # p.grad = mean over ranks, in place
         optimizer.step()
+
+(`dist.allreduce_gradients(optimizer.flat)` after backward does the same without overlap.)
 
 Without mpirun nothing here touches MPI (mpi4py is not even imported): world_size() is 1 and
 every collective is the identity, so a training script calls these unconditionally.
@@ -31,11 +34,16 @@ Environment variables:
   TT_DIST_BACKEND      'mpi' (default) or 'nccl': how CuPy gradients are summed; 'mpi' copies them
                        through host memory (the MPI wheels on PyPI are not CUDA-aware)
   TT_BUCKET_MB         the gradients are summed in pieces of this many MB, one MPI Allreduce
-                       each (default 25, as PyTorch DDP's buckets)
+                       each (default 1 for GradientReducer, 25 for allreduce_gradients and when
+                       TT_OVERLAP=0, as PyTorch DDP's buckets)
+  TT_OVERLAP           1 (default): GradientReducer sums buckets during backward; 0: after it
 """
+import contextlib
+import functools
 import hashlib
 import json
 import os
+import queue
 import sys
 import threading
 import time
@@ -54,7 +62,8 @@ _threads = None       # BLAS threads per rank that init() chose (None: left to t
 _nccl_comm = None     # a cupy NcclCommunicator when TT_DIST_BACKEND=nccl
 _aborting = False     # the excepthook runs once, even when threads fail together
 
-DEFAULT_BUCKET_MB = 25
+DEFAULT_BUCKET_MB = 25         # allreduce_gradients: pieces as large as PyTorch DDP's buckets
+DEFAULT_OVERLAP_BUCKET_MB = 1  # GradientReducer: small buckets, so that summing starts early
 
 
 class DistributedError(RuntimeError):
@@ -382,10 +391,10 @@ def check_consistent(config, params):
 
 # ----- gradient averaging --------------------------------------------------------------------
 
-def _bucket_mb(bucket_mb):
+def _bucket_mb(bucket_mb, default=DEFAULT_BUCKET_MB):
     """bucket_mb, or TT_BUCKET_MB, or the default."""
     if bucket_mb is None:
-        setting = os.environ.get("TT_BUCKET_MB", str(DEFAULT_BUCKET_MB))
+        setting = os.environ.get("TT_BUCKET_MB", str(default))
         try:
             bucket_mb = float(setting)
         except ValueError:
@@ -396,11 +405,22 @@ def _bucket_mb(bucket_mb):
     return bucket_mb
 
 
+def _overlap():
+    """TT_OVERLAP: True (the default, "1") or False ("0")."""
+    setting = os.environ.get("TT_OVERLAP", "1")
+    if setting.strip() not in ("0", "1"):
+        raise SettingError(f"TT_OVERLAP={setting!r}: expected 0 or 1")
+    return setting.strip() == "1"
+
+
 def settings():
     """The environment settings every rank must share ({name: value}; SettingError if one is
     malformed): compare them with check_same before the first collective that depends on them."""
-    return {"TT_BUCKET_MB": _bucket_mb(None),
-            "TT_DIST_BACKEND": os.environ.get("TT_DIST_BACKEND", "mpi").strip().lower()}
+    overlap = _overlap()
+    default = DEFAULT_OVERLAP_BUCKET_MB if overlap else DEFAULT_BUCKET_MB
+    return {"TT_BUCKET_MB": _bucket_mb(None, default),
+            "TT_DIST_BACKEND": os.environ.get("TT_DIST_BACKEND", "mpi").strip().lower(),
+            "TT_OVERLAP": int(overlap)}
 
 
 def _chunks(size, itemsize, bucket_mb=None):
@@ -421,11 +441,7 @@ def allreduce_gradients(flat, bucket_mb=None):
     p.grad is its view of flat.grad. A parameter whose grad is None counts as zeros; it stays
     None only when it is None on every rank. In one process nothing happens.
     """
-    if not isinstance(flat, FlatParameters):
-        raise TypeError(f"allreduce_gradients takes the FlatParameters that hold the gradients "
-                        f"(optimizer.flat, or tinytensor.flat.FlatParameters(params)), got "
-                        f"{type(flat).__name__}; AdamW has none when its parameters mix dtypes "
-                        f"or devices")
+    _check_flat(flat, "allreduce_gradients")
     if world_size() == 1:
         return
     for p, view in zip(flat.params, flat.grad_views):
@@ -444,6 +460,14 @@ def allreduce_gradients(flat, bucket_mb=None):
     present = (staged[flat.grad.size:] if staged is not None else backend.to_numpy(flat.flags)) > 0
     for p, view, ok in zip(flat.params, flat.grad_views, present):
         p.grad = view if ok else None
+
+
+def _check_flat(flat, who):
+    if not isinstance(flat, FlatParameters):
+        raise TypeError(f"{who} takes the FlatParameters that hold the gradients "
+                        f"(optimizer.flat, or tinytensor.flat.FlatParameters(params)), got "
+                        f"{type(flat).__name__}; AdamW has none when its parameters mix dtypes "
+                        f"or devices")
 
 
 def _sum_over_ranks(flat, bucket_mb):
@@ -470,3 +494,184 @@ def _sum_over_ranks(flat, bucket_mb):
             _comm.Allreduce(MPI.IN_PLACE, host[a:b])
         buf.set(host)
         return host
+
+
+class GradientReducer:
+    """allreduce_gradients overlapped with backward, as PyTorch's DDP does it: the gradients are
+    summed over the ranks in buckets while backward is still computing the earlier layers'.
+
+        reducer = dist.GradientReducer(optimizer.flat)  # once, after broadcast_parameters
+        loss.backward()      # each bucket is summed as soon as all its gradients are ready
+        reducer.finish()     # the rest; then the state allreduce_gradients(optimizer.flat) leaves
+
+    The parameters of `flat` are grouped, from the last one back (backward finishes the last
+    layer first), into buckets of about bucket_mb MB (default 1, or TT_BUCKET_MB), each a
+    contiguous stretch of flat.grad. A post-accumulate-grad hook on every parameter counts the
+    gradients that are final; when a bucket has them all, it is divided by the number of ranks
+    and summed over the ranks in place. Buckets start in the same order on every rank (a ready
+    bucket waits for the ones before it), since MPI matches collectives by order. finish(), after
+    backward, starts the buckets still waiting (a parameter without a gradient counts as zeros),
+    waits for all and sums the "has a gradient" flags: as with allreduce_gradients, each p.grad
+    is then its view of flat.grad, or None when no rank had one. A gradient set by hand before
+    backward, or between backward and finish() on a parameter backward did not reach, is copied
+    in; one replaced after backward computed it (its bucket may be on the wire) is an error.
+
+    Why small buckets: DDP's 25 MB would put the small preset's 3.3 MB of gradients in one
+    bucket, which can start only when backward has ended. 1 MB gives a few buckets per model
+    (4 for the small preset, about one per transformer block; 19 for the lecture preset) at a cost
+    of one message latency each (microseconds).
+
+    How the sums progress while NumPy computes: MPICH moves a nonblocking MPI_Iallreduce along
+    only inside MPI calls, so polling it from the hooks would progress it only between
+    backward's operations. Instead one background thread per reducer takes the ready buckets
+    from a queue and runs a blocking Allreduce for each (mpi4py asks for MPI_THREAD_MULTIPLE;
+    NumPy and mpi4py release the GIL, so the thread's sums run beside backward's kernels). Only
+    that thread calls MPI until finish() has waited for it, which finish() does before it
+    returns, so the rest of the training loop (the loss and stop-flag allreduce) never meets it.
+
+    Accumulating micro-batches: run the backward of every micro-batch but the last under
+    `with reducer.no_sync():` (as DDP), or a gradient would be summed before it is complete.
+
+    No overlap (finish() simply calls allreduce_gradients, and no hooks are registered): with
+    TT_OVERLAP=0 (or overlap=False), for gradients on a GPU (host staging or NCCL, as today),
+    and when MPI does not allow calls from a second thread. In one process nothing happens.
+    """
+
+    def __init__(self, flat, bucket_mb=None, overlap=None):
+        _check_flat(flat, "GradientReducer")
+        self.flat = flat
+        self.overlap = _overlap() if overlap is None else bool(overlap)
+        self.bucket_mb = _bucket_mb(bucket_mb, DEFAULT_OVERLAP_BUCKET_MB if self.overlap
+                                    else DEFAULT_BUCKET_MB)
+        self.active = (self.overlap and world_size() > 1 and not backend.is_cuda(flat.grad)
+                       and MPI.Query_thread() >= MPI.THREAD_SERIALIZED)
+        self._handles = []
+        if not self.active:
+            return
+        limit = max(1, int(self.bucket_mb * 1e6) // flat.grad.itemsize)
+        self.buckets, j = [], len(flat)  # [(i, j)]: parameters i .. j-1, the last ones first
+        for i in reversed(range(len(flat))):
+            if flat.offsets[j] - flat.offsets[i] >= limit or i == 0:
+                self.buckets.append((i, j))
+                j = i
+        self._bucket_of = [k for k, (i, j) in enumerate(self.buckets) for _ in range(i, j)][::-1]
+        self._sync = True
+        self._reset()
+        self._queue, self._error = queue.Queue(), None
+        self._thread = threading.Thread(target=self._work, name="GradientReducer", daemon=True)
+        self._thread.start()
+        for i, p in enumerate(flat.params):
+            self._handles.append(p.register_post_accumulate_grad_hook(
+                functools.partial(self._grad_ready, i)))
+
+    def describe(self):
+        """One line for the log: how the gradients are summed."""
+        if self.active:
+            return (f"summed over the ranks during backward, in {len(self.buckets)} buckets of "
+                    f"about {self.bucket_mb:g} MB")
+        why = ("TT_OVERLAP=0" if not self.overlap else "one process" if world_size() == 1 else
+               "gradients on a GPU" if backend.is_cuda(self.flat.grad) else
+               "MPI allows no second thread")
+        return f"summed over the ranks after backward, in pieces of {self.bucket_mb:g} MB ({why})"
+
+    def _reset(self):
+        self._ready = [False] * len(self.flat)       # parameter i's gradient is final
+        self._missing = [j - i for i, j in self.buckets]  # gradients each bucket still waits for
+        self._next = 0                               # the next bucket to start
+
+    def _grad_ready(self, i, p):
+        """The hook of parameter i: its gradient is final (the engine calls it in backward)."""
+        if not self._sync:
+            return
+        if self._ready[i]:
+            raise RuntimeError("GradientReducer: a second backward() before finish(); when "
+                               "accumulating micro-batches, run all but the last under "
+                               "`with reducer.no_sync():`")
+        view = self.flat.grad_views[i]
+        if p.grad is not view:  # set by hand before backward, then accumulated: copy it in
+            view[...] = p.grad
+            p.grad = view
+        self._ready[i] = True
+        self._missing[self._bucket_of[i]] -= 1
+        while self._next < len(self.buckets) and not self._missing[self._next]:
+            self._start_next()
+
+    def _start_next(self):
+        self._queue.put(self.flat.span(*self.buckets[self._next]))
+        self._next += 1
+
+    def _work(self):
+        """The communication thread: divide and sum each bucket it is given, in order."""
+        n = world_size()
+        while True:
+            span = self._queue.get()
+            try:
+                if span is None:
+                    return
+                if self._error is None:  # after a failure: only drain the queue
+                    part = self.flat.grad[span[0]:span[1]]
+                    np.divide(part, n, out=part)  # the sum over ranks is then the mean
+                    _comm.Allreduce(MPI.IN_PLACE, part)
+            except BaseException as e:  # raised again by finish(), in the training loop
+                self._error = e
+            finally:
+                self._queue.task_done()
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Backward passes inside only accumulate gradients (no summing), as DDP's no_sync()."""
+        before, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = before
+
+    def finish(self):
+        """Start the buckets still waiting, wait until every bucket is summed, and leave the
+        state allreduce_gradients would: each p.grad the mean over ranks in its view of
+        flat.grad, or None when no rank had a gradient."""
+        if not self.active:
+            allreduce_gradients(self.flat, self.bucket_mb)
+            return
+        flat = self.flat
+        if not flat.intact():
+            raise RuntimeError("GradientReducer: the parameters' data was replaced (Module.to, "
+                               "astype) after the reducer was built; build a new one from "
+                               "optimizer.flat")
+        try:
+            present = np.ones(len(flat), dtype=flat.flags.dtype)
+            for i, (p, view) in enumerate(zip(flat.params, flat.grad_views)):
+                if self._ready[i]:
+                    if p.grad is not view:
+                        raise RuntimeError(f"GradientReducer: the gradient of parameter {i} "
+                                           f"{p.shape} was replaced after backward computed it, "
+                                           f"while it was being summed; set gradients by hand "
+                                           f"before backward (or use allreduce_gradients)")
+                elif p.grad is None:  # counts as zeros
+                    view[...] = 0
+                    present[i] = 0
+                elif p.grad.shape != p.shape:
+                    raise ValueError(f"gradient of shape {p.grad.shape} for a parameter of "
+                                     f"shape {p.shape}")
+                elif p.grad is not view:  # e.g. set by hand: copy it in
+                    view[...] = p.grad
+            flat.flags[...] = present
+            while self._next < len(self.buckets):
+                self._start_next()
+        finally:  # never leave the thread in MPI when returning (nor raising)
+            self._queue.join()
+            self._reset()
+        if self._error is not None:
+            raise self._error
+        _comm.Allreduce(MPI.IN_PLACE, flat.flags)
+        for p, view, ok in zip(flat.params, flat.grad_views, flat.flags > 0):
+            p.grad = view if ok else None
+
+    def close(self):
+        """Remove the hooks and end the communication thread."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self.active:
+            self.active = False
+            self._queue.put(None)

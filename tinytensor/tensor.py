@@ -74,8 +74,10 @@ class Tensor:
     """An n-dimensional array with reverse-mode automatic differentiation."""
 
     # _grad_view: where backward() writes this leaf's first gradient (flat.FlatParameters sets
-    # it to a view of a flat gradient buffer); unset, a copy of the gradient is made
-    __slots__ = ("data", "grad", "requires_grad", "_ctx", "_grad_view", "__weakref__")
+    # it to a view of a flat gradient buffer); unset, a copy of the gradient is made.
+    # _post_hooks: {id: hook} of register_post_accumulate_grad_hook; unset until one is registered
+    __slots__ = ("data", "grad", "requires_grad", "_ctx", "_grad_view", "_post_hooks",
+                 "__weakref__")
     __array_priority__ = 1000  # so ndarray + Tensor defers to Tensor.__radd__
 
     def __init__(self, data, requires_grad=False, dtype=None):
@@ -182,6 +184,20 @@ class Tensor:
 
 
     # ----- the engine -----------------------------------------------------------------
+    def register_post_accumulate_grad_hook(self, hook):
+        """Call hook(self) during backward() right after this leaf's .grad has been accumulated
+        (its gradient for that backward is then final), as torch. Returns a handle whose
+        .remove() unregisters it. Only leaves that require grad; hooks run under no_grad()."""
+        if not self.requires_grad:
+            raise RuntimeError("cannot register a hook on a tensor that doesn't require gradient")
+        if self._ctx is not None:
+            raise RuntimeError("post accumulate grad hooks cannot be registered on non-leaf "
+                               "tensors")
+        hooks = getattr(self, "_post_hooks", None)
+        if hooks is None:
+            hooks = self._post_hooks = {}
+        return _RemovableHandle(hooks, hook)
+
     def backward(self, grad=None):
         """Accumulate d(self)/d(leaf) into every leaf's .grad, then free the graph.
 
@@ -202,18 +218,14 @@ class Tensor:
             if grad.shape != self.shape:
                 raise ValueError(f"backward(grad) shape {grad.shape} does not match tensor shape {self.shape}")
 
-        order, multi = _topo_order(self)
+        order, multi, hooked = _topo_order(self)
         grads = {id(self): grad}
         for t in reversed(order):
             g = grads.pop(id(t), None)
             ctx = t._ctx
             if ctx is None:  # a leaf: accumulate
-                if g is None:
-                    continue
-                if t.grad is None:  # a copy: g may be shared with other inputs' gradients
-                    t.grad = _first_grad(t, g)
-                else:
-                    t.grad += g
+                if g is not None:
+                    _accumulate(t, g)
                 continue
             if multi and id(ctx) in multi:  # one output of several: backward runs once, after the last
                 waiting = multi[id(ctx)]
@@ -228,20 +240,39 @@ class Tensor:
                 if not isinstance(in_grads, tuple):
                     in_grads = (in_grads,)
                 for parent, pg in zip(ctx.parents, in_grads):
-                    if pg is None or parent is None or not parent.requires_grad:
+                    if parent is None or not parent.requires_grad:
                         continue
-                    data = parent.data
-                    if pg.shape != data.shape:
-                        pg = _unbroadcast(pg, data.shape)
-                    if pg.dtype is not data.dtype and pg.dtype != data.dtype:
-                        pg = pg.astype(data.dtype)  # e.g. through a cast: grads keep their input's dtype
                     key = id(parent)
-                    prev = grads.get(key)
-                    grads[key] = pg if prev is None else parallel.add(prev, pg)
+                    if pg is not None:
+                        data = parent.data
+                        if pg.shape != data.shape:
+                            pg = _unbroadcast(pg, data.shape)
+                        if pg.dtype is not data.dtype and pg.dtype != data.dtype:
+                            pg = pg.astype(data.dtype)  # e.g. through a cast: grads keep their input's dtype
+                        prev = grads.get(key)
+                        grads[key] = pg if prev is None else parallel.add(prev, pg)
+                    if hooked and key in hooked:  # a leaf with hooks: accumulate after its last
+                        hooked[key] -= 1          # consumer, not at its place in `order`
+                        if not hooked[key] and key in grads:
+                            _accumulate(parent, grads.pop(key))
             if ctx is not _RELEASED:  # free the graph as we go: saved arrays and links go
                 t._ctx = _RELEASED
                 ctx.parents = None
                 ctx.release()
+
+
+class _RemovableHandle:
+    """What register_post_accumulate_grad_hook returns: .remove() unregisters the hook."""
+
+    _next_id = 0
+
+    def __init__(self, hooks, hook):
+        _RemovableHandle._next_id += 1
+        self.id, self._hooks = _RemovableHandle._next_id, hooks
+        hooks[self.id] = hook
+
+    def remove(self):
+        self._hooks.pop(self.id, None)
 
 
 class _Released:
@@ -267,10 +298,28 @@ class _Waiting(list):
     count = 0
 
 
+def _accumulate(leaf, g):
+    """leaf.grad += g (a copy of g the first time), then the leaf's post-accumulate hooks."""
+    if leaf.grad is None:  # a copy: g may be shared with other inputs' gradients
+        leaf.grad = _first_grad(leaf, g)
+    else:
+        leaf.grad += g
+    if getattr(leaf, "_post_hooks", None):  # every consumer has run: .grad is final
+        with no_grad():
+            for hook in list(leaf._post_hooks.values()):  # a hook may remove itself
+                hook(leaf)
+
+
 def _topo_order(root):
-    """Tensors reachable from root, parents before children (iterative DFS), and for each
-    Function with several outputs among them, a _Waiting list (by id of the Function)."""
-    order, visited, multi = [], set(), {}
+    """Tensors reachable from root, parents before children (iterative DFS); for each Function
+    with several outputs among them, a _Waiting list (by id of the Function); and for each leaf
+    with post-accumulate hooks, its number of consumers (by id of the leaf).
+
+    A DFS puts the leaves (the parameters) near the end of the walk back, so backward()
+    accumulates a leaf with hooks as soon as its last consumer has run instead, at once in the
+    walk: gradient-ready hooks fire from the last layer back while backward goes on (the sum
+    and hence .grad are the same, bit for bit)."""
+    order, visited, multi, hooked = [], set(), {}, {}
     stack = [(root, False)]
     push, pop, seen, append = stack.append, stack.pop, visited.add, order.append
     while stack:
@@ -285,15 +334,21 @@ def _topo_order(root):
         push((t, True))
         ctx = t._ctx
         if ctx is not None:
+            first = True  # the first output of this Function reached: count its inputs once
             if ctx.outputs is not None:
                 waiting = multi.get(id(ctx))
                 if waiting is None:
                     waiting = multi[id(ctx)] = _Waiting([None] * len(ctx.outputs))
+                else:
+                    first = False
                 waiting.count += 1
             for p in ctx.parents:
-                if p is not None and p.requires_grad and id(p) not in visited:
-                    push((p, False))
-    return order, multi
+                if p is not None and p.requires_grad:
+                    if first and p._ctx is None and getattr(p, "_post_hooks", None):
+                        hooked[id(p)] = hooked.get(id(p), 0) + 1
+                    if id(p) not in visited:
+                        push((p, False))
+    return order, multi, hooked
 
 
 def _first_grad(leaf, g):

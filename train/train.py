@@ -290,6 +290,7 @@ class RunState:
     last_saved: Optional[int]         # the step of the last checkpoint (None: none written yet)
     main: bool                        # rank 0: prints, logs and writes the files
     stop: guard.StopSignals           # SIGINT/SIGTERM: a request to stop at a step boundary
+    reducer: dist.GradientReducer     # averages optimizer.flat's gradients over the ranks
     metrics: Optional[Metrics] = None  # metrics.jsonl and the loss history (rank 0 only)
     bar: object = None                # the tqdm progress bar on a terminal (rank 0), else None
     t_log: float = 0.0                # time.perf_counter() at the last train log line
@@ -318,7 +319,8 @@ def setup(cfg, ckpt, built, stop):
     dist.check_consistent(cfg.to_dict(), list(model.parameters()))
     state = RunState(cfg=cfg, dataset=dataset, model=model, optimizer=optimizer, device=device,
                      start=start, best_val=math.inf if best_val is None else best_val,
-                     last_saved=start if ckpt else None, main=dist.is_main(), stop=stop)
+                     last_saved=start if ckpt else None, main=dist.is_main(), stop=stop,
+                     reducer=dist.GradientReducer(optimizer.flat))
     stop.saved = (state.ckpt_path, start) if ckpt else None
     if state.main:
         print("config:\n" + format_config(cfg), flush=True)
@@ -327,6 +329,8 @@ def setup(cfg, ckpt, built, stop):
               f"vocab {dataset.tokenizer.vocab_size}")
         print(f"model: {cfg.model}, {model.num_parameters():,} parameters, device {device}, "
               f"{dist.world_size()} process(es)")
+        if dist.world_size() > 1:
+            print(f"gradients: {state.reducer.describe()}")
         if ckpt:
             print(f"resuming from {state.ckpt_path} at step {start}")
         elif os.path.exists(state.ckpt_path):
@@ -351,8 +355,8 @@ def train_step(state, step):
     seed_dropout(cfg.seed, step, dist.rank())
     _, loss = model(x, y)
     optimizer.zero_grad()
-    loss.backward()                               # into the optimizer's flat gradient buffer
-    dist.allreduce_gradients(optimizer.flat)      # that buffer, averaged over the ranks
+    loss.backward()           # into the optimizer's flat gradient buffer; under mpirun its
+    state.reducer.finish()    # buckets are averaged over the ranks meanwhile, finish() the rest
     if cfg.grad_clip > 0:
         clip_grad_norm_(list(model.parameters()), cfg.grad_clip)
     # the mean over ranks is non-finite when any rank's loss is, and a stop asked on any rank

@@ -12,8 +12,9 @@ rounds: fresh gradients, gradients accumulated in place into the previous result
 nothing stale may leak). Exits 0 and prints OK with the number of Allreduce calls per round
 on rank 0 only when every check passes on every rank.
 
+--reducer: the same through GradientReducer.finish() instead of allreduce_gradients.
 --fake_gpu: the same with "GPU" arrays of the cupy stand-in in fake_gpu.py (3 pretend devices),
-which takes the host-staging path; also checks each rank's device, broadcast_parameters and
+which takes the host-staging path (GradientReducer falls back to it); also checks each rank's device, broadcast_parameters and
 allreduce_mean on those arrays.
 """
 import argparse
@@ -84,6 +85,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bucket_mb", type=float, default=None)
     ap.add_argument("--fake_gpu", action="store_true")
+    ap.add_argument("--reducer", action="store_true", help="reduce with GradientReducer.finish()")
     args = ap.parse_args()
     on_device = lambda a: a  # noqa: E731
     if args.fake_gpu:
@@ -95,9 +97,16 @@ def main():
     params = [Tensor(on_device(np.full(s, r, t)), requires_grad=True) for s, t in SHAPES]
     flats = [FlatParameters([p for p in params if p.dtype == t]) for t in (np.float32, np.float64)]
 
+    reducers = [dist.GradientReducer(f, bucket_mb=args.bucket_mb, overlap=True) for f in flats]
+    if args.reducer and n > 1:  # no backward here: finish() itself starts every bucket
+        assert all(red.active != args.fake_gpu for red in reducers), "GPU gradients: no overlap"
+
     def allreduce():
-        for flat in flats:
-            dist.allreduce_gradients(flat, bucket_mb=args.bucket_mb)
+        for flat, reducer in zip(flats, reducers):
+            if args.reducer:
+                reducer.finish()
+            else:
+                dist.allreduce_gradients(flat, bucket_mb=args.bucket_mb)
     if args.fake_gpu:
         assert fake_gpu.FakeCupy.device == dist._local_rank % 3, "wrong GPU for this rank"
         dist.broadcast_parameters(params)
