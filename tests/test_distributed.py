@@ -208,6 +208,21 @@ def test_overlap_setting_and_its_bucket_size(monkeypatch):
         dist.settings()
 
 
+def test_compiled_kernels_are_a_setting_every_rank_shares(monkeypatch):
+    """The compiled CPU kernels round differently from NumPy: check_same compares TT_NUMBA."""
+    from tinytensor.kernels import cpu
+    monkeypatch.setenv("TT_NUMBA", "0")
+    cpu.use(None)
+    try:
+        assert dist.settings()["TT_NUMBA"] == 0
+        monkeypatch.setenv("TT_NUMBA", "2")
+        cpu.use(None)
+        with pytest.raises(dist.SettingError, match=r"^TT_NUMBA='2': expected 0"):
+            dist.settings()
+    finally:
+        cpu.use(None)
+
+
 def test_gradient_reducer_in_one_process_adds_no_hooks_and_changes_nothing():
     tt.manual_seed(0)
     model = nn.Linear(3, 2)

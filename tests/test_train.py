@@ -330,6 +330,16 @@ def test_bad_config_is_a_one_line_error(tmp_path, text_file, args, needles):
     assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")
 
 
+def test_bad_compiled_kernels_setting_is_a_one_line_error(tmp_path, text_file):
+    """TT_NUMBA (tinytensor/kernels/cpu.py) is checked before anything is built."""
+    p = subprocess.run([sys.executable, TRAIN, *TINY, "--data", text_file, "--out_dir",
+                        tmp_path / "o"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "TT_NUMBA": "yes"})
+    assert "Traceback" not in p.stderr, p.stderr
+    assert_one_line_error(p, 2, "TT_NUMBA='yes': expected 0", "or 1")
+    assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")
+
+
 def test_cuda_without_a_gpu_is_a_one_line_error(tmp_path, text_file):
     if backend.cuda_available():
         pytest.skip("a GPU is usable here; this checks the message on machines without one")

@@ -418,9 +418,14 @@ def settings():
     malformed): compare them with check_same before the first collective that depends on them."""
     overlap = _overlap()
     default = DEFAULT_OVERLAP_BUCKET_MB if overlap else DEFAULT_BUCKET_MB
+    from .kernels import cpu
+    try:  # the compiled CPU kernels round differently: every rank takes the same path
+        compiled = int(cpu.enabled())
+    except (ValueError, ImportError) as e:
+        raise SettingError(str(e)) from None
     return {"TT_BUCKET_MB": _bucket_mb(None, default),
             "TT_DIST_BACKEND": os.environ.get("TT_DIST_BACKEND", "mpi").strip().lower(),
-            "TT_OVERLAP": int(overlap)}
+            "TT_OVERLAP": int(overlap), "TT_NUMBA": compiled}
 
 
 def _chunks(size, itemsize, bucket_mb=None):

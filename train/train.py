@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 import tinytensor as tt  # noqa: E402
 from tinytensor import backend  # noqa: E402
 from tinytensor import distributed as dist  # noqa: E402
+from tinytensor.kernels import cpu as cpu_kernels  # noqa: E402
 from tinytensor.optim import AdamW, clip_grad_norm_, lr_schedule  # noqa: E402
 from train import guard  # noqa: E402
 from train.checkpoint import (CheckpointError, atomic_write, load_checkpoint,  # noqa: E402
@@ -217,7 +218,8 @@ def build(cfg, ckpt):
 
     try:
         device = backend.check_device(cfg.device)
-    except (ValueError, RuntimeError) as e:
+        cpu_kernels.enabled()  # TT_NUMBA: a bad value or a missing numba is a config error
+    except (ValueError, RuntimeError, ImportError) as e:
         raise ConfigError(str(e)) from None
 
     text = load_text(cfg.data or None)
@@ -328,7 +330,9 @@ def setup(cfg, ckpt, built, stop):
               f"({len(dataset.train):,} train, {len(dataset.val):,} val), "
               f"vocab {dataset.tokenizer.vocab_size}")
         print(f"model: {cfg.model}, {model.num_parameters():,} parameters, device {device}, "
-              f"{dist.world_size()} process(es)")
+              f"{dist.world_size()} process(es)"
+              + (f", compiled CPU kernels {'on' if cpu_kernels.enabled() else 'off'}"
+                 if device == "cpu" else ""))
         if dist.world_size() > 1:
             print(f"gradients: {state.reducer.describe()}")
         if ckpt:
