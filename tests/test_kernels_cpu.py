@@ -66,9 +66,6 @@ def test_layer_norm_equals_reference(shape, dtype, affine):
         ours, theirs = np.abs(a - exact), np.abs(r - exact)
         bound = np.maximum(theirs, 4 * np.finfo(dtype).eps * scale)
         assert (ours <= bound).all(), f"{what}: error {ours.max():.3g} > {bound[ours.argmax()]:.3g}"
-    gx, gw, gb = cpu.layer_norm_backward(gy, x, w, ref[1], ref[2], need_x=False)
-    assert gx is None
-    np.testing.assert_array_equal(gw, grads[1])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -100,6 +97,8 @@ def test_cross_entropy_equals_numpy_path(dtype, ignore):
 
 
 def test_cross_entropy_bad_target_and_nan():
+    with pytest.raises(TypeError, match="float32"):
+        cpu.cross_entropy_forward(rand((4, 3), np.float64), np.array([0, 1, 2, 0]), -100)
     x = rand((4, 3), np.float32)
     with pytest.raises(IndexError, match=r"target out of range.*\[0, 3\)"):
         cpu.cross_entropy_forward(x, np.array([0, 1, 3, 0]), -100)

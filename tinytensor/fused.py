@@ -443,14 +443,11 @@ class LayerNorm(Function):
         wv = None if w is None else w.reshape(d)
         bv = None if b is None else b.reshape(d)
         self.wv, self.shape, self.nd, self.kernel = wv, x.shape, nd, None
-        if d and kernels.handles(x2, wv, bv):                       # CuPy: the CUDA kernel
-            y, mean, rstd = kernels.layer_norm_forward(x2, wv, bv, eps)
-            self.kernel = x2, mean, rstd                            # its backward's inputs
-            return y.reshape(x.shape)
-        if d and cpu.takes(x2, wv, bv):                             # compiled CPU kernel
-            y, mean, rstd = cpu.layer_norm_forward(x2, wv, bv, eps)
-            self.kernel = x2, mean, rstd
-            return y.reshape(x.shape)
+        for family, takes in ((kernels, kernels.handles), (cpu, cpu.takes)):
+            if d and takes(x2, wv, bv):               # CuPy: the CUDA kernel; NumPy: compiled
+                y, mean, rstd = family.layer_norm_forward(x2, wv, bv, eps)
+                self.kernel = family.layer_norm_backward, x2, mean, rstd    # for backward
+                return y.reshape(x.shape)
         avg = xp.full(d, 1.0 / d, dtype=x.dtype)                    # (D,): r @ avg is r's mean
         xhat, y = xp.empty_like(x2), xp.empty_like(x2)              # (N, D)
         rstd = xp.empty(n, dtype=x.dtype)                           # (N,)
@@ -477,13 +474,8 @@ class LayerNorm(Function):
         param_shape = self.shape[len(self.shape) - self.nd:]        # the weight's and bias's
         needs = self.needs_grad + [False] * (3 - len(self.needs_grad))
         if self.kernel is not None:                                 # the CUDA or CPU kernels
-            x2, mean, rstd = self.kernel
-            if type(x2) is np.ndarray:                              # the compiled CPU kernel
-                gx, gw, gb = cpu.layer_norm_backward(gy.reshape(x2.shape), x2, self.wv, mean,
-                                                     rstd, need_x=needs[0])
-            else:
-                gx, gw, gb = kernels.layer_norm_backward(gy.reshape(x2.shape), x2, self.wv,
-                                                         mean, rstd)
+            backward, x2, mean, rstd = self.kernel
+            gx, gw, gb = backward(gy.reshape(x2.shape), x2, self.wv, mean, rstd)
             return (gx.reshape(self.shape) if needs[0] else None,
                     gw.reshape(param_shape) if needs[1] else None,
                     gb.reshape(param_shape) if needs[2] else None)
@@ -537,12 +529,12 @@ class CrossEntropy(Function):
         self.reduction, self.eps, self.probs, self.kernel = reduction, eps, t.ndim == 2, None
         if not self.probs and not eps and c and kernels.handles(x):   # CuPy: the CUDA kernel
             loss, lse = kernels.cross_entropy_forward(x, t, ignore_index)     # (N,), (N,)
-            self.kernel = x, t, lse, ignore_index           # backward recomputes p from lse
+            self.kernel = "cuda", (x, t, lse, ignore_index)  # backward recomputes p from lse
             self.count = (t != ignore_index).sum()
             return _reduce(xp, loss, reduction, self.count)
-        if not self.probs and not eps and c and cpu.takes(x):  # the compiled CPU kernel
-            loss, self.p, self.count = cpu.cross_entropy_forward(x, t, ignore_index)
-            self.kernel = t, ignore_index
+        if not self.probs and not eps and c and x.dtype == np.float32 and cpu.takes(x):
+            loss, self.p, self.count = cpu.cross_entropy_forward(x, t, ignore_index)  # compiled
+            self.kernel = "cpu", (t, ignore_index)          # backward from the softmax p
             return _reduce(xp, loss, reduction, self.count)
         if x.size:
             z = x - x.max(axis=1, keepdims=True)            # (N, C)
@@ -573,10 +565,11 @@ class CrossEntropy(Function):
     def backward(self, gy):
         if self.kernel is not None:                         # the CUDA or CPU kernel
             scale = _row_mean_grad(gy, self.count) if self.reduction == "mean" else gy
-            if len(self.kernel) == 2:                       # CPU: from the saved softmax
-                t, ignore_index = self.kernel
+            where, saved = self.kernel
+            if where == "cpu":
+                t, ignore_index = saved
                 return cpu.cross_entropy_backward(self.p, t, ignore_index, scale), None
-            x, t, lse, ignore_index = self.kernel
+            x, t, lse, ignore_index = saved
             return kernels.cross_entropy_backward(x, t, lse, scale, ignore_index), None
         c, eps = self.p.shape[1], self.eps
         if self.reduction == "none":

@@ -50,8 +50,7 @@ def layer_norm_forward(x, w, b, eps, y, mean, rstd):
 def layer_norm_backward(gy, x, w, mean, rstd, gx, gw, gb):
     """gx (N, D) of layer norm's input from gy (N, D); ADDS the rows' sums of gy * xhat and gy
     into gw and gb (D,) (float64 partial sums, exact enough over any number of rows; a caller
-    splitting rows over threads gives each part its own pair). gx may be None (only the
-    weight and bias gradients wanted)."""
+    splitting rows over threads gives each part its own pair)."""
     n, d = x.shape
     zero, _, inv_d, _ = _consts(x.dtype, 1.0 / d, 0.0)
     for i in range(n):
@@ -68,59 +67,11 @@ def layer_norm_backward(gy, x, w, mean, rstd, gx, gw, gb):
             g = g * w[j]
             sg += g
             sgx += g * xh
-        if gx is not None:
-            gxr = gx[i]
-            sg *= inv_d
-            sgx *= inv_d
-            for j in range(d):
-                gxr[j] = (gyr[j] * w[j] - sg - (xr[j] - m) * r * sgx) * r
-
-
-@njit(nogil=True, cache=True)
-def row_max_shift(x, t, ignore_index, z, mx):
-    """z = x - max(x) per row of logits x (N, C) into z, the maxima into mx (N,) (NaN wins,
-    as in np.max). Returns -1 at the first target t (N,) outside [0, C) that is not
-    ignore_index, else 0. The exp of z is NumPy's: its SIMD exp is several times faster than
-    the scalar one Numba compiles."""
-    n, c = x.shape
-    for i in range(n):
-        ti = t[i]
-        if ti != ignore_index and (ti < 0 or ti >= c):
-            return -1
-        xr = x[i]
-        m = xr[0]
-        for j in range(1, c):
-            if xr[j] > m or xr[j] != xr[j]:
-                m = xr[j]
-        mx[i] = m
-        zr = z[i]
-        for j in range(c):
-            zr[j] = xr[j] - m
-    return 0
-
-
-@njit(nogil=True, cache=True, fastmath=_FAST)
-def softmax_nll(z, e, t, ignore_index, loss):
-    """From z = x - max(x) (N, C) and e = exp(z): e becomes the softmax (rows divided by their
-    sums) and loss (N,) log sum exp(z) - z[t] (= log sum exp(x) - x[t]), 0 where t is
-    ignore_index. Returns the number of rows counted."""
-    n, c = z.shape
-    count = 0
-    for i in range(n):
-        er = e[i]
-        s = er[0] - er[0]
-        for j in range(c):
-            s += er[j]
-        inv = 1 / s
-        for j in range(c):
-            er[j] = er[j] * inv
-        ti = t[i]
-        if ti == ignore_index:
-            loss[i] = 0
-        else:
-            loss[i] = np.log(s) - z[i, ti]
-            count += 1
-    return count
+        gxr = gx[i]
+        sg *= inv_d
+        sgx *= inv_d
+        for j in range(d):
+            gxr[j] = (gyr[j] * w[j] - sg - (xr[j] - m) * r * sgx) * r
 
 
 @njit(nogil=True, cache=True)
@@ -260,8 +211,10 @@ def causal_softmax_backward_(g, y):
 
 @njit(nogil=True, cache=True, fastmath=_FAST)
 def cross_entropy_f32(x, t, ignore_index, p, loss):
-    """row_max_shift, exp and softmax_nll in one pass over float32 logits x (N, C), exp by
-    exp_neg_. Returns the rows counted, or -1 at the first target outside [0, C)."""
+    """Softmax cross-entropy of float32 logits x (N, C) against class indices t (N,), one pass
+    per row: max, shift, exp (exp_neg_), sum, then p (N, C) the softmax and loss (N,)
+    log sum exp(x) - x[t], 0 where t is ignore_index. Returns the number of rows counted, or
+    -1 at the first target outside [0, C) that is not ignore_index."""
     n, c = x.shape
     k = np.empty(c, np.int32)
     count = 0
