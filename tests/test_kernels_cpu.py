@@ -251,3 +251,23 @@ def test_causal_softmax_equals_numpy_path(shape):
         np.testing.assert_array_equal(np.isnan(a), np.isnan(r), err_msg=what)
         assert (np.nan_to_num(a)[..., future] == 0).all(), f"{what}: masked entries not 0"
         close(np.nan_to_num(a), np.nan_to_num(r), np.float32, what)
+
+
+@pytest.mark.parametrize("path", ["numpy", "compiled"])
+def test_relu_of_infinities_and_nan_as_torch(path):
+    """relu(-inf) is 0, relu(nan) nan, relu(-1) +0 as in torch, and the gradient 0 wherever
+    the output is not > 0: F.relu, and the fused bias + ReLU kernel."""
+    import torch
+    cpu.use(path == "compiled")
+    v = np.array([[-np.inf, -1.0, 0.0, 2.0, np.inf, np.nan]], np.float32)
+    want = torch.relu(torch.from_numpy(v)).numpy()
+    x = tt.Tensor(v, requires_grad=True)
+    y = F.relu(x)
+    np.testing.assert_array_equal(y.numpy(), want)
+    assert not np.signbit(y.numpy()).any(), "relu of a negative must be +0"
+    y.backward(np.ones_like(v))
+    np.testing.assert_array_equal(x.grad, [[0, 0, 0, 1, 1, 0]])
+    if path == "compiled":
+        y = v.copy()
+        cpu.bias_relu_(y, None)
+        np.testing.assert_array_equal(y, want)

@@ -387,11 +387,11 @@ class LinearReLU(Function):
         elif cpu.takes(y, b):                                       # one compiled pass
             cpu.bias_relu_(y, b)
         else:
-            def rows(r0, r1):  # bias and relu (as ReLU: x * (x > 0)), large y over threads
+            def rows(r0, r1):  # bias and relu (max(y, 0), as ReLU), large y over threads
                 yr = y[r0:r1]
                 if b is not None:
                     yr += b
-                yr *= yr > 0
+                xp.maximum(yr, yr.dtype.type(0), out=yr)
             parallel.rows(len(y), rows, y.size, xp, block=parallel.block_rows(y.shape[1]))
         self.x, self.w, self.y = x, w, y
         return y.reshape(x.shape[:-1] + (w.shape[0],))              # (..., out)

@@ -104,13 +104,13 @@ def add_rows(target, rows, values):
 @njit(nogil=True, cache=True)
 def bias_relu_(y, b):
     """y = relu(y + b) in place, y (N, D), b (D,) (a bias-free caller passes zeros). ReLU as
-    the NumPy path writes it, v * (v > 0): a NaN stays NaN."""
+    torch: max(v, 0), so -inf gives 0 and a NaN stays NaN."""
     n, d = y.shape
     for i in range(n):
         yr = y[i]
         for j in range(d):
             v = yr[j] + b[j]
-            yr[j] = v if v > 0 else v * 0
+            yr[j] = 0 if v <= 0 else v
 
 
 @njit(nogil=True, cache=True)

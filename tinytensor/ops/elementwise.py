@@ -361,9 +361,9 @@ def gelu(x, approximate="none"):
 
 # ---------------------------------------------------------------- unary, any dtype
 class ReLU(Function):
-    def forward(self, x):
+    def forward(self, x):  # max(x, 0) as torch: relu(-inf) is 0 (x * (x > 0) would be NaN)
         self.mask = x > 0
-        return x * self.mask
+        return _xp(x).maximum(x, x.dtype.type(0))         # NaN stays NaN
 
     def backward(self, gy):
         return gy * self.mask
