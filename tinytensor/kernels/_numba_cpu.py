@@ -125,7 +125,8 @@ def add_bias_(y, b):
 
 @njit(nogil=True, cache=True, fastmath=_FAST)
 def relu_backward(gy, y, g, gb):
-    """g = gy * (y > 0) (N, D) from the ReLU's output y; ADDS g's column sums into gb (D,)."""
+    """g = gy * (y > 0) (N, D) from the ReLU's output y; ADDS g's column sums into gb (D,)
+    (float64 partial sums, as layer_norm_backward's)."""
     n, d = y.shape
     for i in range(n):
         gyr, yr, gr = gy[i], y[i], g[i]

@@ -29,8 +29,9 @@ import numpy as np
 from .. import parallel
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
-# rows per partial sum of layer norm's weight and bias gradients: the rows of a call are
-# summed in blocks of this many, and the blocks' sums added in order, whatever the threads
+# rows per partial column sum (layer norm's weight and bias gradients, the bias gradient after
+# a ReLU): a call's rows are summed in blocks of this many, the blocks' sums added in order,
+# whatever the threads
 ROW_BLOCK = 1024
 
 _k = None        # the compiled kernels (module _numba_cpu), once loaded
@@ -127,21 +128,27 @@ def layer_norm_backward(gy, x, w, mean, rstd):
     gw and gb (D,) in x's dtype."""
     k = _load()
     x, gy = _c(x), _c(gy)
-    n, d = x.shape
-    w = _affine(w, 1, d, x.dtype)
+    w = _affine(w, 1, x.shape[1], x.dtype)
     gx = np.empty_like(x)
-    blocks = max(1, -(-n // ROW_BLOCK))
-    parts = np.zeros((2, blocks, d))                   # float64 partial sums: gw, gb per block
+    gw, gb = _column_sums_by_block(x.shape, 2, lambda s, e, part: k.layer_norm_backward(
+        gy[s:e], x[s:e], w, mean[s:e], rstd[s:e], gx[s:e], part[0], part[1]))
+    return gx, gw.astype(x.dtype), gb.astype(x.dtype)
+
+
+def _column_sums_by_block(shape, count, kernel):
+    """Run kernel(s, e, part) over blocks of ROW_BLOCK rows s..e-1 of an (N, D) problem, large
+    ones over threads (ranges start on block edges), each block adding `count` column sums
+    into its own float64 part (count, D); returns the blocks' sums added in order (count, D):
+    the same bits for any number of threads."""
+    n, d = shape
+    parts = np.zeros((max(1, -(-n // ROW_BLOCK)), count, d))
 
     def run(r0, r1):
         for s in range(r0, r1, ROW_BLOCK):
-            e, i = min(s + ROW_BLOCK, r1), s // ROW_BLOCK
-            k.layer_norm_backward(gy[s:e], x[s:e], w, mean[s:e], rstd[s:e], gx[s:e],
-                                  parts[0, i], parts[1, i])
+            kernel(s, min(s + ROW_BLOCK, r1), parts[s // ROW_BLOCK])
 
-    parallel.rows(n, run, x.size, align=ROW_BLOCK)
-    sums = (parts[:, 0] if blocks == 1 else parts.sum(axis=1)).astype(x.dtype)
-    return gx, sums[0], sums[1]
+    parallel.rows(n, run, n * d, align=ROW_BLOCK)
+    return parts[0] if len(parts) == 1 else parts.sum(axis=0)
 
 
 # ------------------------------------------------------------------ cross-entropy
@@ -203,19 +210,10 @@ def relu_backward(gy, y, need_bias=True):
     (None when not need_bias)."""
     k = _load()
     gy, y = _c(gy), _c(y)
-    n, d = y.shape
     g = np.empty_like(y)
-    blocks = max(1, -(-n // ROW_BLOCK))
-    parts = np.zeros((blocks, d), dtype=y.dtype)       # column sums per row block
-
-    def run(r0, r1):
-        for s in range(r0, r1, ROW_BLOCK):
-            e = min(s + ROW_BLOCK, r1)
-            k.relu_backward(gy[s:e], y[s:e], g[s:e], parts[s // ROW_BLOCK])
-
-    parallel.rows(n, run, y.size, align=ROW_BLOCK)
-    gb = (parts[0] if blocks == 1 else parts.sum(axis=0)) if need_bias else None
-    return g, gb
+    (gb,) = _column_sums_by_block(y.shape, 1, lambda s, e, part: k.relu_backward(
+        gy[s:e], y[s:e], g[s:e], part[0]))
+    return g, (gb.astype(y.dtype) if need_bias else None)
 
 
 # ------------------------------------------------------------------ causal softmax
