@@ -150,6 +150,7 @@ def test_integer_errors_as_torch():
     same_error(lambda m: m.tensor([1, 2]).mean(), "floating point")
     same_error(lambda m: m.tensor([True]) - m.tensor([True]), "bool")
     same_error(lambda m: -m.tensor([True]), "bool")
+    same_error(lambda m: m.relu(m.tensor([True])), "Boolean inputs not supported for relu")
     same_error(lambda m: m.tensor([5]) // 0, "ZeroDivisionError")
     same_error(lambda m: m.softmax(m.tensor([1, 2]), 0))
     same_error(lambda m: m.tensor([1.0, 2.0]) @ m.tensor([1.0, 2.0], dtype=m.float64), "dtype")

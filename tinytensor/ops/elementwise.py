@@ -370,6 +370,8 @@ class ReLU(Function):
 
 
 def relu(x):
+    if x.dtype == np.bool_:
+        raise RuntimeError("Boolean inputs not supported for relu")
     return ReLU.apply(x)
 
 
