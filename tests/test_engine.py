@@ -306,22 +306,6 @@ def test_several_output_function_gets_all_gradients_in_one_backward():
         (a * 2).sum().backward()
 
 
-def test_split_backward_joins_consecutive_gradient_views_without_a_copy():
-    from tinytensor.ops.shape import _joined
-    buf = np.arange(24.0).reshape(2, 3, 4)
-    joined = _joined((buf[:, :, :1], buf[:, :, 1:3], buf[:, :, 3:]), 2, (2, 3, 4))
-    assert joined is not None and np.shares_memory(joined, buf)
-    np.testing.assert_array_equal(joined, buf)
-    assert _joined((buf[:, :, 1:3], buf[:, :, :1], buf[:, :, 3:]), 2, (2, 3, 4)) is None  # order
-    assert _joined((buf[:, :, :1], buf[:, :, 2:3]), 2, (2, 3, 2)) is None                  # a gap
-    assert _joined((buf[:, :, :2], np.ones((2, 3, 2))), 2, (2, 3, 4)) is None             # two buffers
-    import tinytensor.fused as fused
-    qkv = tt.Tensor(np.random.default_rng(0).standard_normal((2, 4, 6)), requires_grad=True)
-    q, k, v = (a.view(2, 4, 1, 2).transpose(1, 2) for a in qkv.split(2, dim=2))
-    fused.causal_sdpa(q, k, v).sum().backward()                    # gradients joined, then copied
-    assert qkv.grad.shape == (2, 4, 6) and np.isfinite(qkv.grad).all()
-
-
 # ----- post-accumulate-grad hooks (torch's Tensor.register_post_accumulate_grad_hook) ----------
 
 def _hooked_run(lib, make, steps=2):

@@ -8,10 +8,11 @@ deep graphs never hit the recursion limit), walks it in reverse, un-broadcasts e
 to its input's shape (the only place that happens) and accumulates it.
 """
 import functools
+import weakref
 
 import numpy as np
 
-from . import backend, parallel
+from . import backend
 from .dtypes import get_default_dtype, set_default_dtype  # noqa: F401 - re-exported
 
 _grad_enabled = True
@@ -73,11 +74,8 @@ def _as_array(data, dtype=None):
 class Tensor:
     """An n-dimensional array with reverse-mode automatic differentiation."""
 
-    # _grad_view: where backward() writes this leaf's first gradient (flat.FlatParameters sets
-    # it to a view of a flat gradient buffer); unset, a copy of the gradient is made.
     # _post_hooks: {id: hook} of register_post_accumulate_grad_hook; unset until one is registered
-    __slots__ = ("data", "grad", "requires_grad", "_ctx", "_grad_view", "_post_hooks",
-                 "__weakref__")
+    __slots__ = ("data", "grad", "requires_grad", "_ctx", "_post_hooks", "__weakref__")
     __array_priority__ = 1000  # so ndarray + Tensor defers to Tensor.__radd__
 
     def __init__(self, data, requires_grad=False, dtype=None):
@@ -193,72 +191,57 @@ class Tensor:
         if self._ctx is not None:
             raise RuntimeError("post accumulate grad hooks cannot be registered on non-leaf "
                                "tensors")
-        hooks = getattr(self, "_post_hooks", None)
-        if hooks is None:
-            hooks = self._post_hooks = {}
-        return _RemovableHandle(hooks, hook)
+        if getattr(self, "_post_hooks", None) is None:
+            self._post_hooks = {}
+        return _RemovableHandle(self._post_hooks, hook)
 
     def backward(self, grad=None):
         """Accumulate d(self)/d(leaf) into every leaf's .grad, then free the graph.
 
         grad defaults to 1 for a single-element tensor; otherwise pass an array (or Tensor)
-        of this tensor's shape.
+        of this tensor's shape. The Functions run in reverse topological order, each once, with
+        the gradients of all its outputs; a leaf's gradient is accumulated (and its hooks run)
+        as soon as the last Function that uses it has run.
         """
         if not self.requires_grad:
             raise RuntimeError("backward() on a tensor that does not require grad: no input "
                                "has requires_grad=True, or it was computed under no_grad()")
-        xp = backend.get_array_module(self.data)
         if grad is None:
             if self.data.size != 1:
                 raise RuntimeError(f"backward() without a gradient needs a single-element tensor, "
                                    f"got shape {self.shape}: pass grad= of that shape")
-            grad = xp.ones_like(self.data)
+            grad = backend.get_array_module(self.data).ones_like(self.data)
         else:
             grad = _as_array(grad, self.dtype)
             if grad.shape != self.shape:
                 raise ValueError(f"backward(grad) shape {grad.shape} does not match tensor shape {self.shape}")
-
-        order, multi, hooked = _topo_order(self)
-        grads = {id(self): grad}
-        for t in reversed(order):
-            g = grads.pop(id(t), None)
-            ctx = t._ctx
-            if ctx is None:  # a leaf: accumulate
-                if g is not None:
-                    _accumulate(t, g)
-                continue
-            if multi and id(ctx) in multi:  # one output of several: backward runs once, after the last
-                waiting = multi[id(ctx)]
-                waiting[ctx.outputs.index(id(t))] = g
-                t._ctx = _RELEASED
-                waiting.count -= 1
-                if waiting.count:
-                    continue
-                g = tuple(waiting) if any(w is not None for w in waiting) else None
-            if g is not None:
-                in_grads = ctx.backward(g)  # _RELEASED raises: this graph was freed already
+        if self._ctx is None:
+            _accumulate(self, grad)
+            return
+        functions, uses = _graph(self._ctx)
+        grads = {id(self): (self, grad)}  # tensor id -> (the tensor, its gradient so far)
+        for fn in reversed(functions):
+            gys = [None if out is None else grads.pop(id(out), (None, None))[1]
+                   for out in fn.outputs()]
+            if any(g is not None for g in gys):
+                in_grads = fn.backward(gys[0] if len(gys) == 1 else tuple(gys))
                 if not isinstance(in_grads, tuple):
                     in_grads = (in_grads,)
-                for parent, pg in zip(ctx.parents, in_grads):
-                    if parent is None or not parent.requires_grad:
-                        continue
-                    key = id(parent)
-                    if pg is not None:
-                        data = parent.data
-                        if pg.shape != data.shape:
-                            pg = _unbroadcast(pg, data.shape)
-                        if pg.dtype is not data.dtype and pg.dtype != data.dtype:
-                            pg = pg.astype(data.dtype)  # e.g. through a cast: grads keep their input's dtype
-                        prev = grads.get(key)
-                        grads[key] = pg if prev is None else parallel.add(prev, pg)
-                    if hooked and key in hooked:  # a leaf with hooks: accumulate after its last
-                        hooked[key] -= 1          # consumer, not at its place in `order`
-                        if not hooked[key] and key in grads:
-                            _accumulate(parent, grads.pop(key))
-            if ctx is not _RELEASED:  # free the graph as we go: saved arrays and links go
-                t._ctx = _RELEASED
-                ctx.parents = None
-                ctx.release()
+            else:  # no gradient reached this Function
+                in_grads = (None,) * len(fn.parents)
+            for parent, g in zip(fn.parents, in_grads):
+                if parent is None or not parent.requires_grad:
+                    continue
+                if g is not None:
+                    g = _unbroadcast(g, parent.data)
+                    if id(parent) in grads:
+                        g = grads[id(parent)][1] + g
+                    grads[id(parent)] = (parent, g)
+                if parent._ctx is None:  # a leaf: final once its last user has run
+                    uses[id(parent)] -= 1
+                    if not uses[id(parent)] and id(parent) in grads:
+                        _accumulate(parent, grads.pop(id(parent))[1])
+            fn.release()
 
 
 class _RemovableHandle:
@@ -275,33 +258,40 @@ class _RemovableHandle:
         self._hooks.pop(self.id, None)
 
 
-class _Released:
-    """Stands in for the Function of a tensor whose graph backward() has freed."""
-
-    parents = ()
-    outputs = None
-
-    def backward(self, gy):
-        raise RuntimeError("backward() through a graph that an earlier backward() already freed: "
-                           "run the forward pass again (the graph is freed after each backward)")
-
-    def release(self):
-        pass
-
-
-_RELEASED = _Released()
-
-
-class _Waiting(list):
-    """The gradients of a several-output Function's outputs, gathered until the last comes."""
-
-    count = 0
+def _graph(root):
+    """The Functions that `root` depends on, each after the Functions that made its inputs
+    (an iterative depth-first walk: deep graphs never hit the recursion limit), and for each
+    leaf that requires grad, how many times those Functions take it as an input."""
+    order, seen, uses = [], set(), {}
+    stack = [(root, False)]
+    while stack:
+        fn, done = stack.pop()
+        if done:
+            order.append(fn)
+            continue
+        if id(fn) in seen:
+            continue
+        if fn.parents is None:
+            raise RuntimeError("backward() through a graph that an earlier backward() already "
+                               "freed: run the forward pass again (the graph is freed after "
+                               "each backward)")
+        seen.add(id(fn))
+        stack.append((fn, True))
+        for p in fn.parents:
+            if p is None or not p.requires_grad:
+                continue
+            if p._ctx is None:
+                uses[id(p)] = uses.get(id(p), 0) + 1
+            elif id(p._ctx) not in seen:
+                stack.append((p._ctx, False))
+    return order, uses
 
 
 def _accumulate(leaf, g):
-    """leaf.grad += g (a copy of g the first time), then the leaf's post-accumulate hooks."""
-    if leaf.grad is None:  # a copy: g may be shared with other inputs' gradients
-        leaf.grad = _first_grad(leaf, g)
+    """leaf.grad += g (a copy of g the first time: g may be shared with other gradients), then
+    the leaf's post-accumulate hooks."""
+    if leaf.grad is None:
+        leaf.grad = g.copy()
     else:
         leaf.grad += g
     if getattr(leaf, "_post_hooks", None):  # every consumer has run: .grad is final
@@ -310,67 +300,18 @@ def _accumulate(leaf, g):
                 hook(leaf)
 
 
-def _topo_order(root):
-    """Tensors reachable from root, parents before children (iterative DFS); for each Function
-    with several outputs among them, a _Waiting list (by id of the Function); and for each leaf
-    with post-accumulate hooks, its number of consumers (by id of the leaf).
-
-    A DFS puts the leaves (the parameters) near the end of the walk back, so backward()
-    accumulates a leaf with hooks as soon as its last consumer has run instead, at once in the
-    walk: gradient-ready hooks fire from the last layer back while backward goes on (the sum
-    and hence .grad are the same, bit for bit)."""
-    order, visited, multi, hooked = [], set(), {}, {}
-    stack = [(root, False)]
-    push, pop, seen, append = stack.append, stack.pop, visited.add, order.append
-    while stack:
-        t, done = pop()
-        if done:
-            append(t)
-            continue
-        key = id(t)
-        if key in visited:
-            continue
-        seen(key)
-        push((t, True))
-        ctx = t._ctx
-        if ctx is not None:
-            first = True  # the first output of this Function reached: count its inputs once
-            if ctx.outputs is not None:
-                waiting = multi.get(id(ctx))
-                if waiting is None:
-                    waiting = multi[id(ctx)] = _Waiting([None] * len(ctx.outputs))
-                else:
-                    first = False
-                waiting.count += 1
-            for p in ctx.parents:
-                if p is not None and p.requires_grad:
-                    if first and p._ctx is None and getattr(p, "_post_hooks", None):
-                        hooked[id(p)] = hooked.get(id(p), 0) + 1
-                    if id(p) not in visited:
-                        push((p, False))
-    return order, multi, hooked
-
-
-def _first_grad(leaf, g):
-    """A copy of g for a leaf's .grad: written into the leaf's _grad_view (a view of a flat
-    gradient buffer, see flat.py) when it has a matching one, else a new array."""
-    view = getattr(leaf, "_grad_view", None)
-    if view is not None and view.shape == g.shape and view.dtype == leaf.dtype \
-            and type(view) is type(g):
-        view[...] = g
-        return view
-    return g.astype(leaf.dtype, copy=True)
-
-
-def _unbroadcast(g, shape):
-    """Sum a broadcast gradient back down to `shape`."""
-    extra = g.ndim - len(shape)
-    if extra > 0:
-        g = g.sum(axis=tuple(range(extra)))
-    axes = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
-    if axes:
-        g = g.sum(axis=axes, keepdims=True)
-    return g.reshape(shape)
+def _unbroadcast(g, like):
+    """The gradient g summed back down to the shape of the array `like`, in its dtype (an op
+    on broadcast inputs, or a cast, gives a gradient of another shape or dtype)."""
+    if g.shape != like.shape:
+        extra = g.ndim - like.ndim
+        if extra > 0:
+            g = g.sum(axis=tuple(range(extra)))
+        axes = tuple(i for i, n in enumerate(like.shape) if n == 1 and g.shape[i] != 1)
+        if axes:
+            g = g.sum(axis=axes, keepdims=True)
+        g = g.reshape(like.shape)
+    return g if g.dtype == like.dtype else g.astype(like.dtype)
 
 
 class Function:
@@ -386,32 +327,22 @@ class Function:
     tuple of Tensors. Integer and bool outputs (indices) never require gradients.
     """
 
-    __slots__ = ("parents", "needs_grad", "__dict__")
-    outputs = None  # ids of the output Tensors, for a Function with several
+    __slots__ = ("parents", "needs_grad", "_outputs", "__dict__")
 
     @classmethod
     def apply(cls, *inputs, **kwargs):
         ctx = cls()
-        parents, arrays, record = [], [], False
-        for x in inputs:  # one pass: the Tensors' arrays, and whether any wants a gradient
-            if isinstance(x, Tensor):
-                parents.append(x)
-                arrays.append(x.data)
-                record = record or x.requires_grad
-            else:
-                parents.append(None)
-                arrays.append(x)
-        out = ctx.forward(*arrays, **kwargs)
-        record = record and _grad_enabled
+        parents = [x if isinstance(x, Tensor) else None for x in inputs]
+        out = ctx.forward(*(x.data if isinstance(x, Tensor) else x for x in inputs), **kwargs)
+        record = _grad_enabled and any(p is not None and p.requires_grad for p in parents)
+        results = tuple(_output(o, record and o.dtype.kind in "fc", ctx) for o in out) \
+            if isinstance(out, tuple) else _output(out, record, ctx)
         if record:
             ctx.parents = parents
             ctx.needs_grad = [p is not None and p.requires_grad for p in parents]
-        if isinstance(out, tuple):
-            results = tuple(_output(o, record and o.dtype.kind in "fc", ctx) for o in out)
-            if record:
-                ctx.outputs = [id(r) for r in results]
-            return results
-        return _output(out, record, ctx)
+            # weak references: the graph links outputs to their Function, not back
+            ctx._outputs = [weakref.ref(r) for r in (results if isinstance(out, tuple) else (results,))]
+        return results
 
     def forward(self, *arrays, **kwargs):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -419,9 +350,28 @@ class Function:
     def backward(self, gy):  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def outputs(self):
+        """The output Tensors still alive (None for one that is gone)."""
+        return [ref() for ref in self._outputs]
+
     def release(self):
-        """Drop saved arrays once backward has run."""
+        """Once backward has run: the outputs no longer point here, and the links to the inputs
+        and the saved arrays go."""
+        for out in self.outputs():
+            if out is not None:
+                out._ctx = _RELEASED
+        self.parents = None
         self.__dict__.clear()
+
+
+class _Released:
+    """What a tensor's _ctx becomes when backward has freed the Function that made it: a graph
+    through it cannot be walked again (_graph raises)."""
+
+    parents = None
+
+
+_RELEASED = _Released()
 
 
 def _output(out, record, ctx):
