@@ -9,9 +9,9 @@ At the end of the session the worst relative error against PyTorch per op family
 torch_helper.py) is printed and written to /tmp/tt_worst_errors.json (or $TT_WORST_ERRORS).
 TT_FAKE_CUPY=1 runs the whole session on the cupy stand-in (tests/fake_cupy.py).
 
-The `cpu_kernels` fixture runs a test once with NumPy alone and once with the compiled CPU
-kernels (tinytensor/kernels/cpu.py, needs numba); the modules of the ops that have such a
-kernel use it for every test (pytestmark).
+The `accelerators` fixture runs a test once with the fused ops' plain references and once
+with their accelerated versions (tinytensor/kernels/, needs numba); the modules of the ops that
+have such versions use it for every test (pytestmark).
 """
 import glob
 import json
@@ -50,27 +50,31 @@ def device(request):
     return request.param
 
 
-@pytest.fixture(params=["numpy", "compiled"])
-def cpu_kernels(request):
-    """'numpy' or 'compiled': the CPU path the ops take (tinytensor.kernels.cpu switched off or
-    on). Modules whose ops have a compiled kernel use it for every test, so both paths pass the
-    same checks; 'compiled' is skipped only where numba is not installed."""
-    from tinytensor.kernels import cpu
-    try:
-        cpu.use(request.param == "compiled")
-    except ImportError:
-        pytest.skip("numba is not installed (pip install -e \".[fast]\"): the compiled CPU kernels")
+@pytest.fixture(params=["off", "on"])
+def accelerators(request):
+    """'off' or 'on': whether the fused ops run their plain reference (tinytensor.fused) or
+    their accelerated versions (tinytensor/kernels/: compiled CPU loops, threads). Modules of ops
+    that have accelerated versions use it for every test, so both paths pass the same checks;
+    'on' is skipped where numba is not installed."""
+    from tinytensor import kernels
+    if request.param == "on" and kernels.numba_loops() is None:
+        pytest.skip("numba is not installed (pip install -e \".[fast]\"): the compiled CPU loops")
+    kernels.use(request.param == "on")
     yield request.param
-    cpu.use(None)
+    kernels.use(None)
 
 
 @pytest.fixture(autouse=True)
 def _restore_global_state():
-    """Tests that change the default dtype or the grad mode do not leak it to the next test."""
-    dtype, grad = tt.get_default_dtype(), _tensor_mod._grad_enabled
+    """Tests that change the default dtype, the grad mode or the accelerators do not leak it to
+    the next test."""
+    from tinytensor import kernels
+    dtype, grad, accelerators = tt.get_default_dtype(), _tensor_mod._grad_enabled, kernels.use(None)
+    kernels.use(accelerators)
     yield
     tt.set_default_dtype(dtype)
     _tensor_mod._grad_enabled = grad
+    kernels.use(accelerators)
 
 
 def pytest_report_header(config):

@@ -249,8 +249,11 @@ _LIBRARY = {}
 
 
 def _library():
+    """One library of every family: kernels.families() imports each family's module first (they
+    load at their first dispatch, so the registry alone may not hold them all yet)."""
     if "lib" not in _LIBRARY:
-        _LIBRARY["lib"] = _build(_cuda.KernelFamily.registry)
+        from tinytensor import kernels
+        _LIBRARY["lib"] = _build(kernels.families())
     return _LIBRARY["lib"]
 
 

@@ -455,10 +455,12 @@ _module = None
 def install(n_devices=1, monkeypatch=None, kernels=True):
     """Make tinytensor (and `import cupy`) use the stand-in; returns the module.
 
-    With a pytest monkeypatch everything is undone at the test's end. kernels=False makes
-    tinytensor.kernels.handles() say no, so the fused ops take their CuPy array expressions
-    instead of the emulated kernels (one OS thread per CUDA thread: seconds per training step
-    of even a tiny model); end-to-end script runs use that, the kernel tests do not."""
+    With a pytest monkeypatch everything is undone at the test's end. kernels=False turns the
+    CUDA versions of the fused ops off (tinytensor.kernels.enabled('cuda') says no, whatever
+    kernels.use() is set to; the CPU versions stay as kernels.use() says), so the fused ops on
+    'cuda' run their references' CuPy array expressions instead of the emulated kernels (one
+    OS thread per CUDA thread: seconds per training step of even a tiny model); end-to-end
+    script runs use that, the kernel tests do not."""
     global _module
     from tinytensor import backend, random
     import tinytensor.kernels
@@ -481,7 +483,12 @@ def install(n_devices=1, monkeypatch=None, kernels=True):
     setattr_(backend, "_cuda_ok", True)
     setattr_(random, "_cuda_rng", None)
     if not kernels:
-        setattr_(tinytensor.kernels, "handles", lambda *arrays: False)
+        enabled, describe = tinytensor.kernels.enabled, tinytensor.kernels.describe
+        setattr_(tinytensor.kernels, "enabled",
+                 lambda device="cpu": device != "cuda" and enabled(device))
+        setattr_(tinytensor.kernels, "describe", lambda device="cpu": describe(device)
+                 if device != "cuda" else "off (the cupy stand-in of tests/fake_cupy.py without "
+                 "its emulated kernels: every fused op on 'cuda' runs its reference)")
     reset_counts()
     return _module
 

@@ -1,23 +1,36 @@
 """F.scaled_dot_product_attention against torch.nn.functional.scaled_dot_product_attention: the
-fused causal path (tinytensor.fused.CausalAttention) and the composed one (masks, scales,
-shapes), dropout against the same composition of tinytensor ops, torch's errors; float64
-central differences for every path."""
+fused causal path (tinytensor.fused.CausalAttention, and its accelerated chunked version in
+tinytensor/kernels/attention.py) and the composed one (masks, scales, shapes), dropout against
+the same composition of tinytensor ops, torch's errors; float64 central differences for every
+path. Every test runs with the accelerators off and on (conftest)."""
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as TF
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import tinytensor as tt
 import tinytensor.fused as fused
 import tinytensor.nn.functional as F
-from tinytensor import backend
+from tinytensor import backend, kernels
 from tinytensor.gradcheck import gradcheck
+from tinytensor.kernels import attention
 from torch_helper import check, dtypes, randn
+
+pytestmark = pytest.mark.usefixtures("accelerators")
 
 FAMILY = "scaled_dot_product_attention"
 INF = float("inf")
 # fused and composed results agree to rounding: float64 to ~1e-16, float32 to a few ulps
 TOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 2e-6}
+
+
+def torch_sdpa(*args, **kw):
+    """torch's scaled_dot_product_attention on its math backend: the exact composition (its
+    fused CPU kernels, chosen by the machine, leave rounding residue, e.g. 3e-16 instead of 0
+    for the gradient of a query that sees one key)."""
+    with sdpa_kernel(SDPBackend.MATH):
+        return TF.scaled_dot_product_attention(*args, **kw)
 
 
 def sdpa(**kw):
@@ -26,7 +39,7 @@ def sdpa(**kw):
         return F.scaled_dot_product_attention(q, k, v, *mask, **kw)
 
     def theirs(q, k, v, *mask):
-        return TF.scaled_dot_product_attention(q, k, v, *mask, **kw)
+        return torch_sdpa(q, k, v, *mask, **kw)
     return ours, theirs
 
 
@@ -66,7 +79,7 @@ FUSED_SHAPES = [(2, 3, 1, 4, 64), (2, 2, 5, 3, 64), (3, 2, 9, 4, 4), (1, 2, 8, 2
 @pytest.mark.parametrize("shape", FUSED_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_causal_fused_vs_torch(monkeypatch, shape, scale, dtype, device):
     B, nh, T, hs, chunk = shape
-    monkeypatch.setattr(fused, "ATTENTION_CHUNK", chunk)
+    monkeypatch.setattr(attention, "CHUNK", chunk)
     check(FAMILY, *sdpa(is_causal=True, scale=scale), *qkv((B, nh, T, hs)), dtype=dtype,
           device=device)
 
@@ -86,9 +99,9 @@ def nanogpt_attention(sdpa_fn, x, n_head):
 @dtypes
 @pytest.mark.parametrize("chunk", [64, 3])
 def test_causal_fused_on_views_of_a_projection_vs_torch(monkeypatch, chunk, dtype, device):
-    monkeypatch.setattr(fused, "ATTENTION_CHUNK", chunk)
+    monkeypatch.setattr(attention, "CHUNK", chunk)
     check(FAMILY, lambda x: nanogpt_attention(F.scaled_dot_product_attention, x, 2),
-          lambda x: nanogpt_attention(TF.scaled_dot_product_attention, x, 2),
+          lambda x: nanogpt_attention(torch_sdpa, x, 2),
           randn(2, 7, 3 * 2 * 4, seed=5), dtype=dtype, device=device)
 
 
@@ -107,14 +120,16 @@ def test_fused_path_is_taken_where_it_applies(q_shape, k_shape, v_shape, kw, is_
     composition (the output's creator says which)."""
     q, k, v = (tt.Tensor(a, requires_grad=True) for a in qkv(q_shape, k_shape, v_shape))
     y = F.scaled_dot_product_attention(q, k, v, **kw)
-    assert (type(y._ctx) is fused.CausalAttention) == is_fused
+    assert isinstance(y._ctx, fused.CausalAttention) == is_fused
 
 
 def test_fused_output_is_a_view_of_the_heads_side_by_side():
-    """y (B, nh, T, hs) is a transposed view of a contiguous (B, T, nh, hs) array, and the
-    gradients of q, k and v views of one (B, T, 3, nh, hs) array."""
+    """The accelerated attention's y (B, nh, T, hs) is a transposed view of a contiguous
+    (B, T, nh, hs) array, and the gradients of q, k and v views of one (B, T, 3, nh, hs) array."""
+    kernels.use(True)
     q, k, v = (tt.Tensor(a, requires_grad=True) for a in qkv((2, 3, 5, 4)))
     y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert type(y._ctx) is attention.ChunkedAttention
     assert y.data.transpose(0, 2, 1, 3).flags.c_contiguous
     gq, gk, gv = y._ctx.backward(np.ones(y.shape))
     assert gq.base is not None and gq.base is gk.base is gv.base
@@ -234,7 +249,7 @@ def test_fused_dropout_equals_composed_path(monkeypatch, shape, dtype, device):
     """is_causal=True (the fused op) and the same causal mask given as attn_mask (the
     composition): the same output and gradients, dropout included (the same keep-mask)."""
     B, nh, T, hs, chunk = shape
-    monkeypatch.setattr(fused, "ATTENTION_CHUNK", chunk)
+    monkeypatch.setattr(attention, "CHUNK", chunk)
     arrays = [a.astype(dtype) for a in qkv((B, nh, T, hs), seed=T)]
     g = randn(B, nh, T, hs, seed=1).astype(dtype)
     causal = np.tril(np.ones((T, T), dtype=bool))
@@ -259,7 +274,7 @@ def _sdpa(**kw):
     return sdpa(**kw)[0]
 
 
-GRADCHECKS = {  # name: (fn, inputs, ATTENTION_CHUNK)
+GRADCHECKS = {  # name: (fn, inputs, kernels.attention.CHUNK)
     "fused": (_sdpa(is_causal=True), qkv((2, 2, 5, 3)), 64),
     "fused_chunked": (_sdpa(is_causal=True), qkv((1, 2, 5, 3)), 2),
     "fused_scale": (_sdpa(is_causal=True, scale=0.7), qkv((2, 1, 4, 3)), 64),
@@ -281,7 +296,7 @@ GRADCHECKS = {  # name: (fn, inputs, ATTENTION_CHUNK)
 @pytest.mark.parametrize("name", list(GRADCHECKS))
 def test_gradcheck(monkeypatch, name, device):
     fn, inputs, chunk = GRADCHECKS[name]
-    monkeypatch.setattr(fused, "ATTENTION_CHUNK", chunk)
+    monkeypatch.setattr(attention, "CHUNK", chunk)
     gradcheck(fn, *inputs, atol=1e-7, rtol=1e-6, device=device)
 
 
@@ -354,6 +369,6 @@ def test_unsupported_grouped_query_attention():
 def test_fused_op_bad_input():
     q = tt.Tensor(f32(2, 3, 4, 5))
     with pytest.raises(ValueError, match="one shape"):
-        fused.causal_sdpa(q, tt.Tensor(f32(2, 3, 6, 5)), tt.Tensor(f32(2, 3, 6, 5)))
+        fused.causal_attention(q, tt.Tensor(f32(2, 3, 6, 5)), tt.Tensor(f32(2, 3, 6, 5)))
     with pytest.raises(ValueError, match="dropout probability"):
-        fused.causal_sdpa(q, q, q, dropout_p=1.0)
+        fused.causal_attention(q, q, q, dropout_p=1.0)

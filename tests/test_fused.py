@@ -1,5 +1,7 @@
-"""The fused ops (tinytensor/fused.py) against the compositions they replace, against PyTorch,
-and with float64 central differences; then the GPT with its fused ops on and off."""
+"""The fused ops (tinytensor/fused.py, and with the accelerators on their versions in
+tinytensor/kernels/) against the compositions they replace, against PyTorch, and with float64
+central differences; then the GPT with its fused ops on and off, AdamW's flat buffers, the
+thread splits and malloc tuning."""
 import numpy as np
 import pytest
 import torch
@@ -7,13 +9,13 @@ import torch
 import tinytensor as tt
 import tinytensor.fused as fused
 import tinytensor.nn.functional as F
-from tinytensor import backend
+from tinytensor import backend, kernels
 from tinytensor.gradcheck import gradcheck
-from tinytensor.fused import causal_softmax
+from tinytensor.kernels import attention, threads
 from torch_helper import check, dtypes, randn
 
-# every test here runs with NumPy alone and with the compiled CPU kernels (conftest)
-pytestmark = pytest.mark.usefixtures("cpu_kernels")
+# every test here runs with the accelerators off and on (conftest)
+pytestmark = pytest.mark.usefixtures("accelerators")
 
 # float64 results agree to rounding; float32 ones to a few ulps of the largest value
 TOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 2e-6}
@@ -26,12 +28,35 @@ def close(ours, ref, dtype, what):
 
 
 # ---------------------------------------------------------------- attention
+def projected_attention(qkv, n_head, p=0.0):
+    """fused.causal_attention of q, k, v split from one projection qkv (B, T, 3C), as
+    gpt.model.CausalSelfAttention gives them: views of qkv, the heads side by side after."""
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    q, k, v = (a.view(B, T, n_head, C // n_head).transpose(1, 2)          # each (B, nh, T, hs)
+               for a in qkv.split(C, dim=2))
+    return fused.causal_attention(q, k, v, p).transpose(1, 2).reshape(B, T, C)   # (B, T, C)
+
+
+def function_types(t):
+    """The types of the Functions in t's graph."""
+    seen, stack = set(), [t]
+    while stack:
+        t = stack.pop()
+        if t._ctx is not None:
+            seen.add(type(t._ctx))
+            stack.extend(p for p in t._ctx.parents if p is not None)
+    return seen
+
+
 def composed_attention(qkv, n_head, p=0.0):
     """The composition fused.causal_attention replaces, step by step from ops.py primitives."""
     B, T, C3 = qkv.shape
     hs = C3 // (3 * n_head)
     q, k, v = qkv.reshape(B, T, 3, n_head, hs).permute(2, 0, 3, 1, 4)     # each (B, nh, T, hs)
-    att = causal_softmax(q @ k.transpose(-2, -1), scale=hs ** -0.5)       # (B, nh, T, T)
+    future = np.triu(np.ones((T, T), dtype=bool), k=1)
+    att = (q @ k.transpose(-2, -1) * hs ** -0.5).masked_fill(future, float("-inf"))
+    att = F.softmax(att, dim=-1)                                           # (B, nh, T, T)
     att = F.dropout(att, p) if p > 0 else att
     return (att @ v).transpose(1, 2).reshape(B, T, n_head * hs)           # (B, T, C)
 
@@ -56,11 +81,11 @@ SHAPES = [(2, 5, 2, 3, 64), (3, 9, 2, 4, 4), (1, 8, 1, 2, 2)]
 
 def _compare_with_composed(monkeypatch, shape, dtype, p, device):
     B, T, nh, hs, chunk = shape
-    monkeypatch.setattr(fused, "ATTENTION_CHUNK", chunk)
+    monkeypatch.setattr(attention, "CHUNK", chunk)
     x = randn(B, T, 3 * nh * hs, seed=T).astype(dtype)
     w = randn(B, T, nh * hs, seed=1).astype(dtype)
     results = []
-    for fn in (lambda t: fused.causal_attention(t, nh, p), lambda t: composed_attention(t, nh, p)):
+    for fn in (lambda t: projected_attention(t, nh, p), lambda t: composed_attention(t, nh, p)):
         tt.manual_seed(5)  # the same dropout mask for both
         t = tt.Tensor(backend.to_device(x, device), requires_grad=True)
         y = fn(t)
@@ -86,8 +111,8 @@ def test_attention_with_dropout_equals_composition(monkeypatch, shape, dtype, de
 @dtypes
 @pytest.mark.parametrize("chunk", [64, 3])
 def test_attention_vs_torch(monkeypatch, chunk, dtype, device):
-    monkeypatch.setattr(fused, "ATTENTION_CHUNK", chunk)
-    check("fused_attention", lambda t: fused.causal_attention(t, 2), lambda t: torch_attention(t, 2),
+    monkeypatch.setattr(attention, "CHUNK", chunk)
+    check("fused_attention", lambda t: projected_attention(t, 2), lambda t: torch_attention(t, 2),
           randn(2, 7, 3 * 2 * 4, seed=3), dtype=dtype, device=device)
 
 
@@ -107,37 +132,41 @@ def _scores_qkv(kind, B=2, T=6, nh=2, hs=4):
 @dtypes
 @pytest.mark.parametrize("kind", ["moderate", "huge", "very negative"])
 def test_attention_softmax_shift_is_skipped_only_when_safe(kind, dtype, device):
-    """On NumPy the causal softmax skips the row-max shift when the scores are in a safe range
-    (fused.SOFTMAX_NO_SHIFT_MAX); out of it the shift must happen, or exp overflows to inf or
-    every row sums to 0 and the result is NaN."""
+    """On NumPy the accelerated attention's causal softmax skips the row-max shift when the
+    scores are in a safe range (kernels.attention.NO_SHIFT_MAX); out of it the shift must
+    happen, or exp overflows to inf or every row sums to 0 and the result is NaN."""
     x = _scores_qkv(kind)
     if kind != "moderate":
         assert x.dtype == np.float64
     # scores of +-800 carry float32 rounding of ~800 * 6e-8 into exp: reported apart
     family = "fused_attention" if kind == "moderate" else "fused_attention, scores +-800"
-    check(family, lambda t: fused.causal_attention(t, 2), lambda t: torch_attention(t, 2),
+    check(family, lambda t: projected_attention(t, 2), lambda t: torch_attention(t, 2),
           x, dtype=dtype, device=device)
 
 
 def test_attention_softmax_without_shift_equals_with_it(monkeypatch):
-    """Forcing the shift everywhere gives the same result to rounding."""
+    """Forcing the shift everywhere in the NumPy softmax of the accelerated attention gives the
+    same result to rounding."""
+    kernels.use(True)
+    monkeypatch.setattr(attention, "numba_loops", lambda: None)  # the NumPy softmax, float32
     x = tt.Tensor(_scores_qkv("moderate").astype(np.float32), requires_grad=True)
-    y1 = fused.causal_attention(x, 2).numpy()
-    monkeypatch.setattr(fused, "SOFTMAX_NO_SHIFT_MAX", -np.inf)  # the checks always fail
-    y2 = fused.causal_attention(x, 2).numpy()
-    close(y1, y2, np.float32, "output")
+    y1 = projected_attention(x, 2)
+    assert attention.ChunkedAttention in function_types(y1)
+    monkeypatch.setattr(attention, "NO_SHIFT_MAX", -np.inf)  # the checks always fail
+    y2 = projected_attention(x, 2)
+    close(y1.numpy(), y2.numpy(), np.float32, "output")
 
 
 @pytest.mark.parametrize("chunk", [64, 2])
 def test_attention_gradcheck(monkeypatch, chunk, device):
-    monkeypatch.setattr(fused, "ATTENTION_CHUNK", chunk)
-    gradcheck(lambda t: fused.causal_attention(t, 2), randn(2, 5, 3 * 2 * 3, seed=4), device=device)
+    monkeypatch.setattr(attention, "CHUNK", chunk)
+    gradcheck(lambda t: projected_attention(t, 2), randn(2, 5, 3 * 2 * 3, seed=4), device=device)
 
 
 def test_attention_gradcheck_with_dropout(device):
     def fn(t):
         tt.manual_seed(11)  # the same keep-mask at every evaluation
-        return fused.causal_attention(t, 2, dropout_p=0.4)
+        return projected_attention(t, 2, p=0.4)
     gradcheck(fn, randn(2, 6, 3 * 2 * 2, seed=6), device=device)
 
 
@@ -148,27 +177,20 @@ def test_attention_dropout_drops_and_rescales():
     qkv = np.zeros((B, T, 3 * nh * hs), dtype=np.float32)
     qkv[..., 2 * nh * hs:] = 1.0                                  # v = 1: outputs sum the weights
     tt.manual_seed(0)
-    y = fused.causal_attention(tt.Tensor(qkv), nh, dropout_p=0.5).numpy()
+    y = projected_attention(tt.Tensor(qkv), nh, p=0.5).numpy()
     assert np.all((y >= 0) & (y <= 2.0 + 1e-5))
     assert 0.3 < np.mean(y[:, T // 2:]) / 1.0 < 1.7   # mean near 1: E[kept] / (1 - p) = 1
     assert not np.allclose(y, 1.0)                       # something was dropped
-    y0 = fused.causal_attention(tt.Tensor(qkv), nh, dropout_p=0.0).numpy()
+    y0 = projected_attention(tt.Tensor(qkv), nh, p=0.0).numpy()
     np.testing.assert_allclose(y0, 1.0, rtol=1e-6)
 
 
-def test_attention_bad_input():
-    with pytest.raises(ValueError, match="3 \\* n_head \\* head_size"):
-        fused.causal_attention(tt.Tensor(np.zeros((2, 3, 10), np.float32)), n_head=2)
-    with pytest.raises(ValueError, match="dropout probability"):
-        fused.causal_attention(tt.Tensor(np.zeros((2, 3, 12), np.float32)), n_head=2, dropout_p=1.0)
-
-
-def test_dropout_keep_is_F_dropout_mask():
+def test_keep_mask_is_F_dropout_mask():
     x = tt.Tensor(np.ones((5, 7), dtype=np.float32))
     tt.manual_seed(9)
     kept = F.dropout(x, 0.25).numpy() != 0
     tt.manual_seed(9)
-    np.testing.assert_array_equal(fused.dropout_keep((5, 7), 0.25), kept)
+    np.testing.assert_array_equal(fused.keep_mask((5, 7), 0.25), kept)
 
 
 @pytest.mark.parametrize("n", [5, 1000, 100003])
@@ -178,14 +200,15 @@ def test_parallel_dropout_draw_equals_one_draw(monkeypatch, n, before):
     rng.random(n, float32) >= p, and leaves the stream where the single draw leaves it (also
     when the stream starts on a half-used 64-bit output: `before` odd)."""
     from tinytensor import random as tt_random
-    monkeypatch.setattr(fused.parallel, "MIN_ELEMENTS", 0)
-    monkeypatch.setattr(fused.parallel, "threads", lambda: 3)
+    from tinytensor.kernels import dropout
+    monkeypatch.setattr(threads, "MIN_ELEMENTS", 0)
+    monkeypatch.setattr(threads, "count", lambda: 3)
     runs = []
     for parallel_draw in (True, False):
         tt.manual_seed(42)
         tt_random.rng().random(before, dtype=np.float32)
         if parallel_draw:
-            keep = fused.dropout_keep((n,), 0.3)
+            keep = dropout.keep_mask((n,), 0.3)
         else:
             keep = tt_random.rng().random(n, dtype=np.float32) >= 0.3
         runs.append((keep, tt_random.rng().random(5, dtype=np.float32)))
@@ -197,7 +220,7 @@ def test_parallel_dropout_draw_equals_one_draw(monkeypatch, n, before):
 def test_dropout_equals_composition(monkeypatch, dtype, device):
     """fused.dropout (F.dropout) equals x * (keep / (1 - p)) with the same keep-mask, forward
     and backward, also split over threads."""
-    monkeypatch.setattr(fused.parallel, "MIN_ELEMENTS", 0)
+    monkeypatch.setattr(threads, "MIN_ELEMENTS", 0)
     x = backend.to_device(randn(6, 5, 4, seed=3).astype(dtype), device)
     g = backend.to_device(randn(6, 5, 4, seed=4).astype(dtype), device)
     tt.manual_seed(2)
@@ -205,7 +228,7 @@ def test_dropout_equals_composition(monkeypatch, dtype, device):
     y = F.dropout(t, 0.4)
     y.backward(g)
     tt.manual_seed(2)
-    keep = fused.dropout_keep(x.shape, 0.4, backend.get_array_module(x))
+    keep = fused.keep_mask(x.shape, 0.4, backend.get_array_module(x))
     mask = keep.astype(dtype) * (1.0 / 0.6)
     np.testing.assert_array_equal(y.numpy(), backend.to_numpy(x * mask))
     np.testing.assert_array_equal(backend.to_numpy(t.grad), backend.to_numpy(g * mask))
@@ -301,8 +324,8 @@ def _train(model, opt, batches, skip=None):
         opt.step()
 
 
-def test_flat_parameters_views_and_engine_writes_into_them():
-    from tinytensor.flat import FlatParameters
+def test_flat_parameters_views_and_gathered_gradients():
+    from tinytensor.optim import FlatParameters
     model = _mlp()
     before = [p.data.copy() for p in model.parameters()]
     flat = FlatParameters(model.parameters())
@@ -310,13 +333,18 @@ def test_flat_parameters_views_and_engine_writes_into_them():
         assert p.data is v and np.array_equal(p.data, b)       # values kept, now views
     x = tt.Tensor(np.ones((2, 5)))
     model(x).sum().backward()
-    assert flat.grads_in_place()
+    flat.gather_grads()
+    for p, v in zip(model.parameters(), flat.grad_views):
+        assert p.grad is not v and np.array_equal(v, p.grad)   # copied in (torch's p.grad kept)
     first = flat.grad.copy()
-    model(x).sum().backward()                                   # accumulates in place
+    model(x).sum().backward()                                   # accumulates into p.grad
+    flat.gather_grads()
     np.testing.assert_allclose(flat.grad, 2 * first)
     model.zero_grad()
-    model(x).sum().backward()                                   # overwrites after zero_grad
-    np.testing.assert_allclose(flat.grad, first)
+    model(x).sum().backward()                                   # a fresh p.grad after zero_grad
+    flat.gather_grads(0, 2)                                     # the first two parameters only
+    np.testing.assert_allclose(flat.grad[:flat.offsets[2]], first[:flat.offsets[2]])
+    np.testing.assert_allclose(flat.grad[flat.offsets[2]:], 2 * first[flat.offsets[2]:])
     assert flat.intact()
     next(model.parameters()).data = np.zeros((7, 5))
     assert not flat.intact()
@@ -329,8 +357,8 @@ def test_flat_parameters_views_and_engine_writes_into_them():
 
 
 def test_adamw_builds_its_flat_buffers_when_constructed():
-    """Right after AdamW(...) every p.data is a view into optimizer.flat (values kept) and
-    backward writes into flat.grad, before any step; the step keeps the same buffers."""
+    """Right after AdamW(...) every p.data is a view into optimizer.flat (values kept); a step
+    gathers the gradients into flat.grad and keeps the same buffers."""
     model = _mlp()
     before = [p.data.copy() for p in model.parameters()]
     opt = tt.optim.AdamW(_groups(model), lr=0.05)
@@ -343,15 +371,16 @@ def test_adamw_builds_its_flat_buffers_when_constructed():
     for p, b in zip(model.parameters(), before):
         np.testing.assert_array_equal(p.data, b)
     F.cross_entropy(model(tt.Tensor(_batches(1)[0][0])), _batches(1)[0][1]).backward()
-    assert flat.grads_in_place()
     opt.step()
+    for p, v in zip(flat.params, flat.grad_views):
+        np.testing.assert_array_equal(v, p.grad)                # the step's gradients, gathered
     assert opt.flat is flat and flat.intact()
-    assert opt.state[id(order[0])]["exp_avg"].base is not None  # a view of the flat moments
+    assert np.shares_memory(opt.state[id(order[0])]["exp_avg"], opt.moments)  # flat moments
 
 
 def test_adamw_rebuilds_its_flat_buffers_when_data_is_replaced():
-    """Module.astype/to after building the optimizer replace p.data: opt.flat then holds the new
-    arrays (new buffers), and the moments move along."""
+    """Module.astype/to after building the optimizer replace p.data: the next step builds new
+    buffers holding the new arrays, and the moments move along."""
     model = _mlp()
     opt = tt.optim.AdamW(model.parameters(), lr=0.05)
     _train(model, opt, _batches(1))
@@ -359,12 +388,13 @@ def test_adamw_rebuilds_its_flat_buffers_when_data_is_replaced():
     exp_avg = [opt.state[id(p)]["exp_avg"].copy() for p in model.parameters()]
     for p in model.parameters():
         p.data = p.data.copy()
-    flat = opt.flat
-    assert flat is not old and flat.intact() and not old.intact()
-    assert all(p.data is v for p, v in zip(flat.params, flat.data_views))
+    assert not old.intact()
     _train(model, opt, _batches(1, seed=1))
-    assert opt.flat is flat
+    flat = opt.flat
+    assert flat is not old and flat.intact()
+    assert all(p.data is v for p, v in zip(flat.params, flat.data_views))
     for p, m in zip(model.parameters(), exp_avg):
+        assert np.shares_memory(opt.state[id(p)]["exp_avg"], opt.moments)
         assert not np.array_equal(opt.state[id(p)]["exp_avg"], m)  # the moments went on
 
 
@@ -377,7 +407,7 @@ def test_adamw_flat_step_equals_per_parameter_step(monkeypatch, skip_one):
         model = _mlp()
         opt = tt.optim.AdamW(_groups(model), lr=0.05)
         if not flat:
-            monkeypatch.setattr(opt, "_flat_buffers", lambda: None)
+            opt.flat = None  # every parameter updated on its own, with moments of its own
         skip = list(model.parameters())[1] if skip_one else None
         _train(model, opt, _batches(6), skip=skip)
         results.append(([p.data.copy() for p in model.parameters()], opt.state_dict()))
@@ -422,53 +452,48 @@ def test_adamw_mixed_dtypes_takes_the_per_parameter_path():
     np.testing.assert_allclose(b.data, 0.9, rtol=1e-6)
 
 
-# ---------------------------------------------------------------- parallel and malloc
-def test_parallel_for_ranges_covers_restores_and_raises():
-    from tinytensor import parallel
+# ---------------------------------------------------------------- threads and malloc
+def test_for_ranges_covers_restores_and_raises():
     seen = []
     out = np.zeros(10)
 
     def fill(a, b):
         seen.append((a, b))
         out[a:b] = np.arange(a, b)
-        parallel.for_ranges(3, lambda c, d: None)  # nested: runs inline
-    before = parallel.threads()
-    parallel.for_ranges(10, fill, parts=3)
+        threads.for_ranges(3, lambda c, d: None)  # nested: runs inline
+    before = threads.count()
+    threads.for_ranges(10, fill, parts=3)
     assert sorted(seen) == [(0, 3), (3, 6), (6, 10)]
     np.testing.assert_array_equal(out, np.arange(10))
-    assert parallel.threads() == before                 # BLAS threads restored
+    assert threads.count() == before                    # BLAS threads restored
     seen.clear()
-    parallel.for_ranges(200, lambda a, b: seen.append((a, b)), parts=3, align=64)
+    threads.for_ranges(200, lambda a, b: seen.append((a, b)), parts=3, align=64)
     assert sorted(seen) == [(0, 64), (64, 128), (128, 200)]   # inner bounds on multiples of 64
-
-    x, y = np.random.default_rng(0).standard_normal((2, 5, 7))
-    np.testing.assert_array_equal(parallel.add(x, y), x + y)   # small: plain a + b
-    import unittest.mock
-    with unittest.mock.patch.object(parallel, "MIN_ELEMENTS", 0), \
-            unittest.mock.patch.object(parallel, "threads", lambda: 2):
-        np.testing.assert_array_equal(parallel.add(x, y), x + y)   # split over 2 threads
 
     def boom(a, b):
         if a > 0:
             raise KeyError("part failed")
     with pytest.raises(KeyError, match="part failed"):
-        parallel.for_ranges(4, boom, parts=2)
-    assert parallel.threads() == before
+        threads.for_ranges(4, boom, parts=2)
+    assert threads.count() == before
 
 
 def test_attention_in_parallel_parts_equals_serial(monkeypatch):
-    """The batch split over threads (parallel.for_ranges) gives the serial result exactly."""
+    """The accelerated attention's batch split over threads (threads.for_ranges) gives the
+    serial result exactly."""
+    kernels.use(True)
     x = randn(4, 9, 3 * 2 * 4, seed=12).astype(np.float32)
     g = randn(4, 9, 2 * 4, seed=13).astype(np.float32)
-    monkeypatch.setattr(fused, "ATTENTION_CHUNK", 4)
+    monkeypatch.setattr(attention, "CHUNK", 4)
     outs = []
     for threshold, cache in ((0, 1 << 17), (1 << 60, 1 << 17), (0, 1)):  # 1: one batch row per block
-        monkeypatch.setattr(fused.parallel, "MIN_ELEMENTS", threshold)
-        monkeypatch.setattr(fused.parallel, "threads", lambda: 2)
-        monkeypatch.setattr(fused.parallel, "CACHE_ELEMENTS", cache)
+        monkeypatch.setattr(threads, "MIN_ELEMENTS", threshold)
+        monkeypatch.setattr(threads, "count", lambda: 2)
+        monkeypatch.setattr(threads, "CACHE_ELEMENTS", cache)
         tt.manual_seed(3)
         t = tt.Tensor(x, requires_grad=True)
-        y = fused.causal_attention(t, 2, 0.25)
+        y = projected_attention(t, 2, 0.25)
+        assert attention.ChunkedAttention in function_types(y)
         y.backward(g)
         outs.append((y.numpy(), t.grad))
     for other in outs[1:]:
@@ -477,22 +502,16 @@ def test_attention_in_parallel_parts_equals_serial(monkeypatch):
 
 
 def test_malloc_tuning_is_an_explicit_call():
-    """import tinytensor leaves malloc alone (in a fresh process); keep_freed_memory() tunes it,
-    unless TT_MALLOC_TUNING=0."""
-    import os
+    """import tinytensor leaves malloc alone (in a fresh process); keep_freed_memory() tunes it
+    (train.py calls it unless --malloc_tuning false: tests/test_train.py)."""
     import platform
     import subprocess
     import sys
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     code = ("import tinytensor, tinytensor.malloc as m; before = m.tuned; "
             "print(before, m.keep_freed_memory(), m.tuned)")
-    env = {k: v for k, v in os.environ.items() if k != "TT_MALLOC_TUNING"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", str(glibc), str(glibc)]
-    out = subprocess.run([sys.executable, "-c", code], env={**env, "TT_MALLOC_TUNING": "0"},
-                         capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["False", "False", "False"]
 
 
 _REUSE_SCRIPT = """
@@ -513,14 +532,13 @@ print(m.tuned, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def test_malloc_tuning_reuses_more_than_2gb_of_temporaries():
     """A second 'step' of 3 GB of freed-and-reallocated temporaries page-faults nothing: the
     heap is never trimmed (a trim threshold of even 2 GiB returned it all every step)."""
-    import os
     import platform
     import subprocess
     import sys
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("glibc malloc only")
     out = subprocess.run([sys.executable, "-c", _REUSE_SCRIPT], capture_output=True, text=True,
-                         check=True, env={**os.environ, "TT_MALLOC_TUNING": "1"}).stdout.split()
+                         check=True).stdout.split()
     assert out[0] == "True"
     faults = int(out[1])
     assert faults < 1_000, f"{faults} page faults (~{faults * 4 // 1024} MB) re-allocating 3 GB"
@@ -533,20 +551,18 @@ def test_allreduce_sums_adamw_flat_buffer_in_place(n):
     expect_ok(run_mpi(n, "check_flat_allreduce.py", "--bucket_mb", "5e-4"), f"{n} ranks")
 
 
-@pytest.mark.parametrize("shape", [(7, 33, 16), (300, 5)])
-def test_layer_norm_row_parallel_equals_serial(monkeypatch, shape):
-    """LayerNorm's row ranges start on parallel.ROW_BLOCK boundaries: the result is bit for bit
-    the serial one, whatever the number of threads."""
-    from tinytensor import parallel
+@pytest.mark.parametrize("shape", [(7, 33, 16), (3000, 5)])
+def test_layer_norm_threads_equal_serial(monkeypatch, shape):
+    """F.layer_norm with the accelerators on, its rows over 1, 2 or 3 threads: bit for bit the
+    serial result (row ranges start on SUM_BLOCK boundaries; tests/test_kernels_cpu.py checks
+    the loops themselves)."""
     rng = np.random.default_rng(0)
     x, g = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
     w, b = (rng.standard_normal(shape[-1]).astype(np.float32) for _ in range(2))
     outs = []
-    for threshold, parts, cache in ((1 << 60, 1, 1 << 17), (0, 2, 1 << 17), (0, 3, 1 << 17),
-                                    (0, 2, 1024)):
-        monkeypatch.setattr(parallel, "MIN_ELEMENTS", threshold)
-        monkeypatch.setattr(parallel, "threads", lambda parts=parts: parts)
-        monkeypatch.setattr(parallel, "CACHE_ELEMENTS", cache)  # 1024: blocks of 64 rows
+    for threshold, parts in ((1 << 60, 1), (0, 2), (0, 3)):
+        monkeypatch.setattr(threads, "MIN_ELEMENTS", threshold)
+        monkeypatch.setattr(threads, "count", lambda parts=parts: parts)
         ts = [tt.Tensor(a, requires_grad=True) for a in (x, w, b)]
         y = F.layer_norm(ts[0], shape[-1], ts[1], ts[2])
         y.backward(g)

@@ -16,8 +16,8 @@ from tinytensor import backend
 from torch_gpt_reference import GPTLanguageModel as TorchGPT
 from torch_helper import record, rel_err
 
-# every test here runs with NumPy alone and with the compiled CPU kernels (conftest)
-pytestmark = pytest.mark.usefixtures("cpu_kernels")
+# every test here runs with the accelerators off and on (conftest)
+pytestmark = pytest.mark.usefixtures("accelerators")
 
 CFG = dict(vocab_size=13, block_size=8, n_embd=16, n_head=4, n_layer=2)
 TOL = {np.float64: 1e-9, np.float32: 1e-4}

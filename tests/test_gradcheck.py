@@ -15,7 +15,7 @@ import pytest
 
 import tinytensor as tt
 import tinytensor.nn.functional as F
-from tinytensor import Function, ops
+from tinytensor import Function, kernels, ops
 from tinytensor.gradcheck import gradcheck, numerical_grad
 from torch_helper import randn
 
@@ -36,13 +36,25 @@ def causal(t):
     return np.triu(np.ones((t, t), dtype=bool), k=1)
 
 
+def _attention(qkv, n_head, dropout_p=0.0):
+    """fused.causal_attention of q, k, v split from one projection qkv (B, T, 3C), as
+    gpt.model.CausalSelfAttention gives them, back to (B, T, C)."""
+    B, T, C3 = qkv.shape
+    q, k, v = (a.view(B, T, n_head, C3 // 3 // n_head).transpose(1, 2) for a in qkv.split(C3 // 3, dim=2))
+    return fused.causal_attention(q, k, v, dropout_p).transpose(1, 2).reshape(B, T, C3 // 3)
+
+
 def _chunked_attention(qkv, n_head, chunk=2):
-    """The chunked path (taken for T >= 2 chunks) with chunks of 2, so T = 5 takes it."""
-    old, fused.ATTENTION_CHUNK = fused.ATTENTION_CHUNK, chunk
+    """The accelerated attention's chunked path (taken for T >= 2 chunks) with chunks of 2, so
+    T = 5 takes it."""
+    from tinytensor.kernels import attention
+    old, attention.CHUNK = attention.CHUNK, chunk
+    before = kernels.use(True)
     try:
-        return fused.causal_attention(qkv, n_head)
+        return _attention(qkv, n_head)
     finally:
-        fused.ATTENTION_CHUNK = old
+        attention.CHUNK = old
+        kernels.use(before)
 
 
 def _seeded(fn, *args):
@@ -130,13 +142,10 @@ CASES = {
     "layer_norm_plain": (lambda x: F.layer_norm(x, (4,)), randn(3, 4)),
     "layer_norm_2d": (lambda x, w, b: F.layer_norm(x, (2, 3), w, b, eps=1e-3), randn(2, 2, 3),
                       randn(2, 3, seed=1), randn(2, 3, seed=2)),
-    "causal_softmax": (lambda a: fused.causal_softmax(a, scale=0.7), randn(2, 4, 4)),
-    "causal_softmax_tail": (lambda a: fused.causal_softmax(a, 0.5), randn(3, 2, 5)),  # last 2 of 5 positions
-    "causal_softmax_step": (lambda a: fused.causal_softmax(a), randn(2, 1, 3)),       # one generation step
     **({} if fused is None else {
-        "fused_causal_attention": (lambda qkv: fused.causal_attention(qkv, 2), randn(2, 3, 12)),
+        "fused_causal_attention": (lambda qkv: _attention(qkv, 2), randn(2, 3, 12)),
         "fused_causal_attention_chunked": (lambda qkv: _chunked_attention(qkv, 2), randn(1, 5, 6)),
-        "fused_causal_attention_dropout": (lambda qkv: _seeded(fused.causal_attention, qkv, 1, 0.4),
+        "fused_causal_attention_dropout": (lambda qkv: _seeded(_attention, qkv, 1, 0.4),
                                            randn(2, 3, 6)),
         # F.scaled_dot_product_attention: its fused path (q, k, v apart) and its composition
         "sdpa_fused_causal": (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
@@ -147,6 +156,7 @@ CASES = {
         "fused_linear_relu": (fused.linear_relu, randn(2, 3, 4), randn(5, 4, seed=1), randn(5, seed=2)),
         "fused_linear_relu_nobias": (fused.linear_relu, randn(3, 4), randn(5, 4, seed=1)),
         "fused_dropout": (lambda x: _seeded(fused.dropout, x, 0.3), randn(3, 4)),
+        "embedding": (lambda w: F.embedding(np.array([[0, 2, 2], [1, 0, 3]]), w), randn(4, 3)),
     }),
     # round 2: the ops a lecture reader reaches for (issue 11)
     "pow_tensor": (lambda a, b: a ** b, pos(3, 4), randn(4, seed=1)),
@@ -187,7 +197,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_gradcheck(name, device):
+def test_gradcheck(name, device, accelerators):
     fn, *inputs = CASES[name]
     gradcheck(fn, *inputs, atol=ATOL, rtol=RTOL, device=device)
 
@@ -229,6 +239,7 @@ def test_every_primitive_is_gradchecked():
                   and cls.__module__.startswith("tinytensor")}
     assert len(primitives) >= 27
     covered = set()
+    kernels.use(False)  # the references (the accelerated versions are tested equal to them)
     for fn, *inputs in CASES.values():
         args = [tt.Tensor(x, requires_grad=True) if isinstance(x, np.ndarray) and x.dtype.kind == "f" else x
                 for x in inputs]

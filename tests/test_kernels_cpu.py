@@ -1,7 +1,8 @@
-"""The compiled CPU kernels (tinytensor/kernels/cpu.py, Numba) against their NumPy references,
-their switch (TT_NUMBA, cpu.use), their independence from the number of threads, and that
-importing tinytensor never imports numba. The ops that call them are checked against PyTorch
-on both paths by the op test modules (the cpu_kernels fixture)."""
+"""The accelerated CPU versions of the fused ops (tinytensor/kernels/: compiled Numba loops,
+work split over threads) against their references in tinytensor.fused, the switch
+(kernels.use, the dispatch), their independence from the number of threads, and that importing
+tinytensor never imports numba. The ops are checked against PyTorch with the accelerators off
+and on by the op test modules (the `accelerators` fixture)."""
 import os
 import subprocess
 import sys
@@ -11,24 +12,24 @@ import pytest
 
 import tinytensor as tt
 import tinytensor.nn.functional as F
-from tinytensor import kernels, parallel
-from tinytensor.kernels import cpu
+from tinytensor import fused, kernels
+from tinytensor.kernels import attention, cross_entropy, embedding, layernorm, linear, threads
 
-numba = pytest.importorskip("numba", reason="the compiled CPU kernels need numba "
+numba = pytest.importorskip("numba", reason="the compiled CPU loops need numba "
                                             "(pip install -e \".[fast]\")")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # float64 agrees to rounding; float32 to a few ulps of the row's scale (sums in another order)
 TOL = {np.float64: 1e-12, np.float32: 3e-6}
 DTYPES = [np.float32, np.float64]
-SHAPES = [(1, 1), (3, 5), (37, 128), (2050, 33)]      # the last: more than one ROW_BLOCK
+SHAPES = [(1, 1), (3, 5), (37, 128), (2050, 33)]      # the last: more than one SUM_BLOCK
 
 
 @pytest.fixture(autouse=True)
-def _compiled():
-    cpu.use(True)
+def _accelerated():
+    kernels.use(True)
     yield
-    cpu.use(None)
+    kernels.use(None)
 
 
 def rand(shape, dtype, seed=0, scale=1.0):
@@ -42,6 +43,14 @@ def close(ours, ref, dtype, what):
     assert err <= TOL[dtype], f"{what}: relative error {err:.3g} > {TOL[dtype]:g}"
 
 
+def forward_backward(op, inputs, gy, **kwargs):
+    """A Function class's forward on arrays, and its input gradients for output gradient gy."""
+    f = op()
+    f.needs_grad = [x is not None for x in inputs]
+    y = f.forward(*inputs, **kwargs)
+    return y, f.backward(gy)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("affine", [True, False])
@@ -49,18 +58,27 @@ def test_layer_norm_equals_reference(shape, dtype, affine):
     n, d = shape
     x, gy = rand(shape, dtype, 1, scale=3.0) + 5, rand(shape, dtype, 2)   # an offset mean
     w, b = (rand(d, dtype, 3), rand(d, dtype, 4)) if affine else (None, None)
-    ours = cpu.layer_norm_forward(x, w, b, 1e-5)
-    ref = kernels.layer_norm_forward_ref(x, w, b, 1e-5)
-    for a, r, what in zip(ours, ref, ("y", "mean", "rstd")):
-        close(a, r, dtype, what)
-    grads = cpu.layer_norm_backward(gy, x, w, ref[1], ref[2])
-    ref_grads = kernels.layer_norm_backward_ref(gy, x, w, ref[1], ref[2])
-    close(grads[0], ref_grads[0], dtype, "gx")
+    y, mean, rstd = layernorm.layer_norm_forward_numba(x, w, b, 1e-5)
+    x64 = x.astype(np.float64)                              # mean and rstd against float64 sums
+    var = ((x64 - x64.mean(axis=1, keepdims=True)) ** 2).mean(axis=1)
+    close(mean, x64.mean(axis=1).astype(dtype), dtype, "mean")
+    close(rstd, (1 / np.sqrt(var + 1e-5)).astype(dtype), dtype, "rstd")
+    y_ref, grads_ref = forward_backward(fused.LayerNorm, (x, w, b), gy)
+    close(y, y_ref, dtype, "y")
+    grads = layernorm.layer_norm_backward_numba(gy, x, w, mean, rstd)
+    close(grads[0], grads_ref[0], dtype, "gx")
+    y_op, grads_op = forward_backward(layernorm.NumbaLayerNorm, (x, w, b), gy)   # the version
+    np.testing.assert_array_equal(y_op, y)
+    for a, r in zip(grads_op, grads):
+        if a is not None:
+            np.testing.assert_array_equal(a, r)
     # gw, gb sum over every row: each within float rounding of the exact (float64) column sums
-    # of its terms, and no further from them than the reference (BLAS, in x's dtype) is
-    xhat = (x.astype(np.float64) - ref[1][:, None]) * ref[2][:, None]
-    for a, r, terms, what in ((grads[1], ref_grads[1], gy * xhat, "gw"),
-                              (grads[2], ref_grads[2], gy.astype(np.float64), "gb")):
+    # of its terms, and no further from them than the reference's sums (NumPy, in x's dtype)
+    ref = fused.LayerNorm()
+    ref.forward(x, w, b)
+    xhat = (x64 - mean[:, None]) * rstd[:, None]
+    for a, r, terms, what in ((grads[1], (gy * ref.xhat).sum(axis=0), gy * xhat, "gw"),
+                              (grads[2], gy.sum(axis=0), gy.astype(np.float64), "gb")):
         exact, scale = terms.sum(axis=0), np.abs(terms).sum(axis=0)
         assert a.dtype == dtype and a.shape == (d,), what
         ours, theirs = np.abs(a - exact), np.abs(r - exact)
@@ -70,9 +88,9 @@ def test_layer_norm_equals_reference(shape, dtype, affine):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ignore", [False, True])
-def test_cross_entropy_equals_numpy_path(dtype, ignore):
-    """Loss and logits gradient of the op on the compiled kernel vs NumPy, with ignored rows,
-    a -inf and a huge logit."""
+def test_cross_entropy_equals_reference(dtype, ignore):
+    """Loss and logits gradient of F.cross_entropy, accelerated vs the reference, with ignored
+    rows, a -inf and a huge logit (float64 has no compiled version: both run the reference)."""
     x = rand((40, 65), dtype, 5, scale=4.0)
     x[3, 7], x[4, 0] = -np.inf, 1e4
     t = np.random.default_rng(6).integers(0, 65, 40)
@@ -80,16 +98,18 @@ def test_cross_entropy_equals_numpy_path(dtype, ignore):
     if ignore:
         t[::5] = -100
     results = {}
-    for path in ("numpy", "compiled"):
-        cpu.use(path == "compiled")
+    for path in ("reference", "accelerated"):
+        kernels.use(path == "accelerated")
         for reduction in ("mean", "sum", "none"):
             xt = tt.Tensor(x, requires_grad=True)
             loss = F.cross_entropy(xt, t, reduction=reduction)
+            assert (type(loss._ctx) is cross_entropy.NumbaCrossEntropy) == (
+                path == "accelerated" and dtype == np.float32)
             g = np.linspace(0.5, 1.5, loss.data.size).astype(dtype).reshape(loss.shape)
             loss.backward(g)
             results[path, reduction] = (loss.numpy(), xt.grad)
     for reduction in ("mean", "sum", "none"):
-        for a, r, what in zip(results["compiled", reduction], results["numpy", reduction],
+        for a, r, what in zip(results["accelerated", reduction], results["reference", reduction],
                               ("loss", "grad")):
             np.testing.assert_array_equal(np.isfinite(a), np.isfinite(r), err_msg=what)
             fin = np.isfinite(r)
@@ -97,13 +117,16 @@ def test_cross_entropy_equals_numpy_path(dtype, ignore):
 
 
 def test_cross_entropy_bad_target_and_nan():
-    with pytest.raises(TypeError, match="float32"):
-        cpu.cross_entropy_forward(rand((4, 3), np.float64), np.array([0, 1, 2, 0]), -100)
+    t = np.array([0, 1, 2, 0])
+    assert not cross_entropy.NumbaCrossEntropy.takes(rand((4, 3), np.float64), t)  # float32 only
+    assert not cross_entropy.NumbaCrossEntropy.takes(rand((4, 3), np.float32), t,
+                                                     label_smoothing=0.1)
+    assert cross_entropy.NumbaCrossEntropy.takes(rand((4, 3), np.float32), t)
     x = rand((4, 3), np.float32)
     with pytest.raises(IndexError, match=r"target out of range.*\[0, 3\)"):
-        cpu.cross_entropy_forward(x, np.array([0, 1, 3, 0]), -100)
+        cross_entropy.cross_entropy_forward_numba(x, np.array([0, 1, 3, 0]), -100)
     x[1, 2] = np.nan
-    loss, p, count = cpu.cross_entropy_forward(x, np.array([0, 1, 2, 0]), -100)
+    loss, p, count = cross_entropy.cross_entropy_forward_numba(x, t, -100)
     assert count == 4 and np.isnan(loss[1]) and np.isnan(p[1]).all() and np.isfinite(loss[[0, 2, 3]]).all()
 
 
@@ -114,8 +137,14 @@ def test_add_rows_equals_add_at(dtype):
     values = rand((50, 3, 4), dtype, 9)
     ref = target.copy()
     np.add.at(ref, rows, values)
-    cpu.add_rows(target, rows, values)
+    kernels.numba_loops().add_rows(target.reshape(7, -1), rows, values.reshape(50, -1))
     close(target, ref, dtype, "add_rows")
+    w, idx = rand((7, 4), dtype, 10), np.random.default_rng(11).integers(0, 7, (5, 6))
+    gy = rand((5, 6, 4), dtype, 12)
+    y, (gw, _) = forward_backward(embedding.NumbaEmbedding, (w, idx), gy)
+    y_ref, (gw_ref, _) = forward_backward(fused.Embedding, (w, idx), gy)
+    np.testing.assert_array_equal(y, y_ref)
+    close(gw, gw_ref, dtype, "embedding gradient")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -125,12 +154,12 @@ def test_bias_relu_equals_numpy(shape, dtype):
     ref = y + b
     ref *= ref > 0
     ours = y.copy()
-    cpu.bias_relu_(ours, b)
+    linear.bias_relu_numba(ours, b)
     np.testing.assert_array_equal(ours, ref)
     ours = y.copy()
-    cpu.add_bias_(ours, b)
+    linear.add_bias_numba(ours, b)
     np.testing.assert_array_equal(ours, y + b)
-    g, gb = cpu.relu_backward(gy, ref)
+    g, gb = linear.relu_backward_numba(gy, ref)
     np.testing.assert_array_equal(g, gy * (ref > 0))
     terms = g.astype(np.float64)                            # gb: within rounding of the exact sums
     assert gb.dtype == dtype
@@ -138,19 +167,35 @@ def test_bias_relu_equals_numpy(shape, dtype):
     assert (err <= shape[0] * np.finfo(dtype).eps * scale).all(), f"bias gradient: error {err.max():.3g}"
 
 
+@pytest.mark.parametrize("op, version", [(fused.Linear, linear.NumbaLinear),
+                                         (fused.LinearReLU, linear.NumbaLinearReLU)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_versions_equal_reference(op, version, bias):
+    x, w, b = rand((2, 5, 7), np.float64, 13), rand((6, 7), np.float64, 14), rand(6, np.float64, 15)
+    gy = rand((2, 5, 6), np.float64, 16)
+    inputs = (x, w, b if bias else None)
+    y, grads = forward_backward(version, inputs, gy)
+    y_ref, grads_ref = forward_backward(op, inputs, gy)
+    close(y, y_ref, np.float64, "y")
+    for a, r in zip(grads, grads_ref):
+        assert (a is None) == (r is None)
+        if a is not None:
+            close(a, r, np.float64, "gradient")
+
+
 def test_results_do_not_depend_on_threads(monkeypatch):
-    """Row ranges over threads start on ROW_BLOCK boundaries and the blocks' sums are added in
+    """Row ranges over threads start on SUM_BLOCK boundaries and the blocks' sums are added in
     order: bit for bit the serial result for 1, 2 and 3 threads."""
-    n, d = 3 * cpu.ROW_BLOCK + 17, 24
+    n, d = 3 * threads.SUM_BLOCK + 17, 24
     x, gy, w, b = rand((n, d), np.float32, 1), rand((n, d), np.float32, 2), \
         rand(d, np.float32, 3), rand(d, np.float32, 4)
     outs = []
     for threshold, parts in ((1 << 60, 1), (0, 2), (0, 3)):
-        monkeypatch.setattr(parallel, "MIN_ELEMENTS", threshold)
-        monkeypatch.setattr(parallel, "threads", lambda parts=parts: parts)
-        y, mean, rstd = cpu.layer_norm_forward(x, w, b)
-        out = [y, mean, rstd, *cpu.layer_norm_backward(gy, x, w, mean, rstd)]
-        out += list(cpu.relu_backward(gy, np.maximum(x, 0)))
+        monkeypatch.setattr(threads, "MIN_ELEMENTS", threshold)
+        monkeypatch.setattr(threads, "count", lambda parts=parts: parts)
+        y, mean, rstd = layernorm.layer_norm_forward_numba(x, w, b)
+        out = [y, mean, rstd, *layernorm.layer_norm_backward_numba(gy, x, w, mean, rstd)]
+        out += list(linear.relu_backward_numba(gy, np.maximum(x, 0)))
         outs.append(out)
     for other in outs[1:]:
         for a, ref in zip(other, outs[0]):
@@ -159,72 +204,74 @@ def test_results_do_not_depend_on_threads(monkeypatch):
 
 def test_takes_only_numpy_floats_of_one_dtype():
     f32, f64 = np.zeros(3, np.float32), np.zeros(3, np.float64)
-    assert cpu.takes(f32, None, f32) and cpu.takes(f64)
-    assert not cpu.takes(f32, f64) and not cpu.takes(np.zeros(3, np.int64)) and not cpu.takes()
-    cpu.use(False)
-    assert not cpu.enabled() and not cpu.takes(f32)
+    assert kernels.numpy_floats(f32, None, f32) and kernels.numpy_floats(f64)
+    assert not kernels.numpy_floats(f32, f64) and not kernels.numpy_floats(np.zeros(3, np.int64))
+    assert not kernels.numpy_floats()
+    x = np.ones((2, 4), np.float32)
+    assert kernels.accelerated(fused.LayerNorm, x, None, None) is layernorm.NumbaLayerNorm
+    assert kernels.accelerated(fused.LayerNorm, x.astype(np.float16), None, None) is fused.LayerNorm
+    kernels.use(False)
+    assert not kernels.enabled() and kernels.accelerated(fused.LayerNorm, x, None, None) is fused.LayerNorm
 
 
 def test_switch_settings(monkeypatch):
-    cpu.use(None)
-    monkeypatch.setenv("TT_NUMBA", "0")
-    assert not cpu.enabled()
-    cpu.use(None)
-    monkeypatch.setenv("TT_NUMBA", "yes")
-    with pytest.raises(ValueError, match=r"TT_NUMBA='yes': expected 0 .* or 1"):
-        cpu.enabled()
-    cpu.use(None)
-    monkeypatch.setenv("TT_NUMBA", "1")
-    assert cpu.enabled()
-
-    def missing():
-        raise ImportError("No module named 'numba'")
-    monkeypatch.setattr(cpu, "_k", None)
-    monkeypatch.setattr(cpu, "_load", missing)
-    cpu.use(None)
-    with pytest.raises(ImportError, match=r"TT_NUMBA=1 .* numba is not installed: pip install"):
-        cpu.enabled()
-    monkeypatch.delenv("TT_NUMBA")
-    cpu.use(None)
-    assert not cpu.enabled()                               # no numba: NumPy, silently
-    with pytest.raises(ImportError, match="need numba"):
-        cpu.use(True)
+    x = np.ones((2, 4), np.float32)
+    kernels.use(None)                                      # auto: on where numba is installed
+    assert kernels.enabled("cpu") and kernels.enabled("cuda")
+    assert kernels.accelerated(fused.LayerNorm, x, None, None) is layernorm.NumbaLayerNorm
+    assert kernels.describe().startswith("on (auto): compiled CPU loops (numba ")
+    with pytest.raises(ValueError, match=r"takes True, False or None \(auto\), got 'yes'"):
+        kernels.use("yes")
+    monkeypatch.setattr(kernels, "_loops", False)          # as if numba were not installed
+    assert not kernels.enabled("cpu") and kernels.enabled("cuda")
+    assert kernels.accelerated(fused.LayerNorm, x, None, None) is fused.LayerNorm
+    assert kernels.describe() == ("off (auto: numba is not installed; every fused op runs its "
+                                  "reference)")
+    kernels.use(True)                                      # on: the thread splits, no compiled loops
+    assert kernels.accelerated(fused.LayerNorm, x, None, None) is fused.LayerNorm
+    big = np.ones(threads.MIN_ELEMENTS, np.float32)
+    assert kernels.accelerated(fused.Dropout, big, 0.5).__name__ == (
+        "ThreadedDropout" if threads.count() > 1 else "Dropout")
+    kernels.use(False)
+    assert kernels.describe() == "off (off: turned off; every fused op runs its reference)"
 
 
 def test_importing_tinytensor_does_not_import_numba():
     code = ("import sys, tinytensor, tinytensor.nn.functional, gpt.model; "
-            "assert 'numba' not in sys.modules, 'numba imported'; print('ok')")
+            "assert 'numba' not in sys.modules, 'numba imported'; "
+            "assert 'tinytensor.kernels.layernorm' not in sys.modules, 'a kernel family loaded'; "
+            "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": ROOT})
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
-def test_gpt_step_compiled_equals_numpy():
-    """A small GPT's loss and every gradient, compiled kernels vs NumPy alone: equal to float32
+def test_gpt_step_accelerated_equals_reference():
+    """A small GPT's loss and every gradient, accelerated vs the reference: equal to float32
     rounding (the paths differ only in summation order)."""
     from gpt.model import GPTConfig, GPTLanguageModel
     idx = np.random.default_rng(0).integers(0, 11, (3, 8))
     out = {}
-    for path in ("numpy", "compiled"):
-        cpu.use(path == "compiled")
+    for path in ("reference", "accelerated"):
+        kernels.use(path == "accelerated")
         tt.manual_seed(0)
         model = GPTLanguageModel(GPTConfig(vocab_size=11, block_size=8, n_embd=16, n_head=2,
                                            n_layer=2, dropout=0.0))
         _, loss = model(idx, np.roll(idx, -1, axis=1))
         loss.backward()
         out[path] = [loss.numpy()] + [p.grad for p in model.parameters()]
-    for i, (a, r) in enumerate(zip(out["compiled"], out["numpy"])):
+    for i, (a, r) in enumerate(zip(out["accelerated"], out["reference"])):
         err = np.max(np.abs(a - r)) / max(np.max(np.abs(r)), 1e-30)
         assert err <= 1e-5, f"tensor {i}: relative error {err:.3g}"
 
 
 def test_exp_neg_within_two_ulp_of_numpy():
-    from tinytensor.kernels import _numba_cpu
+    from tinytensor.kernels import _numba
     z = -np.abs(np.random.default_rng(13).standard_normal(20000) * 20).astype(np.float32)
     z[:6] = [-np.inf, np.nan, 0.0, -0.0, -100.0, -87.3]
     ref = np.exp(z)
     ours = z.copy()
-    _numba_cpu.exp_neg_(ours, np.empty(z.size, np.int32))
+    _numba.exp_neg_(ours, np.empty(z.size, np.int32))
     normal = ref >= np.finfo(np.float32).tiny
     ulps = np.abs(ours[normal].view(np.int32) - ref[normal].view(np.int32))
     assert ulps.max() <= 2, f"{ulps.max()} ulp from np.exp"
@@ -233,18 +280,18 @@ def test_exp_neg_within_two_ulp_of_numpy():
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 5, 5), (4, 1, 7), (3, 4, 9), (2, 64, 64)])
-def test_causal_softmax_equals_numpy_path(shape):
-    """fused.causal_softmax_ and its backward: the compiled float32 kernels vs NumPy's
-    (Tq == Tk, Tq < Tk, Tq == 1), masked weights exactly 0, a NaN score makes its row NaN."""
-    from tinytensor import fused
+def test_causal_softmax_compiled_equals_numpy(monkeypatch, shape):
+    """The attention's in-place causal softmax and its backward: the compiled float32 loops vs
+    NumPy's (Tq == Tk, Tq < Tk, Tq == 1), masked weights exactly 0, a NaN score makes its row NaN."""
     x = rand(shape, np.float32, 14, scale=3.0)
     g = rand(shape, np.float32, 15)
     x[(0,) * (len(shape) - 1) + (0,)] = np.nan             # row 0 sees key 0: NaN row
     out = {}
     for path in ("numpy", "compiled"):
-        cpu.use(path == "compiled")
-        y = fused.causal_softmax_(x.copy())
-        out[path] = y, fused.causal_softmax_backward_(g.copy(), y)
+        monkeypatch.setattr(attention, "numba_loops",
+                            kernels.numba_loops if path == "compiled" else lambda: None)
+        y = attention.causal_softmax_(x.copy())
+        out[path] = y, attention.causal_softmax_backward_(g.copy(), y)
     tq, tk = shape[-2:]
     future = np.triu(np.ones((tq, tk), bool), tk - tq + 1)
     for a, r, what in zip(out["compiled"], out["numpy"], ("weights", "gradient")):
@@ -253,12 +300,12 @@ def test_causal_softmax_equals_numpy_path(shape):
         close(np.nan_to_num(a), np.nan_to_num(r), np.float32, what)
 
 
-@pytest.mark.parametrize("path", ["numpy", "compiled"])
+@pytest.mark.parametrize("path", ["reference", "accelerated"])
 def test_relu_of_infinities_and_nan_as_torch(path):
     """relu(-inf) is 0, relu(nan) nan, relu(-1) +0 as in torch, and the gradient 0 wherever
-    the output is not > 0: F.relu, and the fused bias + ReLU kernel."""
+    the output is not > 0: F.relu, and the compiled bias + ReLU loop."""
     import torch
-    cpu.use(path == "compiled")
+    kernels.use(path == "accelerated")
     v = np.array([[-np.inf, -1.0, 0.0, 2.0, np.inf, np.nan]], np.float32)
     want = torch.relu(torch.from_numpy(v)).numpy()
     x = tt.Tensor(v, requires_grad=True)
@@ -267,7 +314,7 @@ def test_relu_of_infinities_and_nan_as_torch(path):
     assert not np.signbit(y.numpy()).any(), "relu of a negative must be +0"
     y.backward(np.ones_like(v))
     np.testing.assert_array_equal(x.grad, [[0, 0, 0, 1, 1, 0]])
-    if path == "compiled":
+    if path == "accelerated":
         y = v.copy()
-        cpu.bias_relu_(y, None)
+        linear.bias_relu_numba(y, None)
         np.testing.assert_array_equal(y, want)

@@ -13,7 +13,6 @@ import numpy as np
 import tinytensor as tt
 from gpt import GPTConfig, GPTLanguageModel
 from tinytensor.nn import functional as F
-from tinytensor.fused import causal_softmax
 
 
 def test_three_ways_to_average_the_past_agree():
@@ -37,9 +36,11 @@ def test_three_ways_to_average_the_past_agree():
     wei3 = F.softmax(tt.zeros(T, T).masked_fill(tril == 0, float("-inf")), dim=-1)
     xbow3 = (wei3 @ tt.tensor(x)).numpy()
 
-    # and the fused op the model uses
-    wei4 = causal_softmax(tt.zeros(T, T))
-    xbow4 = (wei4 @ tt.tensor(x)).numpy()
+    # and the fused attention the model uses: queries and keys of zeros give every visible key
+    # the same weight, so the values (x, one head) are averaged over the past
+    zeros = tt.zeros(B, 1, T, C, dtype=tt.float64)
+    xbow4 = F.scaled_dot_product_attention(zeros, zeros, tt.tensor(x)[:, None], is_causal=True)
+    xbow4 = xbow4[:, 0].numpy()                                       # (B, T, C)
 
     np.testing.assert_allclose(xbow2, xbow, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(xbow3, xbow, rtol=1e-12, atol=1e-15)
@@ -60,8 +61,12 @@ def test_scaling_keeps_attention_scores_at_unit_variance():
     assert 0.9 < scaled.var() < 1.1, scaled.var()                     # near 1
 
     # why it matters: large scores make softmax peaky, close to one-hot, at initialisation
-    peak_raw = causal_softmax(tt.tensor(raw)).numpy()[:, -1].max(axis=-1).mean()
-    peak_scaled = causal_softmax(tt.tensor(scaled)).numpy()[:, -1].max(axis=-1).mean()
+    tril = tt.tril(tt.ones(T, T))
+
+    def weights(scores):  # the lecture's masked softmax
+        return F.softmax(tt.tensor(scores).masked_fill(tril == 0, float("-inf")), dim=-1)
+    peak_raw = weights(raw).numpy()[:, -1].max(axis=-1).mean()
+    peak_scaled = weights(scaled).numpy()[:, -1].max(axis=-1).mean()
     assert peak_raw > 0.5 and peak_scaled < 0.25, (peak_raw, peak_scaled)
     sharp = F.softmax(tt.tensor([0.1, -0.2, 0.3, -0.2, 0.5]) * 8, dim=-1).numpy()
     assert sharp.max() > 0.7 and np.argmax(sharp) == 4

@@ -19,8 +19,8 @@ import tinytensor.nn.functional as F
 from tinytensor.gradcheck import gradcheck
 from torch_helper import Const, check, dtypes, randn
 
-# every test here runs with NumPy alone and with the compiled CPU kernels (conftest)
-pytestmark = pytest.mark.usefixtures("cpu_kernels")
+# every test here runs with the accelerators off and on (conftest)
+pytestmark = pytest.mark.usefixtures("accelerators")
 
 INF = math.inf
 REDUCTIONS = ("mean", "sum", "none")

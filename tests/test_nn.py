@@ -11,8 +11,8 @@ import tinytensor.nn as nn
 from tinytensor import backend
 from torch_helper import check_module, dtypes, randn
 
-# every test here runs with NumPy alone and with the compiled CPU kernels (conftest)
-pytestmark = pytest.mark.usefixtures("cpu_kernels")
+# every test here runs with the accelerators off and on (conftest)
+pytestmark = pytest.mark.usefixtures("accelerators")
 
 
 # ---------------------------------------------------------------- layers against torch.nn

@@ -15,8 +15,8 @@ import tinytensor.nn.functional as F
 from tinytensor import backend
 from torch_helper import Const, check, dtypes, randn
 
-# every test here runs with NumPy alone and with the compiled CPU kernels (conftest)
-pytestmark = pytest.mark.usefixtures("cpu_kernels")
+# every test here runs with the accelerators off and on (conftest)
+pytestmark = pytest.mark.usefixtures("accelerators")
 
 INF = math.inf
 
@@ -234,15 +234,21 @@ def torch_causal_softmax(a, scale):
     return TF.softmax((a * scale).masked_fill(future, -INF), dim=-1)
 
 
-for shape, scale in [((2, 5, 5), 0.5), ((2, 3, 4, 4), 1.0), ((2, 2, 5), 0.3), ((3, 1, 4), 2.0)]:
-    add(pair("causal_softmax", lambda a, s=scale: tt.fused.causal_softmax(a, s),
-             lambda a, s=scale: torch_causal_softmax(a, s), randn(*shape)))
 
 # ---------------------------------------------------------------- fused ops (tinytensor/fused.py)
 try:
     fused = importlib.import_module("tinytensor.fused")
 except ImportError:  # no fused ops in this version
     fused = None
+
+
+def attention_of_projection(qkv, n_head):
+    """tinytensor.fused.causal_attention of the q, k and v split from one projection qkv
+    (B, T, 3C), as gpt.model.CausalSelfAttention gives them: views, the heads side by side."""
+    B, T, C3 = qkv.shape
+    q, k, v = (a.view(B, T, n_head, C3 // 3 // n_head).transpose(1, 2)     # each (B, nh, T, hs)
+               for a in qkv.split(C3 // 3, dim=2))
+    return fused.causal_attention(q, k, v).transpose(1, 2).reshape(B, T, C3 // 3)   # (B, T, C)
 
 
 def torch_attention(qkv, n_head):
@@ -256,7 +262,7 @@ def torch_attention(qkv, n_head):
 
 if fused is not None:
     for shape, nh in [((2, 5, 12), 2), ((1, 130, 24), 4)]:   # T = 130 >= 2 chunks: the chunked path
-        add(pair("fused_attention", lambda qkv, nh=nh: fused.causal_attention(qkv, nh),
+        add(pair("fused_attention", lambda qkv, nh=nh: attention_of_projection(qkv, nh),
                  lambda qkv, nh=nh: torch_attention(qkv, nh), randn(*shape)))
     add(pair("fused_linear_relu", fused.linear_relu, lambda x, w, b: TF.relu(TF.linear(x, w, b)),
              randn(2, 3, 4), randn(5, 4, seed=1), randn(5, seed=2)))

@@ -59,10 +59,13 @@ def check_device(device):
 
 def to_device(a, device):
     """Move an array to 'cpu' (numpy) or 'cuda' (cupy); no copy when already there."""
-    device = check_device(device)
-    if device == "cpu":
-        return cp.asnumpy(a) if is_cuda(a) else a
-    return a if is_cuda(a) else cp.asarray(a)
+    if device != device_of(a):
+        device = check_device(device)
+        if device == "cpu" and is_cuda(a):
+            return cp.asnumpy(a)
+        if device == "cuda" and not is_cuda(a):
+            return cp.asarray(a)
+    return a
 
 
 def to_numpy(a):
@@ -87,10 +90,6 @@ def use_device(index):
     cp.cuda.Device(index).use()
 
 
-def current_stream_ptr():
-    return cp.cuda.get_current_stream().ptr
-
-
 def nccl():
     """cupy's NCCL bindings (cupy.cuda.nccl), or a clear error where they are missing."""
     try:
@@ -99,46 +98,39 @@ def nccl():
     except Exception:
         ok = False
     if not ok:
-        raise RuntimeError("TT_DIST_BACKEND=nccl but this cupy has no NCCL (cupy.cuda.nccl.available "
-                           "is False): pip install nvidia-nccl-cu12 (cu13 for CUDA 13), or unset "
-                           "TT_DIST_BACKEND to sum GPU gradients through host memory over MPI")
+        raise RuntimeError("the distributed backend 'nccl' needs cupy's NCCL, and "
+                           "cupy.cuda.nccl.available is False: pip install nvidia-nccl-cu12 (cu13 "
+                           "for CUDA 13), or use the backend 'mpi' (GPU gradients summed through "
+                           "host memory)")
     return _nccl
 
 
-def nccl_dtype(dtype):
-    """The NCCL data type constant for a float dtype."""
+def nccl_communicator(comm):
+    """An NCCL communicator over the ranks of the MPI communicator comm (one GPU each); its
+    unique id travels over MPI."""
+    if not cuda_available():
+        raise RuntimeError("the distributed backend 'nccl' needs CuPy and a GPU on every rank; "
+                           "use the backend 'mpi'")
     n = nccl()
-    return {"float16": n.NCCL_FLOAT16, "float32": n.NCCL_FLOAT32,
-            "float64": n.NCCL_FLOAT64}[dtype.name]
+    uid = comm.bcast(n.get_unique_id() if comm.Get_rank() == 0 else None, root=0)
+    return n.NcclCommunicator(comm.Get_size(), uid, comm.Get_rank())
+
+
+def nccl_sum_(communicator, a):
+    """a <- its sum over the ranks of an NCCL communicator, in place (a float cupy array)."""
+    n = nccl()
+    kind = {"float16": n.NCCL_FLOAT16, "float32": n.NCCL_FLOAT32, "float64": n.NCCL_FLOAT64}
+    communicator.allReduce(a.data.ptr, a.data.ptr, a.size, kind[a.dtype.name], n.NCCL_SUM,
+                           cp.cuda.get_current_stream().ptr)
 
 
 def scatter_add(target, index, values):
-    """target[index] += values, accumulating repeated indices (numpy.add.at semantics)."""
+    """target[index] += values in place, repeated indices accumulating (numpy.add.at)."""
     if is_cuda(target):
         import cupyx
         cupyx.scatter_add(target, index, values)
-    elif isinstance(index, np.ndarray) and index.dtype.kind in "iu" and index.size:
-        _add_rows(target, index, values)  # e.g. an embedding's gradient: whole rows
     else:
         np.add.at(target, index, values)
-
-
-def _add_rows(target, idx, values):
-    """target[idx] += values for integer indices into axis 0, repeats accumulating (what
-    np.add.at does, element by element): sort the indices, sum each run of equal ones with
-    np.add.reduceat, add the sums once per distinct row. Many times faster for embeddings."""
-    n = target.shape[0]
-    rows = idx.reshape(-1)
-    rows = np.where(rows < 0, rows + n, rows)                       # numpy's negative indices
-    from .kernels import cpu
-    if cpu.takes(target, values) and target.flags.c_contiguous:    # one compiled loop
-        cpu.add_rows(target, rows, values)
-        return
-    vals = values.reshape(rows.size, -1)                            # (N, rest of a row)
-    order = np.argsort(rows, kind="stable")
-    rows = rows[order]
-    starts = np.flatnonzero(np.concatenate(([True], rows[1:] != rows[:-1])))  # first of each run
-    target.reshape(n, -1)[rows[starts]] += np.add.reduceat(vals[order], starts, axis=0)
 
 
 def index_to_device(idx, device):
@@ -148,16 +140,6 @@ def index_to_device(idx, device):
             return to_device(i, device)
         return i
     return tuple(move(i) for i in idx) if isinstance(idx, tuple) else move(idx)
-
-
-def tf32_enabled():
-    """Whether cupy runs float32 matmuls on TF32 tensor cores (CUPY_TF32=1, read by cupy at
-    its first float32 matmul, so set it before that — best before the process starts)."""
-    import os
-    try:
-        return int(os.environ.get("CUPY_TF32", "0")) > 0
-    except ValueError:
-        return False
 
 
 def memory_pool_bytes():

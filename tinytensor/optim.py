@@ -3,20 +3,25 @@
 AdamW performs exactly torch.optim.AdamW's update (decoupled weight decay, bias-corrected
 moments). Parameter groups work as in PyTorch: pass a list of dicts with "params" and any
 per-group overrides, e.g. weight_decay=0.0 for 1-D parameters.
+
+FlatParameters (at the end) keeps parameters and their gradients in two flat buffers:
+
+    flat = FlatParameters(params)   # every p.data becomes a view into flat.data (values kept)
+    flat.gather_grads()             # each p.grad copied into its view of flat.grad
+
+AdamW builds one when it is constructed and keeps it as `optimizer.flat`, so that a step is one
+update over a stretch of flat buffers per parameter group instead of one per parameter. The
+training loop hands the same object to distributed.allreduce_gradients (or the reducer's
+GradientReducer), which sums flat.grad over the ranks in a few large MPI calls and then points
+each p.grad at its view of flat.grad (PyTorch's DDP with gradient_as_bucket_view alike).
+Nothing finds these buffers behind the caller's back: whoever needs them is given them.
 """
 import math
 
 import numpy as np
 
-from . import backend, parallel
-from .flat import FlatParameters
-from .kernels.adamw import adamw_step
+from . import backend, fused
 from .tensor import Tensor
-
-# the flat AdamW update goes over threads from this many parameters on (parallel.rows): its
-# dozen passes over four arrays make even the small preset's 0.8 M parameters worth it
-# (single thread 5.0 ms, two threads 1.8 ms on the 2-core test machine)
-ADAMW_MIN_ELEMENTS = 1 << 16
 
 
 class Optimizer:
@@ -94,17 +99,21 @@ class Optimizer:
 
 
 class AdamW(Optimizer):
-    """torch.optim.AdamW, with every parameter kept in flat buffers (flat.py) from the start.
+    """torch.optim.AdamW: decoupled weight decay and bias-corrected moments, the update rule of
+    fused.adamw_update.
 
-    Building it makes each p.data a view into `optimizer.flat.data` (the values are kept) and
-    has backward write each gradient into its view of `optimizer.flat.grad`; hand
-    `optimizer.flat` to distributed.allreduce_gradients. Parameters of mixed dtypes or devices
-    (or one parameter in two groups) cannot share flat buffers: then `flat` is None and every
-    step takes the per-parameter path. Both paths call the same kernels.adamw_step.
+    The parameters live in flat buffers (flat.FlatParameters), built with the optimizer: each
+    p.data becomes a view into `optimizer.flat.data`, and the moments exp_avg and exp_avg_sq
+    are views of two buffers beside it. So a group whose parameters all have a gradient (and
+    the same step count) is updated by one call over its stretch of the buffers; otherwise its
+    parameters are updated one by one, those without a gradient skipped, as torch does. Hand
+    `optimizer.flat` to distributed.allreduce_gradients or GradientReducer. Parameters of mixed
+    dtypes or devices cannot share flat buffers: then `flat` is None and each parameter has
+    moments of its own.
 
-    Build the optimizer after moving or casting the model. Should Module.to() or astype()
-    replace p.data afterwards anyway, `flat` notices (FlatParameters.intact() is False) and
-    builds new buffers from the new arrays, carrying the moments over, so the update stays exact.
+    Build the optimizer after moving or casting the model; should Module.to() or astype()
+    replace p.data afterwards anyway, the next step builds new flat buffers from the new
+    arrays, the moments carried over.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
@@ -112,99 +121,71 @@ class AdamW(Optimizer):
             raise ValueError(f"invalid AdamW hyperparameters: lr={lr}, betas={betas}, eps={eps}, "
                              f"weight_decay={weight_decay}")
         super().__init__(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-        self._flat = self._build_flat()
-
-    @property
-    def flat(self):
-        """The FlatParameters holding every parameter (in param_groups order), or None."""
-        return self._flat_buffers()
+        self._build_flat()
 
     def _build_flat(self):
-        """FlatParameters of all parameters and flat moment buffers beside them; None when the
-        parameters cannot share one buffer (mixed dtypes or devices, a parameter twice)."""
+        """self.flat and the moment buffers self.moments (2, n) beside it, the state's moments
+        moved in; flat None when the parameters cannot share one buffer."""
         params = [p for _, p in self._params()]
         try:
-            flat = FlatParameters(params)
-        except ValueError:
-            return None
-        self._m = backend.get_array_module(flat.data).zeros_like(flat.data)  # exp_avg of all
-        self._v = self._m.copy()                                             # exp_avg_sq of all
-        spans = list(zip(params, flat.offsets, flat.offsets[1:]))
-        self._m_views = [self._m[a:b].reshape(p.shape) for p, a, b in spans]
-        self._v_views = [self._v[a:b].reshape(p.shape) for p, a, b in spans]
-        return flat
+            self.flat = FlatParameters(params)
+        except ValueError:  # mixed dtypes or devices, or a parameter twice
+            self.flat = None
+            return
+        self.moments = backend.get_array_module(self.flat.data).zeros((2, self.flat.data.size),
+                                                                      dtype=self.flat.data.dtype)
+        for i, p in enumerate(params):
+            st = self.state.get(id(p))
+            if st is not None:
+                self._adopt(st, i)
 
-    def _flat_buffers(self):
-        """self._flat, rebuilt first when some p.data was replaced since it was built."""
-        if self._flat is not None and not self._flat.intact():
-            self._flat.release()
-            self._flat = self._build_flat()
-        return self._flat
+    def _adopt(self, st, i):
+        """Make parameter i's moments in state st its views of self.moments (values copied)."""
+        m, v = (self.flat.view(self.moments[k], i) for k in (0, 1))
+        m[...], v[...] = st["exp_avg"], st["exp_avg_sq"]
+        st["exp_avg"], st["exp_avg_sq"] = m, v
+
+    def _state(self, p, i):
+        """Parameter p's state (the i-th parameter), made at its first step."""
+        st = self.state.get(id(p))
+        if st is None:
+            if self.flat is not None:
+                m, v = (self.flat.view(self.moments[k], i) for k in (0, 1))
+            else:
+                m, v = (backend.get_array_module(p.data).zeros_like(p.data) for _ in (0, 1))
+            st = self.state[id(p)] = {"step": 0, "exp_avg": m, "exp_avg_sq": v}
+        return st
+
+    def load_state_dict(self, sd):
+        super().load_state_dict(sd)
+        if self.flat is not None:
+            for i, p in enumerate(self.flat.params):
+                if id(p) in self.state:
+                    self._adopt(self.state[id(p)], i)
 
     def step(self):
-        """One AdamW update of every parameter that has a gradient.
-
-        A group whose parameters all have gradients is updated by one kernels.adamw_step call
-        over its stretch of the flat buffers. A group in which some parameter has no gradient,
-        moments at different step counts (a partly loaded state), or parameters without flat
-        buffers take the per-parameter path: the same function on each parameter's arrays.
-        """
-        flat = self._flat_buffers()
-        start = 0
-        for g in self.param_groups:
-            n = len(g["params"])
-            if flat is None or not self._flat_step(g, flat, start, start + n):
-                self._step_each(g)
-            start += n
-
-    def _flat_step(self, g, flat, i, j):
-        """Update parameters i .. j-1 (group g) with one flat kernel; False if it cannot."""
-        params = g["params"]
-        if any(p.grad is None for p in params):
-            return False
-        a, b = flat.span(i, j)
-        steps = set()
-        for k, p in enumerate(params, start=i):  # the moments are views of the flat ones
-            m, v = self._m_views[k], self._v_views[k]
-            st = self.state.get(id(p))
-            if st is None:
-                m[...] = 0
-                v[...] = 0
-                st = self.state[id(p)] = {"step": 0, "exp_avg": m, "exp_avg_sq": v}
-            elif st["exp_avg"] is not m or st["exp_avg_sq"] is not v:
-                m[...] = st["exp_avg"]  # loaded or per-parameter state: move it in
-                v[...] = st["exp_avg_sq"]
-                st["exp_avg"], st["exp_avg_sq"] = m, v
-            steps.add(st["step"])
-            if p.grad is not flat.grad_views[k]:  # e.g. a gradient set by hand: copy it in
-                flat.grad_views[k][...] = p.grad
-        if len(steps) != 1:
-            return False
-        (b1, b2), t = g["betas"], steps.pop() + 1
-        P, G, M, V = flat.data[a:b], flat.grad[a:b], self._m[a:b], self._v[a:b]
-
-        def update(r0, r1):  # element-wise: large buffers are split over threads
-            adamw_step(P[r0:r1], G[r0:r1], M[r0:r1], V[r0:r1], g["lr"], b1, b2, g["eps"],
-                       g["weight_decay"], t)
-        parallel.rows(b - a, update, b - a, backend.get_array_module(P), min_size=ADAMW_MIN_ELEMENTS)
-        for p in params:
-            self.state[id(p)]["step"] = t
-        return True
-
-    def _step_each(self, g):
-        """The per-parameter update of group g (parameters without a gradient are skipped)."""
-        b1, b2 = g["betas"]
-        for p in g["params"]:
-            if p.grad is None:
-                continue
-            st = self.state.get(id(p))
-            if st is None:
-                xp = backend.get_array_module(p.data)
-                st = self.state[id(p)] = {"step": 0, "exp_avg": xp.zeros_like(p.data),
-                                          "exp_avg_sq": xp.zeros_like(p.data)}
-            st["step"] += 1
-            adamw_step(p.data, p.grad, st["exp_avg"], st["exp_avg_sq"], g["lr"], b1, b2,
-                       g["eps"], g["weight_decay"], st["step"])
+        """One AdamW update of every parameter that has a gradient."""
+        if self.flat is not None and not self.flat.intact():
+            self._build_flat()  # p.data was replaced (Module.to, astype)
+        i = 0
+        for group in self.param_groups:
+            params = group["params"]
+            hyper = (group["lr"], *group["betas"], group["eps"], group["weight_decay"])
+            todo = [(p, self._state(p, k)) for k, p in enumerate(params, start=i)
+                    if p.grad is not None]
+            for _, st in todo:
+                st["step"] += 1
+            if self.flat is not None and len(todo) == len(params) \
+                    and len({st["step"] for _, st in todo}) == 1:
+                a, b = self.flat.span(i, i + len(params))  # the whole group: one update
+                self.flat.gather_grads(i, i + len(params))
+                fused.adamw_update(self.flat.data[a:b], self.flat.grad[a:b], self.moments[0, a:b],
+                                   self.moments[1, a:b], todo[0][1]["step"], *hyper)
+            else:
+                for p, st in todo:
+                    fused.adamw_update(p.data, p.grad, st["exp_avg"], st["exp_avg_sq"],
+                                       st["step"], *hyper)
+            i += len(params)
 
 
 class SGD(Optimizer):
@@ -279,3 +260,60 @@ def lr_schedule(step, lr, min_lr, warmup_iters, decay_iters, decay="cosine"):
         return min_lr
     ratio = (step - warmup_iters) / max(1, decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+
+class FlatParameters:
+    """params (distinct Tensors of one float dtype on one device) viewed into flat buffers.
+
+    The views last while nothing replaces p.data; Module.to() and astype() do, and intact()
+    then says False (AdamW then builds new buffers)."""
+
+    def __init__(self, params):
+        params = list(params)
+        if not params:
+            raise ValueError("FlatParameters needs at least one parameter")
+        if len({id(p) for p in params}) != len(params):
+            raise ValueError("FlatParameters got the same parameter twice")
+        first = params[0]
+        for p in params:
+            if p.dtype != first.dtype or p.device != first.device or p.dtype.kind != "f":
+                raise ValueError(f"FlatParameters needs float parameters of one dtype on one device, "
+                                 f"got {p.dtype} on {p.device} and {first.dtype} on {first.device}")
+        xp = backend.get_array_module(first.data)
+        self.params = params
+        # parameter i lives in [offsets[i], offsets[i + 1]) of the flat buffers
+        self.offsets = np.cumsum([0] + [p.size for p in params]).tolist()
+        n = self.offsets[-1]
+        self.data = xp.empty(n, dtype=first.dtype)
+        # the gradients, then one flag per parameter ("has a gradient"): an allreduce sums both
+        self.grad_and_flags = xp.zeros(n + len(params), dtype=first.dtype)
+        self.grad, self.flags = self.grad_and_flags[:n], self.grad_and_flags[n:]
+        self.host_staging = None  # host copy of grad_and_flags, for GPU buffers summed over MPI
+        self.data_views = [self.view(self.data, i) for i in range(len(params))]
+        self.grad_views = [self.view(self.grad, i) for i in range(len(params))]
+        for p, view in zip(params, self.data_views):
+            view[...] = p.data
+            p.data = view
+
+    def __len__(self):
+        return len(self.params)
+
+    def span(self, i, j):
+        """(start, stop): the stretch of the flat buffers holding parameters i .. j-1."""
+        return self.offsets[i], self.offsets[j]
+
+    def view(self, buffer, i):
+        """Parameter i's part of a flat buffer (data, grad, or one like them), in its shape."""
+        return buffer[self.offsets[i]:self.offsets[i + 1]].reshape(self.params[i].shape)
+
+    def intact(self):
+        """True while every parameter's .data is still its view of self.data."""
+        return all(p.data is v for p, v in zip(self.params, self.data_views))
+
+    def gather_grads(self, i=0, j=None):
+        """Copy the gradients of parameters i .. j-1 into their views of self.grad (those
+        already there stay); a parameter without a gradient keeps what its view holds."""
+        j = len(self.params) if j is None else j
+        for p, view in zip(self.params[i:j], self.grad_views[i:j]):
+            if p.grad is not None and p.grad is not view:
+                view[...] = p.grad

@@ -1,11 +1,7 @@
 """The library's random streams: parameter initialisation and dropout draw from here.
 
 `manual_seed(n)` reseeds every stream, so a seeded program is reproducible.
-`get_state()` / `set_state()` capture the CPU stream as plain JSON-able data (checkpoints
-store it without pickle).
 """
-import json
-
 import numpy as np
 
 from . import backend
@@ -40,13 +36,3 @@ def rng(xp=np):
     if _cuda_rng is None:
         _cuda_rng = backend.cp.random.default_rng(_seed)
     return _cuda_rng
-
-
-def get_state():
-    """The CPU generator's state as a JSON string (the GPU stream is not included)."""
-    return json.dumps(_rng.bit_generator.state)
-
-
-def set_state(state):
-    st = json.loads(state) if isinstance(state, str) else state
-    _rng.bit_generator.state = st

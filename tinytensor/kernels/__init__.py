@@ -1,74 +1,137 @@
-"""Fused kernels: each a CuPy (CUDA) kernel beside a NumPy reference with the same signature.
+"""Accelerators: faster versions of the fused ops of tinytensor.fused, behind one seam.
 
-    family              dispatching functions                          NumPy references
-    causal softmax      causal_softmax_forward / _backward             ..._ref
-    layer norm          layer_norm_forward / _backward                 ..._ref
-    cross-entropy       cross_entropy_forward / _backward              ..._ref
-    AdamW               adamw_step                                     adamw_step_ref
-    bias+ReLU+dropout   bias_relu_dropout_forward / _backward          ..._ref
+Every fused op is written in tinytensor/fused.py as plain array code (NumPy or CuPy): its
+reference. This package holds faster versions of them, one module per kernel family:
 
-A dispatching function runs the CUDA kernel when its first array is a cupy array and the
-NumPy reference otherwise; the references are written to serve CPU training too (in-place
-updates, no float64 temporaries for float32 data). The kernels handle float32 and float64:
-`handles(*arrays)` says whether they take given arrays, which is how the ops choose them.
+    module            accelerates               versions (the first that takes the arrays runs)
+    layernorm.py      LayerNorm                 CUDA kernels; compiled CPU loops
+    cross_entropy.py  CrossEntropy              CUDA kernels; compiled CPU loops (float32)
+    linear.py         Linear, LinearReLU        CUDA bias+ReLU kernels; compiled CPU loops
+    embedding.py      Embedding                 a compiled CPU scatter-add of rows
+    attention.py      CausalAttention           chunked queries over threads, with a CUDA or
+                                                compiled CPU causal softmax
+    dropout.py        Dropout                   the mask drawn and applied over threads
+    adamw.py          AdamWUpdate               a CUDA kernel; cache blocks over threads
 
-Who calls them on the GPU (docs/gpu.md has the table): fused.CausalSoftmax and
-fused.CausalAttention (causal softmax), fused.LayerNorm (layer norm), fused.CrossEntropy
-(cross-entropy), fused.LinearReLU (bias + ReLU, no dropout), optim.AdamW (AdamW).
+and what they share: threads.py (NumPy work split over threads), _numba.py (the compiled CPU
+loops, needs numba: `pip install -e ".[fast]"`) and _cuda.py (compiling CUDA sources with cupy).
 
-On the CPU, kernels/cpu.py holds the compiled (Numba) counterparts of the small memory-bound
-ops, an optional accelerator used when numba is installed (`pip install -e ".[fast]"`); it is
-imported by the ops that use it, and imports numba only on first use.
+    op = kernels.accelerated(fused.LayerNorm, x, w, b)   # the one dispatch point of a fused op
+    kernels.use(False)                                    # every op runs its reference
+    kernels.describe()                                    # one line for a log
 
-CUDA sources are compiled on first use (cupy caches the binaries on disk);
-`compile_all()` compiles every kernel up front, e.g. before timing. Importing this package
-never needs cupy. Without a GPU, tests/cuda_emulator.py runs the same CUDA source on the CPU
-(one thread per CUDA thread), which is how tests/test_kernels.py checks the kernels there.
+accelerated(Op, *args) returns the first version of Op whose takes(*args) accepts the arrays
+at hand, else Op itself. Each version is a subclass of its reference with the same inputs and
+outputs, tested equal to it (tests/test_kernels*.py), and runs on one device ("cpu" or "cuda").
+
+Which run: use(True) all of them, use(False) none, use(None) (the default, "auto") the CUDA
+kernels on a GPU, and the CPU versions where numba is installed (the `fast` extra): a plain
+install runs the reference, the library as written in fused.py. Nothing happens at import: a
+family module, numba and the CUDA sources load at the first dispatch that needs them.
 """
+import importlib
+
 import numpy as np
 
 from .. import backend
-from ._cuda import KernelFamily
-from .adamw import adamw_step, adamw_step_ref
-from .bias_relu_dropout import (bias_relu_dropout_backward, bias_relu_dropout_backward_ref,
-                                bias_relu_dropout_forward, bias_relu_dropout_forward_ref)
-from .cross_entropy import (cross_entropy_backward, cross_entropy_backward_ref,
-                            cross_entropy_forward, cross_entropy_forward_ref)
-from .layernorm import (layer_norm_backward, layer_norm_backward_ref, layer_norm_forward,
-                        layer_norm_forward_ref)
-from .softmax import (causal_softmax_backward, causal_softmax_backward_ref,
-                      causal_softmax_forward, causal_softmax_forward_ref)
 
-__all__ = [
-    "causal_softmax_forward", "causal_softmax_backward",
-    "causal_softmax_forward_ref", "causal_softmax_backward_ref",
-    "layer_norm_forward", "layer_norm_backward",
-    "layer_norm_forward_ref", "layer_norm_backward_ref",
-    "cross_entropy_forward", "cross_entropy_backward",
-    "cross_entropy_forward_ref", "cross_entropy_backward_ref",
-    "adamw_step", "adamw_step_ref",
-    "bias_relu_dropout_forward", "bias_relu_dropout_backward",
-    "bias_relu_dropout_forward_ref", "bias_relu_dropout_backward_ref",
-    "compile_all", "families", "handles",
-]
+# the reference ops (by class name) and the module holding their faster versions
+_FAMILIES = {"LayerNorm": "layernorm", "CrossEntropy": "cross_entropy", "Linear": "linear",
+             "LinearReLU": "linear", "Embedding": "embedding", "CausalAttention": "attention",
+             "Dropout": "dropout", "AdamWUpdate": "adamw"}
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+_mode = None       # True: on, False: off, None: auto (see above)
+_versions = {}     # reference name -> its versions, fastest first (loaded at the first dispatch)
+_loops = None      # the module of compiled loops (_numba) once loaded; False: no numba
 
 
-def handles(*arrays):
-    """True when the CUDA kernels take these arrays: each a cupy array of float32 or float64
-    (None entries, absent optional arguments, are skipped). False on NumPy."""
-    if backend.cp is None:  # no cupy: nothing is a cupy array (the CPU's fast answer)
+def use(flag):
+    """Turn the accelerators on (True), off (False: every fused op runs its reference) or back
+    to the default (None: auto); returns the setting before."""
+    global _mode
+    if flag not in (True, False, None):
+        raise ValueError(f"kernels.use() takes True, False or None (auto), got {flag!r}")
+    before, _mode = _mode, flag
+    return before
+
+
+def enabled(device="cpu"):
+    """Whether the accelerators of `device` ('cpu' or 'cuda') run now."""
+    if _mode is None:
+        return device == "cuda" or numba_loops() is not None
+    return _mode
+
+
+def accelerated(op, *args, **kwargs):
+    """The version of the fused op `op` (a reference class of tinytensor.fused) to run on these
+    arguments: the first of its faster versions that takes them, else op itself."""
+    device = "cuda" if backend.is_cuda(args[0]) else "cpu"
+    if not enabled(device):
+        return op
+    versions = _versions.get(op.__name__)
+    if versions is None:
+        module = importlib.import_module(f".{_FAMILIES[op.__name__]}", __name__)
+        versions = _versions[op.__name__] = module.VERSIONS[op.__name__]
+    for version in versions:
+        if version.device == device and version.takes(*args, **kwargs):
+            return version
+    return op
+
+
+def numba_loops():
+    """The compiled CPU loops (module _numba), or None where numba is not installed. The first
+    call imports numba and loads the loops (compiled once, then cached on disk)."""
+    global _loops
+    if _loops is None:
+        try:
+            _loops = importlib.import_module("._numba", __name__)
+        except ImportError:
+            _loops = False
+    return _loops or None
+
+
+def numpy_floats(*arrays):
+    """True for NumPy arrays of one float dtype, float32 or float64 (None entries skipped):
+    what the compiled CPU loops take."""
+    given = [a for a in arrays if a is not None]
+    return bool(given) and given[0].dtype in _FLOATS and all(
+        type(a) is np.ndarray and a.dtype == given[0].dtype for a in given)
+
+
+def cuda_floats(*arrays):
+    """True for cupy arrays of float32 or float64 (None entries skipped): what the CUDA kernels
+    take."""
+    if backend.cp is None:
         return False
     given = [a for a in arrays if a is not None]
-    return bool(given) and all(backend.is_cuda(a) and a.dtype in (np.float32, np.float64)
-                               for a in given)
+    return bool(given) and all(backend.is_cuda(a) and a.dtype in _FLOATS for a in given)
+
+
+def describe(device="cpu"):
+    """One line for a log: whether the fused ops of `device` run accelerated versions here."""
+    setting = {None: "auto", True: "on", False: "off"}[_mode]
+    if not enabled(device):
+        why = "numba is not installed" if _mode is None else "turned off"
+        return f"off ({setting}: {why}; every fused op runs its reference)"
+    if device == "cuda":
+        return f"on ({setting}): CUDA kernels"
+    from . import threads
+    loops = numba_loops()
+    compiled = (f"compiled CPU loops (numba {__import__('numba').__version__})" if loops
+                else "no compiled CPU loops (numba is not installed)")
+    return f"on ({setting}): {compiled}, work split over {threads.count()} thread(s)"
 
 
 def families():
-    """Every kernel family (name, CUDA source, template instantiations)."""
+    """Every CUDA kernel family (name, source, template instantiations)."""
+    for name in sorted(set(_FAMILIES.values())):
+        importlib.import_module(f".{name}", __name__)
+    from ._cuda import KernelFamily
     return list(KernelFamily.registry)
 
 
 def compile_all():
     """Compile every CUDA kernel now, outside any timed region (needs cupy and a GPU)."""
-    for family in KernelFamily.registry:
+    for family in families():
         family.compile()

@@ -53,8 +53,8 @@ __device__ __forceinline__ T warp_max(T v) {
 _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 
 WARP = 32
-ROW_BLOCK = 256                      # threads per block for one-warp-per-row kernels
-ROWS_PER_BLOCK = ROW_BLOCK // WARP   # rows handled by one such block
+ROW_THREADS = 256                    # threads per block for one-warp-per-row kernels
+ROWS_PER_BLOCK = ROW_THREADS // WARP  # rows handled by one such block
 FLAT_BLOCK = 256                     # threads per block for grid-stride elementwise kernels
 MAX_FLAT_GRID = 65535                # grid-stride loops cover anything beyond this
 TILE_ROWS = 8                        # blockDim.y of the column-reduction kernels (blockDim.x = 32)
@@ -122,7 +122,7 @@ def scalar(value, dtype):
 
 def row_grid(rows):
     """(grid, block) for one warp per row."""
-    return ((rows + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK,), (ROW_BLOCK,)
+    return ((rows + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK,), (ROW_THREADS,)
 
 
 def flat_grid(n):

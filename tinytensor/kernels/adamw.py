@@ -1,29 +1,21 @@
-"""One AdamW step over arrays (a stretch of flat buffers, or one parameter's), in place,
-exactly torch.optim.AdamW's update:
+"""AdamW's faster versions; the reference is tinytensor.fused.AdamWUpdate (torch.optim.AdamW's
+update rule, in place, on a stretch of the optimizer's flat buffers or one parameter's arrays).
 
-    p  = p * (1 - lr * weight_decay)                  (decoupled weight decay)
-    m  = m + (1 - beta1) * (g - m)                    (torch's lerp)
-    v  = v * beta2 + (1 - beta2) * g * g
-    p  = p - lr / (1 - beta1**step) * m / (sqrt(v) / sqrt(1 - beta2**step) + eps)
-
-p, g, m (exp_avg), v (exp_avg_sq) are arrays of one shape and dtype; `step` counts from 1
-(the step being taken). This is AdamW's only copy of the update: optim.AdamW calls it on a
-stretch of its flat buffers (a whole parameter group, whose parameters, gradients and moments
-are views into them; groups with different hyperparameters are contiguous slices, one call
-each), or on one parameter's own arrays when a group cannot take the flat path.
-
-The kernel is one pass over memory: each element of p, m, v is read and written once and g
-read once, where the composed array expression makes a dozen passes.
-
-Each CuPy kernel sits beside its NumPy reference with the same signature; the unsuffixed
-function dispatches on the array type.
+    CUDAAdamW      one CUDA kernel: each element of p, m, v read and written once, g read once,
+                   where the reference's array expressions make a dozen passes over memory
+    ThreadedAdamW  large NumPy buffers: the reference's passes over cache-sized blocks, the
+                   blocks split over threads
 """
 import math
 
 import numpy as np
 
-from .. import backend
-from . import _cuda
+from .. import fused
+from . import _cuda, cuda_floats, numpy_floats, threads
+
+# ThreadedAdamW takes buffers of at least this many elements: the reference's dozen passes over
+# four arrays make threads worth it from far fewer elements than threads.MIN_ELEMENTS
+MIN_ELEMENTS = 1 << 16
 
 SOURCE = r"""
 // Grid-stride loop over the n elements of the flat buffers; the bias corrections are
@@ -75,28 +67,6 @@ def _hyper(lr, beta1, beta2, weight_decay, step):
                 bias_correction2_sqrt=math.sqrt(1.0 - beta2 ** int(step)))
 
 
-# ------------------------------------------------------------------ NumPy reference
-def adamw_step_ref(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
-    """One in-place AdamW step on NumPy arrays (one temporary the size of p)."""
-    _check(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step)
-    h = _hyper(lr, beta1, beta2, weight_decay, step)
-    if weight_decay != 0:
-        p *= h["decay"]
-    tmp = g - m
-    tmp *= h["one_minus_beta1"]
-    m += tmp                                      # m.lerp_(g, 1 - beta1)
-    v *= float(beta2)
-    np.multiply(g, h["one_minus_beta2"], out=tmp)
-    tmp *= g
-    v += tmp                                      # v.mul_(beta2).addcmul_(g, g, 1 - beta2)
-    np.sqrt(v, out=tmp)
-    tmp /= h["bias_correction2_sqrt"]
-    tmp += float(eps)                             # denom
-    np.divide(m, tmp, out=tmp)
-    tmp *= h["step_size"]
-    p -= tmp
-
-
 # ------------------------------------------------------------------ CuPy kernel
 def _step_cuda(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
     for name, a in (("params", p), ("exp_avg", m), ("exp_avg_sq", v)):
@@ -114,10 +84,36 @@ def _step_cuda(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
                          s(h["bias_correction2_sqrt"]), s(eps)))
 
 
-# ------------------------------------------------------------------ dispatch
-def adamw_step(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step):
-    """One in-place AdamW step: the CUDA kernel for cupy arrays, else the NumPy reference."""
-    if backend.is_cuda(p):
-        _check(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step)
-        return _step_cuda(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step)
-    return adamw_step_ref(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step)
+def adamw_cuda(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
+    """One in-place AdamW step on cupy arrays (p, m, v C-contiguous)."""
+    _check(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step)
+    _step_cuda(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step)
+
+
+class CUDAAdamW(fused.AdamWUpdate):
+    device = "cuda"
+    @staticmethod
+    def takes(p, g, m, v, *hyper):
+        return cuda_floats(p, g, m, v) and all(a.flags.c_contiguous for a in (p, m, v))
+
+    @staticmethod
+    def apply(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
+        adamw_cuda(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay)
+
+
+class ThreadedAdamW(fused.AdamWUpdate):
+    device = "cpu"
+    @staticmethod
+    def takes(p, g, m, v, *hyper):
+        return numpy_floats(p, g, m, v) and p.ndim == 1 and p.size >= MIN_ELEMENTS \
+            and threads.count() > 1
+
+    @staticmethod
+    def apply(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
+        update = fused.AdamWUpdate.apply
+        threads.rows(p.size, lambda a, b: update(p[a:b], g[a:b], m[a:b], v[a:b], step, lr, beta1,
+                                                 beta2, eps, weight_decay),
+                     p.size, block=threads.CACHE_ELEMENTS, min_size=MIN_ELEMENTS)
+
+
+VERSIONS = {"AdamWUpdate": [CUDAAdamW, ThreadedAdamW]}

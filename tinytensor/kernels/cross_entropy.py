@@ -1,28 +1,25 @@
-"""Softmax cross-entropy of logits against integer targets, forward and backward.
+"""Softmax cross-entropy's faster versions; the reference is tinytensor.fused.CrossEntropy.
+Both take logits x (N, C) and integer class indices t (N,), without label smoothing:
 
-    forward:  lse_n  = log(sum_c exp(x_nc))                     (saved for the backward)
-              loss_n = lse_n - x_n,t_n     (0 where t_n == ignore_index; computed as
-                                            (max_n - x_n,t_n) + log(sum_c exp(x_nc - max_n)),
-                                            exact where logits are large, as torch's)
-    backward: gx_nc  = (softmax(x_n)_c - [c == t_n]) * scale_n   (0 where ignored)
+    CUDACrossEntropy   CUDA kernels, one warp per row. Forward keeps the row log-sum-exp
+                       lse (N,); backward recomputes the softmax from the logits (row max and
+                       sum; exp(x - lse) would lose digits for large logits) instead of keeping
+                       an (N, C) probability array between forward and backward. The mean's
+                       1 / count stays on the device. A target outside [0, C) other than
+                       ignore_index cannot raise without a host round-trip: its row's loss is
+                       NaN (F.cross_entropy checks the targets before).
+    NumbaCrossEntropy  compiled CPU loops, float32: max, shift, exp (vectorised), sum and log
+                       in one pass per row; backward from the softmax kept by forward.
 
-logits x (N, C), targets t (N,) integers, loss and lse (N,). `scale` is the gradient of
-each row's loss: a number (e.g. 1 / number of counted rows for a mean) or an (N,) array (the
-incoming gradient of reduction='none'); on the GPU it may also be a 0-d device array, so a
-mean's 1/count never has to visit the host. The backward recomputes the softmax from the
-logits (row max and sum; exp(x - lse) would lose digits for large logits) instead of keeping
-an (N, C) probability array alive between forward and backward; lse is checked, not read.
-
-Targets outside [0, C) other than ignore_index raise in the NumPy reference; the CUDA
-kernel cannot raise without a host round-trip, so it returns a NaN loss for such rows.
-
-Each CuPy kernel sits beside its NumPy reference with the same signature; the unsuffixed
-functions dispatch on the array type.
+    forward:  loss_n = lse_n - x_n,t_n  (0 where t_n == ignore_index; computed as
+              (max_n - x_n,t_n) + log(sum_c exp(x_nc - max_n)), exact for large logits)
+    backward: gx_nc = (softmax(x_n)_c - [c == t_n]) * scale_n   (0 where ignored)
 """
 import numpy as np
 
-from .. import backend
-from . import _cuda
+from .. import backend, fused
+from ..ops._common import mean_grad, reduce_rows
+from . import _cuda, cuda_floats, numba_loops, numpy_floats
 
 SOURCE = r"""
 // The max of a row of C logits and log(sum_j exp(x_j - max)), over the 32 lanes of a warp.
@@ -109,48 +106,6 @@ def _check_lse(logits, lse):
         raise ValueError(f"cross_entropy lse must have shape ({logits.shape[0]},), got {lse.shape}")
 
 
-def _valid_targets(targets, C, ignore_index):
-    """(valid rows mask, targets with ignored rows pointed at class 0), after a range check."""
-    valid = targets != ignore_index
-    bad = valid & ((targets < 0) | (targets >= C))
-    if bad.any():
-        t = int(targets[np.argmax(bad)])
-        raise IndexError(f"cross_entropy target {t} is out of range for {C} classes "
-                         f"(and is not ignore_index={ignore_index})")
-    return valid, np.where(valid, targets, 0)
-
-
-# ------------------------------------------------------------------ NumPy references
-def cross_entropy_forward_ref(logits, targets, ignore_index=-100):
-    """(loss (N,), lse (N,)): per-row negative log-likelihood and the log-sum-exp."""
-    _check(logits, targets)
-    N, C = logits.shape
-    valid, t = _valid_targets(targets, C, ignore_index)
-    m = logits.max(axis=1)                        # (N,)
-    e = logits - m[:, None]                       # (N, C)
-    np.exp(e, out=e)
-    log_s = np.log(e.sum(axis=1))
-    loss = (m - logits[np.arange(N), t]) + log_s  # not lse - x: lse ~ m loses digits
-    lse = log_s + m
-    loss[~valid] = 0
-    return loss, lse
-
-
-def cross_entropy_backward_ref(logits, targets, lse, scale, ignore_index=-100):
-    """gx (N, C) = (softmax(logits) - onehot(targets)) * scale per row; ignored rows 0."""
-    _check(logits, targets)
-    _check_lse(logits, lse)
-    N, C = logits.shape
-    valid, t = _valid_targets(targets, C, ignore_index)
-    row_scale = _row_scale(np.asarray(scale, dtype=logits.dtype), N)   # (N,)
-    gx = logits - logits.max(axis=1, keepdims=True)   # (N, C); not logits - lse, which loses
-    np.exp(gx, out=gx)                                # digits for large logits (as the kernel)
-    gx /= gx.sum(axis=1, keepdims=True)
-    gx[np.arange(N), t] -= 1
-    gx *= np.where(valid, row_scale, 0)[:, None]
-    return gx
-
-
 def _row_scale(scale, N):
     if scale.ndim == 0:
         return np.broadcast_to(scale, (N,))
@@ -206,19 +161,84 @@ def _backward_cuda(logits, targets, lse, scale, ignore_index):
     return gx
 
 
-# ------------------------------------------------------------------ dispatch
-def cross_entropy_forward(logits, targets, ignore_index=-100):
-    """(loss (N,), lse (N,)): the CUDA kernel for cupy logits, else the NumPy reference."""
-    if backend.is_cuda(logits):
-        _check(logits, targets)
-        return _forward_cuda(logits, targets, ignore_index)
-    return cross_entropy_forward_ref(logits, targets, ignore_index)
+def cross_entropy_forward_cuda(logits, targets, ignore_index=-100):
+    """(loss (N,), lse (N,)) of cupy logits (N, C) against class indices targets (N,)."""
+    _check(logits, targets)
+    return _forward_cuda(logits, targets, ignore_index)
 
 
-def cross_entropy_backward(logits, targets, lse, scale, ignore_index=-100):
-    """gx (N, C) on the device of the logits."""
-    if backend.is_cuda(logits):
-        _check(logits, targets)
-        _check_lse(logits, lse)
-        return _backward_cuda(logits, targets, lse, scale, ignore_index)
-    return cross_entropy_backward_ref(logits, targets, lse, scale, ignore_index)
+def cross_entropy_backward_cuda(logits, targets, lse, scale, ignore_index=-100):
+    """gx (N, C) = (softmax(logits) - onehot(targets)) * scale per row; ignored rows 0. scale:
+    a number, or an (N,) or 0-d array (host or device)."""
+    _check(logits, targets)
+    _check_lse(logits, lse)
+    return _backward_cuda(logits, targets, lse, scale, ignore_index)
+
+
+# ------------------------------------------------------------------ compiled CPU loops
+def cross_entropy_forward_numba(x, t, ignore_index=-100):
+    """(loss (N,), p (N, C), count) for float32 logits x (N, C) and class indices t (N,): the
+    row losses (0 where t == ignore_index), the softmax and the number of rows counted."""
+    x = np.ascontiguousarray(x)
+    p = np.empty_like(x)
+    loss = np.empty(x.shape[0], dtype=x.dtype)
+    count = numba_loops().cross_entropy_f32(x, np.ascontiguousarray(t).astype(np.int64, copy=False),
+                                            int(ignore_index), p, loss)
+    if count < 0:
+        raise IndexError(f"cross_entropy target out of range: class indices must be in "
+                         f"[0, {x.shape[1]}) or ignore_index={ignore_index}")
+    return loss, p, count
+
+
+def cross_entropy_backward_numba(p, t, ignore_index, scale):
+    """The gradient of the logits: scale * (p - onehot(t)) per row (scale (N,), or one value
+    for every row), 0 in ignored rows."""
+    scale = np.broadcast_to(np.asarray(scale, dtype=p.dtype).reshape(-1), (p.shape[0],))
+    gx = np.empty_like(p)
+    numba_loops().cross_entropy_backward(p, np.ascontiguousarray(t).astype(np.int64, copy=False),
+                                         int(ignore_index), np.ascontiguousarray(scale), gx)
+    return gx
+
+
+# ------------------------------------------------------------------ the versions
+def _class_indices(x, t, label_smoothing):
+    """Whether the kernels take these arguments: class indices, no label smoothing, C > 0."""
+    return t.ndim == 1 and not label_smoothing and x.ndim == 2 and x.shape[1] > 0
+
+
+class CUDACrossEntropy(fused.CrossEntropy):
+    device = "cuda"
+    @staticmethod
+    def takes(x, t, reduction="mean", ignore_index=-100, label_smoothing=0.0):
+        return _class_indices(x, t, label_smoothing) and cuda_floats(x)
+
+    def forward(self, x, t, reduction="mean", ignore_index=-100, label_smoothing=0.0):
+        loss, lse = cross_entropy_forward_cuda(x, t, ignore_index)          # (N,), (N,)
+        self.saved, self.reduction = (x, t, lse, ignore_index), reduction
+        self.count = (t != ignore_index).sum()                               # on the device
+        return reduce_rows(loss, reduction, self.count)
+
+    def backward(self, gy):
+        scale = mean_grad(gy, self.count) if self.reduction == "mean" else gy
+        x, t, lse, ignore_index = self.saved
+        return cross_entropy_backward_cuda(x, t, lse, scale, ignore_index), None
+
+
+class NumbaCrossEntropy(fused.CrossEntropy):
+    device = "cpu"
+    @staticmethod
+    def takes(x, t, reduction="mean", ignore_index=-100, label_smoothing=0.0):
+        return (_class_indices(x, t, label_smoothing) and x.dtype == np.float32
+                and numpy_floats(x) and numba_loops() is not None)
+
+    def forward(self, x, t, reduction="mean", ignore_index=-100, label_smoothing=0.0):
+        loss, self.p, self.count = cross_entropy_forward_numba(x, t, ignore_index)
+        self.t, self.ignore_index, self.reduction = t, ignore_index, reduction
+        return reduce_rows(loss, reduction, self.count)
+
+    def backward(self, gy):
+        scale = mean_grad(gy, self.count) if self.reduction == "mean" else gy
+        return cross_entropy_backward_numba(self.p, self.t, self.ignore_index, scale), None
+
+
+VERSIONS = {"CrossEntropy": [CUDACrossEntropy, NumbaCrossEntropy]}

@@ -1,21 +1,18 @@
-"""Layer normalisation over the last axis, forward and backward.
+"""Layer norm's faster versions; the reference is tinytensor.fused.LayerNorm.
 
-    forward:  mean = mean(x), rstd = 1 / sqrt(var(x) + eps)   (biased variance, like torch)
-              y = (x - mean) * rstd * w + b
-    backward: xhat = (x - mean) * rstd, g = gy * w
-              gx = rstd * (g - mean(g) - xhat * mean(g * xhat))
-              gw = sum(gy * xhat) and gb = sum(gy) over every leading axis
+    CUDALayerNorm    CUDA kernels: one warp per row; the weight and bias gradients summed
+                     over chunks of rows, the chunks added in a fixed order
+    NumbaLayerNorm   compiled CPU loops (kernels/_numba.py), rows split over threads
 
-x, y, gy, gx have shape (..., C); w, b, gw, gb (C,); mean and rstd (...,) — what the
-forward returns for the backward to use. w or b may be None (no affine scale or shift).
-
-Each CuPy kernel sits beside its NumPy reference with the same signature; the unsuffixed
-functions dispatch on the array type.
+Both see x as a matrix (N, D) of N rows of D normalised elements and keep the rows' means and
+reciprocal standard deviations (N,) for backward instead of the normalised input.
 """
+import math
+
 import numpy as np
 
-from .. import backend
-from . import _cuda
+from .. import backend, fused
+from . import _cuda, cuda_floats, numba_loops, numpy_floats, threads
 
 SOURCE = r"""
 // One warp per row of x (rows, C).
@@ -124,54 +121,6 @@ def _check_backward(gy, x, mean, rstd):
             raise ValueError(f"layer_norm {name} must have shape {x.shape[:-1]}, got {a.shape}")
 
 
-# ------------------------------------------------------------------ NumPy references
-def layer_norm_forward_ref(x, w, b, eps=1e-5):
-    """(y, mean, rstd) of layer norm over the last axis; w, b (C,) or None."""
-    _check(x, w, b)
-    mean = x.mean(axis=-1)                        # (...,)
-    y = x - mean[..., None]                       # (..., C) centred
-    var = np.square(y).mean(axis=-1)
-    rstd = 1.0 / np.sqrt(var + float(eps))        # (...,)
-    y *= rstd[..., None]
-    if w is not None:
-        y *= w
-    if b is not None:
-        y += b
-    return y, mean, rstd
-
-
-def layer_norm_backward_ref(gy, x, w, mean, rstd):
-    """(gx, gw, gb) from the output gradient gy and the forward's x, w, mean, rstd.
-
-    gw and gb are returned also when the forward had no weight or bias (they are then the
-    gradients an all-ones weight / all-zeros bias would get).
-    """
-    _check(x, w, None)
-    _check_backward(gy, x, mean, rstd)
-    lead = tuple(range(x.ndim - 1))
-    xhat = x - mean[..., None]                    # (..., C)
-    xhat *= rstd[..., None]
-    gb = gy.sum(axis=lead)
-    gyx = gy * xhat
-    gw = gyx.sum(axis=lead)
-    g = gy * w if w is not None else gy.copy()    # gradient of xhat
-    if w is not None:
-        gyx *= w                                  # now g * xhat
-    gx = g
-    gx -= g.mean(axis=-1, keepdims=True)
-    gx -= xhat * gyx.mean(axis=-1, keepdims=True)
-    gx *= rstd[..., None]
-    return gx, gw, gb
-
-
-# ------------------------------------------------------------------ CuPy kernels
-def _affine(p, fill, C, dtype):
-    cp = backend.cp
-    if p is None:
-        return cp.full((C,), fill, dtype=dtype)
-    return _cuda.contiguous(p, dtype)
-
-
 def _forward_cuda(x, w, b, eps):
     cp = backend.cp
     x = _cuda.contiguous(x)
@@ -183,7 +132,7 @@ def _forward_cuda(x, w, b, eps):
     if rows:
         kernel = FAMILY.function(_cuda.instantiate(_FWD, _cuda.ctype(x.dtype)))
         grid, block = _cuda.row_grid(rows)
-        kernel(grid, block, (x, _affine(w, 1, C, x.dtype), _affine(b, 0, C, x.dtype), y, mean,
+        kernel(grid, block, (x, _filled(w, 1, C, x), _filled(b, 0, C, x), y, mean,
                              rstd, np.int64(rows), np.int32(C), _cuda.scalar(eps, x.dtype)))
     return y, mean, rstd
 
@@ -200,7 +149,7 @@ def _backward_cuda(gy, x, w, mean, rstd):
         return gx, cp.zeros(C, x.dtype), cp.zeros(C, x.dtype)
     grid, block = _cuda.row_grid(rows)
     FAMILY.function(_cuda.instantiate(_BWD_X, ct))(
-        grid, block, (gy, x, _affine(w, 1, C, x.dtype), mean, rstd, gx, np.int64(rows),
+        grid, block, (gy, x, _filled(w, 1, C, x), mean, rstd, gx, np.int64(rows),
                       np.int32(C)))
     per_chunk, chunks = _cuda.column_chunks(rows)
     pw = cp.empty((chunks, C), dtype=x.dtype)
@@ -211,19 +160,92 @@ def _backward_cuda(gy, x, w, mean, rstd):
     return gx, pw.sum(axis=0), pb.sum(axis=0)
 
 
-# ------------------------------------------------------------------ dispatch
-def layer_norm_forward(x, w, b, eps=1e-5):
-    """(y, mean, rstd): the CUDA kernel for a cupy array, else the NumPy reference."""
-    if backend.is_cuda(x):
-        _check(x, w, b)
-        return _forward_cuda(x, w, b, eps)
-    return layer_norm_forward_ref(x, w, b, eps)
+def layer_norm_forward_cuda(x, w, b, eps=1e-5):
+    """(y, mean, rstd) of layer norm over the last axis of the cupy array x (..., C)."""
+    _check(x, w, b)
+    return _forward_cuda(x, w, b, eps)
 
 
-def layer_norm_backward(gy, x, w, mean, rstd):
-    """(gx, gw, gb) on the device of x."""
-    if backend.is_cuda(x):
-        _check(x, w, None)
-        _check_backward(gy, x, mean, rstd)
-        return _backward_cuda(gy, x, w, mean, rstd)
-    return layer_norm_backward_ref(gy, x, w, mean, rstd)
+def layer_norm_backward_cuda(gy, x, w, mean, rstd):
+    """(gx, gw, gb) from the output gradient gy and the forward's x, w, mean, rstd (cupy)."""
+    _check(x, w, None)
+    _check_backward(gy, x, mean, rstd)
+    return _backward_cuda(gy, x, w, mean, rstd)
+
+
+# ------------------------------------------------------------------ compiled CPU loops
+def layer_norm_forward_numba(x, w, b, eps=1e-5):
+    """(y, mean, rstd) of layer norm over the last axis of x (N, D); w, b (D,) or None."""
+    loops = numba_loops()
+    x = np.ascontiguousarray(x)
+    n, d = x.shape
+    y = np.empty_like(x)
+    mean = np.empty(n, dtype=x.dtype)
+    rstd = np.empty(n, dtype=x.dtype)
+    w, b = _filled(w, 1, d, x), _filled(b, 0, d, x)
+    threads.rows(n, lambda r0, r1: loops.layer_norm_forward(
+        x[r0:r1], w, b, float(eps), y[r0:r1], mean[r0:r1], rstd[r0:r1]), x.size)
+    return y, mean, rstd
+
+
+def layer_norm_backward_numba(gy, x, w, mean, rstd):
+    """(gx, gw, gb) from the output gradient gy (N, D) and the forward's x, w, mean, rstd;
+    gw and gb (D,) in x's dtype, summed in float64."""
+    loops = numba_loops()
+    x, gy = np.ascontiguousarray(x), np.ascontiguousarray(gy)
+    w = _filled(w, 1, x.shape[1], x)
+    gx = np.empty_like(x)
+    gw, gb = threads.column_sums_by_block(x.shape, 2, lambda s, e, part: loops.layer_norm_backward(
+        gy[s:e], x[s:e], w, mean[s:e], rstd[s:e], gx[s:e], part[0], part[1]))
+    return gx, gw.astype(x.dtype), gb.astype(x.dtype)
+
+
+def _filled(p, fill, d, like):
+    """The weight or bias p as a C-contiguous array of like's dtype on like's device, or (d,) of
+    `fill` when it is absent (the kernels always scale and shift)."""
+    xp = backend.get_array_module(like)
+    return xp.full(d, fill, dtype=like.dtype) if p is None else xp.ascontiguousarray(p, dtype=like.dtype)
+
+
+# ------------------------------------------------------------------ the versions
+class _RowsLayerNorm(fused.LayerNorm):
+    """fused.LayerNorm by a pair of kernels over rows: forward_rows(x (N, D), w, b, eps) ->
+    (y, mean, rstd) and backward_rows(gy, x, w, mean, rstd) -> (gx, gw, gb), for the arrays
+    that arrays_ok(x, w, b) accepts."""
+
+    @classmethod
+    def takes(cls, x, w=None, b=None, nd=1, eps=1e-5):
+        return x.size > 0 and cls.arrays_ok(x, w, b)
+
+    def forward(self, x, w=None, b=None, nd=1, eps=1e-5):
+        d = math.prod(x.shape[x.ndim - nd:])
+        self.shape, self.param_shape = x.shape, x.shape[x.ndim - nd:]
+        self.x2, self.wv = x.reshape(-1, d), None if w is None else w.reshape(d)   # (N, D), (D,)
+        y, self.mean, self.rstd = self.forward_rows(self.x2, self.wv,
+                                                    None if b is None else b.reshape(d), eps)
+        return y.reshape(x.shape)
+
+    def backward(self, gy):
+        gx, gw, gb = self.backward_rows(gy.reshape(self.x2.shape), self.x2, self.wv, self.mean,
+                                        self.rstd)
+        needs = self.needs_grad
+        return (gx.reshape(self.shape) if needs[0] else None,
+                gw.reshape(self.param_shape) if needs[1] else None,
+                gb.reshape(self.param_shape) if needs[2] else None)
+
+
+class CUDALayerNorm(_RowsLayerNorm):
+    device = "cuda"
+    arrays_ok = staticmethod(cuda_floats)
+    forward_rows = staticmethod(layer_norm_forward_cuda)
+    backward_rows = staticmethod(layer_norm_backward_cuda)
+
+
+class NumbaLayerNorm(_RowsLayerNorm):
+    device = "cpu"
+    arrays_ok = staticmethod(lambda *a: numpy_floats(*a) and numba_loops() is not None)
+    forward_rows = staticmethod(layer_norm_forward_numba)
+    backward_rows = staticmethod(layer_norm_backward_numba)
+
+
+VERSIONS = {"LayerNorm": [CUDALayerNorm, NumbaLayerNorm]}

@@ -6,9 +6,9 @@ import numbers
 import numpy as np
 
 from .. import backend, fused
-from ..fused import CrossEntropy, LayerNorm
-from ..ops import (Linear, NLLLoss, Softmax, LogSoftmax, gelu, getitem,  # noqa: F401
-                   leaky_relu, linear, log_softmax, relu, sigmoid, silu, softmax)
+from ..ops import (LogSoftmax, NLLLoss, Softmax, gelu, leaky_relu, log_softmax,  # noqa: F401
+                   relu, sigmoid, silu, softmax)
+from ..ops._common import check_matmul
 from ..tensor import Tensor, get_default_dtype
 
 __all__ = ["softmax", "log_softmax", "cross_entropy", "nll_loss", "one_hot", "layer_norm", "dropout",
@@ -130,12 +130,12 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
             x = x.astype(dtype)
         if t.dtype != dtype:
             t = t.astype(dtype)
-        loss = CrossEntropy.apply(_classes_last(x), _classes_last(t), reduction=reduction,
-                                  label_smoothing=eps)
+        loss = fused.cross_entropy(_classes_last(x), _classes_last(t), reduction=reduction,
+                                   label_smoothing=eps)
     else:
         t = _class_indices("cross_entropy", t, x.shape, ignore_index, probs_allowed=True)
-        loss = CrossEntropy.apply(_classes_last(x), t, reduction=reduction,
-                                  ignore_index=ignore_index, label_smoothing=eps)
+        loss = fused.cross_entropy(_classes_last(x), t, reduction=reduction,
+                                   ignore_index=ignore_index, label_smoothing=eps)
     if reduction == "none" and x.ndim != 2:
         loss = loss.reshape(_loss_shape(x.shape))
     return loss
@@ -194,7 +194,7 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     if tuple(x.shape[x.ndim - nd:]) != normalized_shape:
         raise ValueError(f"layer_norm: input shape {x.shape} does not end with normalized_shape "
                          f"{normalized_shape}")
-    return LayerNorm.apply(x, weight, bias, nd=nd, eps=eps)
+    return fused.layer_norm(x, weight, bias, nd=nd, eps=eps)
 
 
 def dropout(x, p=0.5, training=True):
@@ -203,24 +203,22 @@ def dropout(x, p=0.5, training=True):
         raise ValueError(f"dropout probability must be in [0, 1], got {p}")
     if not training or p == 0.0:
         return x
-    xp = backend.get_array_module(x.data)
     if p == 1.0:
-        return x * xp.zeros(x.shape, dtype=x.dtype)
+        return x * backend.get_array_module(x.data).zeros(x.shape, dtype=x.dtype)
     return fused.dropout(x, p)  # x * keep / (1 - p), keep drawn as rng.random(shape) >= p
 
 
 def embedding(idx, weight):
     """Rows of weight (num_embeddings, dim) picked by integer indices of any shape."""
     i = idx.data if isinstance(idx, Tensor) else idx
-    xp = backend.get_array_module(weight.data)
-    i = xp.asarray(backend.to_device(np.asarray(i) if not hasattr(i, "dtype") else i, weight.device))
+    i = i if hasattr(i, "dtype") else np.asarray(i)
     if i.dtype.kind not in "iu":
         raise TypeError(f"embedding indices must be integers, got dtype {i.dtype}")
     n = weight.shape[0]
-    if i.size and bool(((i < 0) | (i >= n)).any()):  # one read of the device, not two
+    if i.size and bool(((i < 0) | (i >= n)).any()):  # where i is: on a GPU one read, not two
         raise IndexError(f"embedding index out of range: indices must be in [0, {n}), "
                          f"got min {int(i.min())}, max {int(i.max())}")
-    return getitem(weight, i)
+    return fused.embedding(weight, backend.to_device(i, weight.device))
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
@@ -237,7 +235,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     all-zero weights (its output is 0), as in torch.
 
     Causal self-attention of 4-D query, key and value of one shape (B, nh, T, hs) without a
-    mask runs as one fused op (tinytensor.fused.causal_sdpa); everything else composes ops.
+    mask runs as one fused op (tinytensor.fused.causal_attention); everything else composes ops.
     enable_gqa=True (grouped-query attention) is not supported.
     """
     _check_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
@@ -245,7 +243,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     scale = (1.0 / math.sqrt(E) if E else math.inf) if scale is None else float(scale)
     p = float(dropout_p)
     if is_causal and query.ndim == 4 and query.shape == key.shape == value.shape and p < 1.0:
-        return fused.causal_sdpa(query, key, value, p, scale)           # (B, nh, T, hs)
+        return fused.causal_attention(query, key, value, p, scale)      # (B, nh, T, hs)
     att = (query @ key.transpose(-2, -1)) * scale                       # (..., L, S) scores
     if is_causal:
         att = att.masked_fill(~np.tril(np.ones((L, S), dtype=bool)), -math.inf)  # the future
@@ -337,6 +335,15 @@ def _check_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, 
     if not ok:
         raise RuntimeError(f"{name}: attn_mask of shape {m.shape} does not broadcast to the "
                            f"scores' shape {scores} (..., L, S)")
+
+
+def linear(x, weight, bias=None):
+    """x @ weight.T + bias over the last dimension of x (weight (out, in)), as torch's F.linear."""
+    check_matmul(x, weight, "linear")
+    if weight.ndim != 2 or x.shape[-1] != weight.shape[1]:
+        raise RuntimeError(f"linear: input of shape {x.shape} and weight of shape {weight.shape} "
+                           f"cannot be multiplied: expected weight (out_features, {x.shape[-1]})")
+    return fused.linear(x, weight, bias)
 
 
 def linear_relu(x, weight, bias=None):

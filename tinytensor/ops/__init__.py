@@ -2,14 +2,14 @@
 the lowercase wrapper right below; composite ops are plain functions. By topic:
 
     elementwise.py    arithmetic with torch's type promotion, activations, comparisons
-    linalg.py         matmul, linear, einsum
+    linalg.py         matmul, einsum
     reduce.py         sum, mean, amax/amin, max/min with indices, var, std, logsumexp, ...
     shape.py          reshape, permute, indexing, masks, cat/stack/split, expand, repeat, tril
     normalization.py  softmax, log_softmax, nll_loss
     creation.py       zeros, ones, full, eye, arange, *_like, randn, rand, randint, multinomial
 
-The fused ops (layer_norm, cross-entropy, causal softmax and attention, linear_relu,
-dropout) are in tinytensor.fused. forward/backward work on raw arrays; `xp` (numpy or cupy)
+The fused ops (linear, linear_relu, layer_norm, cross-entropy, embedding, dropout, causal
+attention) are in tinytensor.fused. forward/backward work on raw arrays; `xp` (numpy or cupy)
 is taken from the inputs.
 Gradients returned here may have a broadcast shape: the engine un-broadcasts them.
 This module also attaches the Tensor operators and methods (the end of this file).
@@ -22,31 +22,22 @@ from .creation import *  # noqa: F401,F403
 from .creation import arange, full, full_like, ones, ones_like, zeros, zeros_like  # noqa: F401
 from .elementwise import *  # noqa: F401,F403
 from .elementwise import (abs, add, clamp, cos, div, exp, floor_divide, isfinite, isinf, isnan,  # noqa: F401
-                          leaky_relu, log, maximum, minimum, mul, neg, pow, relu, rsqrt, sigmoid,
-                          silu, sin, sqrt, sub, tanh)
+                          leaky_relu, log, maximum, minimum, mul, neg, operator, pow, relu, rsqrt,
+                          sigmoid, silu, sin, sqrt, sub, tanh)
 from .linalg import *  # noqa: F401,F403
-from .linalg import add_rows_, column_sums, einsum, matmul  # noqa: F401
+from .linalg import einsum, matmul  # noqa: F401
 from .normalization import *  # noqa: F401,F403
 from .normalization import log_softmax, softmax  # noqa: F401
 from .reduce import *  # noqa: F401,F403
 from .reduce import (all, amax, amin, any, argmax, argmin, cumsum, gather, logsumexp, max,  # noqa: F401
                      mean, min, std, sum, topk, var)
 from .shape import *  # noqa: F401,F403
-from .shape import (chunk, contiguous, expand, expand_as, flatten, getitem, masked_fill, permute, repeat,  # noqa: F401
-                    reshape, setitem, split, squeeze, transpose, tril, triu, unbind, unflatten,
-                    unsqueeze, view, where)
+from .shape import (chunk, contiguous, expand, expand_as, flatten, getitem, masked_fill, permute,  # noqa: F401
+                    repeat, reshape, setitem, split, squeeze, transpose, tril, triu, unbind,
+                    unflatten, unsqueeze, view, where)
 
 
 # ---------------------------------------------------------------- Tensor operators
-def _binary(fn, reverse=False):
-    def op(self, other):
-        other = lift(other, self)
-        if other is NotImplemented:
-            return NotImplemented
-        return fn(other, self) if reverse else fn(self, other)
-    return op
-
-
 def _no_grad_op(ufunc, integral=None):
     """An elementwise op on the promoted operands with no gradient, as torch: comparisons
     (`tril == 0` gives a bool tensor) and, with integral naming the operator, the bitwise ops
@@ -97,8 +88,8 @@ def _to(self, *args, **kwargs):
 
 for _name, _fn in (("add", add), ("sub", sub), ("mul", mul), ("truediv", div),
                    ("floordiv", floor_divide), ("pow", pow), ("matmul", matmul)):
-    setattr(Tensor, f"__{_name}__", _binary(_fn))                  # x + y
-    setattr(Tensor, f"__r{_name}__", _binary(_fn, reverse=True))   # 2 + x
+    setattr(Tensor, f"__{_name}__", operator(_fn))                  # x + y
+    setattr(Tensor, f"__r{_name}__", operator(_fn, reverse=True))   # 2 + x
 Tensor.__neg__ = neg
 Tensor.__abs__ = abs
 Tensor.__getitem__ = getitem

@@ -1,5 +1,7 @@
 """What every op module shares: the array module of the inputs, torch's dimension checks and
-type promotion, and the Cast Function that promotion inserts into the graph."""
+type promotion, the Cast Function that promotion inserts into the graph, and the reduction of
+per-row losses (nll_loss, cross_entropy)."""
+import builtins
 import numbers
 
 import numpy as np
@@ -110,3 +112,35 @@ def as_tensor(x, like=None):
         return x
     t = Tensor(x)
     return t if like is None else t.to(like.device)
+
+
+def check_matmul(a, b, what):
+    if a.dtype != b.dtype:
+        raise RuntimeError(f"{what}: expected both operands to have the same dtype, but got "
+                           f"{a.dtype} and {b.dtype}: convert one with .to(dtype)")
+    if a.ndim == 0 or b.ndim == 0:
+        raise RuntimeError(f"{what}: both arguments need at least 1 dimension, got shapes "
+                           f"{a.shape} and {b.shape}")
+
+
+def reduce_rows(loss, reduction, count):
+    """The (N,) row losses reduced: as they are ('none'), summed, or their mean over `count`
+    counted rows (a host integer, or a device array on a GPU); a mean over no rows is nan, as
+    in torch, without NumPy's 0 / 0 warning."""
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    if not isinstance(count, (int, np.integer)):
+        return total / count.astype(total.dtype)
+    return total / total.dtype.type(count) if count else _xp(total).full((), np.nan, total.dtype)
+
+
+def mean_grad(gy, count):
+    """The gradient of each counted row's loss from the gradient gy of their mean: gy / count
+    (with no rows counted each row's gradient is 0 already, so the division is by 1: torch's
+    gradient there is 0, not nan)."""
+    if not isinstance(count, (int, np.integer)):
+        return gy / _xp(gy).maximum(count, 1).astype(gy.dtype)
+    return gy / gy.dtype.type(builtins.max(count, 1))

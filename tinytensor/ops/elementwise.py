@@ -9,7 +9,7 @@ import numbers
 
 import numpy as np
 
-from .. import backend, parallel
+from .. import backend
 from ..tensor import Function, Tensor
 from ._common import _xp, cast, lift, promote, result_type, to_float
 
@@ -25,10 +25,21 @@ def _binary(fn, a, b, floating=False):
     return fn(a, b)
 
 
+def operator(fn, reverse=False):
+    """The Tensor method of a binary operator: x + y is add(x, y), 2 + x (reverse) add(2, x);
+    NotImplemented for an operand that is no number, array or Tensor (Python then raises)."""
+    def op(self, other):
+        other = lift(other, self)
+        if other is NotImplemented:
+            return NotImplemented
+        return fn(other, self) if reverse else fn(self, other)
+    return op
+
+
 # ---------------------------------------------------------------- arithmetic
 class Add(Function):
     def forward(self, a, b):
-        return parallel.add(a, b)  # a + b, large arrays split over threads
+        return a + b
 
     def backward(self, gy):
         return gy, gy

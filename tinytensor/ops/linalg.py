@@ -1,10 +1,8 @@
-"""Products: matmul, linear (one GEMM over all leading dimensions) and einsum."""
+"""Products: matmul and einsum (F.linear is a fused op: tinytensor.fused.Linear)."""
 import numpy as np
 
-from .. import parallel
-from ..kernels import cpu
 from ..tensor import Function
-from ._common import _xp, as_tensor
+from ._common import _xp, as_tensor, check_matmul
 
 
 class MatMul(Function):
@@ -29,34 +27,25 @@ class MatMul(Function):
             ga = g2 @ xp.swapaxes(b2, -1, -2)           # (.., m, k)
             if a.ndim == 1:
                 ga = ga.reshape(ga.shape[:-2] + (ga.shape[-1],))
-            ga = _sum_to_ndim(ga, a.ndim, keep=2 if a.ndim > 1 else 1)
+            ga = _sum_to_ndim(ga, a.ndim)
         if self.needs_grad[1]:
             gb = xp.swapaxes(a2, -1, -2) @ g2           # (.., k, n)
             if b.ndim == 1:
                 gb = gb[..., 0]
-            gb = _sum_to_ndim(gb, b.ndim, keep=2 if b.ndim > 1 else 1)
+            gb = _sum_to_ndim(gb, b.ndim)
         return ga, gb
 
 
-def _sum_to_ndim(g, ndim, keep):
+def _sum_to_ndim(g, ndim):
     """Sum leading batch dims that a lower-rank operand was broadcast over."""
     if g.ndim > ndim:
         g = g.sum(axis=tuple(range(g.ndim - ndim)))
     return g
 
 
-def _check_matmul(a, b, what):
-    if a.dtype != b.dtype:
-        raise RuntimeError(f"{what}: expected both operands to have the same dtype, but got "
-                           f"{a.dtype} and {b.dtype}: convert one with .to(dtype)")
-    if a.ndim == 0 or b.ndim == 0:
-        raise RuntimeError(f"{what}: both arguments need at least 1 dimension, got shapes "
-                           f"{a.shape} and {b.shape}")
-
-
 def matmul(a, b):
     a, b = as_tensor(a), as_tensor(b)
-    _check_matmul(a, b, "matmul")
+    check_matmul(a, b, "matmul")
     k_a = a.shape[-1]
     k_b = b.shape[0] if b.ndim == 1 else b.shape[-2]
     batch_ok = True
@@ -69,52 +58,6 @@ def matmul(a, b):
                            f"({k_a} != {k_b} in the contracted dimension, or batch dimensions "
                            f"that do not broadcast)")
     return MatMul.apply(a, b)
-
-
-class Linear(Function):
-    """y = x @ W.T + b, x (..., in), W (out, in): one GEMM over all leading dimensions."""
-
-    def forward(self, x, w, b=None):
-        self.x, self.w = x, w
-        x2 = x.reshape(-1, x.shape[-1])                 # (N, in)
-        y = x2 @ w.T                                    # (N, out)
-        if b is not None:
-            add_rows_(y, b)
-        return y.reshape(x.shape[:-1] + (w.shape[0],))
-
-    def backward(self, gy):
-        x, w = self.x, self.w
-        g2 = gy.reshape(-1, gy.shape[-1])               # (N, out)
-        gx = (g2 @ w).reshape(x.shape) if self.needs_grad[0] else None
-        gw = g2.T @ x.reshape(-1, x.shape[-1]) if self.needs_grad[1] else None
-        gb = column_sums(g2) if len(self.needs_grad) > 2 and self.needs_grad[2] else None
-        return gx, gw, gb
-
-
-def add_rows_(y, b):
-    """y += b for y (N, out) and b (out,), in place; large y in row ranges over threads."""
-    xp = _xp(y)
-    if cpu.takes(y, b):  # one compiled pass (NumPy broadcasts slowly over short rows)
-        cpu.add_bias_(y, b)
-        return
-    parallel.rows(len(y), lambda r0, r1: xp.add(y[r0:r1], b, out=y[r0:r1]), y.size, xp)
-
-
-def column_sums(g):
-    """g.sum(axis=0) of a matrix g (N, out) as ones @ g: BLAS's matrix-vector product is
-    several times faster than NumPy's reduction at these shapes."""
-    return _xp(g).ones(g.shape[0], dtype=g.dtype) @ g
-
-
-def linear(x, weight, bias=None):
-    _check_matmul(x, weight, "linear")
-    if weight.ndim != 2 or x.shape[-1] != weight.shape[1]:
-        raise RuntimeError(f"linear: input of shape {x.shape} and weight of shape {weight.shape} "
-                           f"cannot be multiplied: expected weight (out_features, {x.shape[-1]})")
-    if bias is None:
-        return Linear.apply(x, weight)
-    return Linear.apply(x, weight, bias)
-
 
 
 # ---------------------------------------------------------------- einsum

@@ -1,14 +1,10 @@
 """The softmax family, each a numerically stable Function: softmax, log_softmax, and the
-negative log-likelihood of log-probabilities (nll_loss). The fused, threaded ops
-(cross-entropy, layer_norm, the causal attention softmax) are in tinytensor.fused; the mean
-over counted rows below is shared with fused.CrossEntropy."""
-import builtins
+negative log-likelihood of log-probabilities (nll_loss). The fused cross-entropy is in
+tinytensor.fused."""
 import warnings
 
-import numpy as np
-
 from ..tensor import Function
-from ._common import _xp, wrap_dim
+from ._common import _xp, mean_grad, reduce_rows, wrap_dim
 
 
 class Softmax(Function):
@@ -69,22 +65,6 @@ def log_softmax(x, dim=None, dtype=None):
     return LogSoftmax.apply(x, axis=axis)
 
 
-def _row_mean(xp, total, count):
-    """total / count (the rows counted): a mean over no rows is nan, as in torch, without
-    NumPy's 0 / 0 warning. count is a host integer, or a device array (cupy)."""
-    if isinstance(count, (int, np.integer)):
-        return total / total.dtype.type(count) if count else xp.full((), xp.nan, dtype=total.dtype)
-    return total / count.astype(total.dtype)
-
-
-def _row_mean_grad(gy, count):
-    """The mean's gradient gy / count; with no rows counted each row's gradient is 0 already,
-    so the division is by 1 (torch's gradient there is 0, not nan)."""
-    if isinstance(count, (int, np.integer)):
-        return gy / gy.dtype.type(builtins.max(count, 1))
-    return gy / _xp(gy).maximum(count, 1).astype(gy.dtype)
-
-
 class NLLLoss(Function):
     """Negative log-likelihood -x[i, t_i] of integer targets t (N,) under log-probabilities
     x (N, C); rows whose target is ignore_index count neither in the loss nor in the mean."""
@@ -99,16 +79,12 @@ class NLLLoss(Function):
         loss = xp.where(valid, -picked, 0)                               # (N,)
         self.shape, self.tt, self.rows, self.valid, self.reduction = x.shape, tt, rows, valid, reduction
         self.count = valid.sum()
-        if reduction == "none":
-            return loss
-        if reduction == "sum":
-            return loss.sum()
-        return _row_mean(xp, loss.sum(), self.count)
+        return reduce_rows(loss, reduction, self.count)
 
     def backward(self, gy):
         xp = _xp(gy)
         if self.reduction == "mean":
-            gy = _row_mean_grad(gy, self.count)
+            gy = mean_grad(gy, self.count)
         gx = xp.zeros(self.shape, dtype=gy.dtype)
         if self.shape[1]:
             gx[self.rows, self.tt] = xp.where(self.valid, -gy, gy.dtype.type(0))  # one per row

@@ -450,57 +450,19 @@ class Split(Function):
 
     def forward(self, x, sizes, axis):
         self.shape, self.axis, self.sizes = x.shape, axis, sizes
-        ends = list(itertools.accumulate(sizes))
-        index = [slice(None)] * x.ndim
-        out = []
-        for start, end in zip([0] + ends[:-1], ends):
-            index[axis] = slice(start, end)
-            out.append(x[tuple(index)])
-        return tuple(out)
+        return tuple(_xp(x).split(x, list(itertools.accumulate(sizes))[:-1], axis=axis))
 
     def backward(self, gys):
-        joined = _joined(gys, self.axis, self.shape)
-        if joined is not None:
-            return joined
         xp = next(_xp(g) for g in gys if g is not None)
         dtype = next(g.dtype for g in gys if g is not None)
         parts = []
         for g, n in zip(gys, self.sizes):
-            if g is None:
+            if g is None:  # a piece that got no gradient: zeros
                 shape = list(self.shape)
                 shape[self.axis] = n
                 g = xp.zeros(shape, dtype=dtype)
             parts.append(g)
         return xp.concatenate(parts, axis=self.axis)
-
-
-def _root(a):
-    while a.base is not None:
-        a = a.base
-    return a
-
-
-def _joined(gys, axis, shape):
-    """The pieces' gradients as one array of the input's shape without a copy, when they are
-    consecutive pieces of one contiguous buffer laid out like the input (as the fused attention
-    returns the gradients of q, k and v split from one projection); else None."""
-    if any(type(g) is not np.ndarray for g in gys):
-        return None
-    g0 = gys[0]
-    root = _root(g0)
-    if type(root) is not np.ndarray or not root.flags.c_contiguous:
-        return None
-    step = g0.strides[axis]
-    start = first = g0.ctypes.data
-    for g in gys:
-        if g.strides != g0.strides or g.dtype != g0.dtype or _root(g) is not root \
-                or g.ctypes.data != start:
-            return None
-        start += g.shape[axis] * step
-    # a view of root from g0's first element with g0's strides (it lies inside root: the
-    # pieces do, and they tile it along axis)
-    return np.ndarray(shape, dtype=g0.dtype, buffer=root, offset=first - root.ctypes.data,
-                      strides=g0.strides)
 
 
 def split(x, split_size_or_sections, dim=0):

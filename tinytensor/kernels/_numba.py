@@ -1,10 +1,11 @@
-"""The compiled CPU kernels themselves (Numba). Imported only by kernels/cpu.py, and only when
-a kernel is first used: importing tinytensor never imports numba.
+"""The compiled CPU loops (Numba) of the accelerators of layer norm, cross-entropy, the bias (+ ReLU)
+of the linear layers, the embedding's gradient and the causal softmax. Imported at the first
+dispatch to a compiled version (kernels.numba_loops()): importing tinytensor never imports numba.
 
-Every kernel works on C-contiguous 2-D arrays of rows, writes into arrays its caller made, and
-releases the GIL (nogil), so that parallel.rows can run row ranges of one call in threads.
+Every loop works on C-contiguous 2-D arrays of rows, writes into arrays its caller made, and
+releases the GIL (nogil), so that threads.rows can run row ranges of one call in threads.
 Sums accumulate in the data's dtype, as PyTorch's CPU kernels do (float64 accumulators for
-float32 data halve the SIMD width: 2x slower here). `fastmath` allows only reassociation, so
+float32 data would halve the SIMD width). `fastmath` allows only reassociation, so
 that LLVM vectorises those sums: no fused multiply-adds (they would leave rounding residue
 where the NumPy path cancels exactly) and no assumptions about NaN or infinity.
 Compiled code is cached on disk beside this file (numba's cache=True).
@@ -137,10 +138,9 @@ def relu_backward(gy, y, g, gb):
 
 
 # ------------------------------------------------------------------ float32 exp, vectorised
-# NumPy's float32 exp runs at ~2.6 ns an element on this CPU (AVX2) and Numba's scalar libm
-# call is slower still; softmax and cross-entropy spend most of their time there. exp_neg_
-# below is Cephes' expf (range reduction by Cody-Waite, a degree-6 polynomial, 2^k put into
-# the exponent bits), which LLVM vectorises: 2.4x NumPy's time, within 2 ulp of it.
+# Softmax and cross-entropy spend most of their time in exp, and Numba's scalar libm call does
+# not vectorise. exp_neg_ below is Cephes' expf (range reduction by Cody-Waite, a degree-6
+# polynomial, 2^k put into the exponent bits), which LLVM vectorises; within 2 ulp of NumPy's.
 _LN2_HI, _LN2_LO, _LOG2E = np.float32(0.693359375), np.float32(-2.12194440e-4), np.float32(1.44269504)
 _EXP_MIN = np.float32(-87.33)          # below it exp underflows to subnormals: 0 here
 _P0, _P1, _P2 = np.float32(1.9875691500e-4), np.float32(1.3981999507e-3), np.float32(8.3334519073e-3)

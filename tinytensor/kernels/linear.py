@@ -1,26 +1,27 @@
-"""Bias + ReLU + (inverted) dropout in one pass, forward and backward.
+"""The linear layers' faster versions; the references are tinytensor.fused.Linear and
+fused.LinearReLU (y = x @ w.T + b, and relu of it).
+
+    CUDALinearReLU   the bias, ReLU (and optionally dropout) in one CUDA kernel after cuBLAS's
+                     product; backward the ReLU's gradient and the bias gradient in one kernel
+    NumbaLinearReLU  the same two passes as compiled CPU loops, rows split over threads
+    NumbaLinear      the bias added by a compiled loop (NumPy broadcasts slowly over short
+                     rows); the bias gradient as BLAS's product of a vector of ones
+
+The CUDA kernel, bias + ReLU + inverted dropout in one pass:
 
     forward:  y  = relu(x + b) * keep / (1 - p)
     backward: gx = gy / (1 - p) where y > 0, else 0;   gb = sum of gx over leading axes
 
-x, y, gy, gx have shape (..., C) and b, gb (C,). `u` says which elements dropout keeps:
-None (no dropout: p must be 0), a bool keep-mask shaped like x, or uniform random numbers in
-[0, 1) shaped like x, kept where u >= p (the rule tinytensor.nn.functional.dropout uses, so
-the same random draws give the same mask). With p == 1 everything is dropped.
-
-The backward needs only the output: y > 0 exactly where x + b > 0 and the element was kept,
-so no mask is stored (y is kept anyway as the next layer's input). This fuses the first half
-of the lecture's feed-forward block, Linear(C, 4C) -> ReLU, when the Linear runs without its
-bias: fused.LinearReLU calls it on the GPU with p = 0 (the matmul is cuBLAS's). With p > 0 it
-also covers a dropout placed right after the ReLU, which the lecture's model does not have.
-
-Each CuPy kernel sits beside its NumPy reference with the same signature; the unsuffixed
-functions dispatch on the array type.
+x, y, gy, gx have shape (..., C) and b, gb (C,). `u` says which elements dropout keeps: None
+(no dropout: p must be 0), a bool keep-mask shaped like x, or uniform random numbers in [0, 1)
+shaped like x, kept where u >= p (the rule of fused.keep_mask). With p == 1 everything is
+dropped. The backward needs only the output: y > 0 exactly where x + b > 0 and the element was
+kept, so no mask is stored. CUDALinearReLU runs it with p = 0.
 """
 import numpy as np
 
-from .. import backend
-from . import _cuda
+from .. import backend, fused
+from . import _cuda, cuda_floats, numba_loops, numpy_floats, threads
 
 SOURCE = r"""
 __device__ __forceinline__ bool tt_keep(bool keep, double) { return keep; }
@@ -118,29 +119,6 @@ def _check_backward(gy, y):
         raise ValueError(f"bias_relu_dropout gradient shape {gy.shape} != output shape {y.shape}")
 
 
-# ------------------------------------------------------------------ NumPy references
-def bias_relu_dropout_forward_ref(x, b, p=0.0, u=None):
-    """y = relu(x + b) * keep / (1 - p); u None, a bool keep-mask, or uniforms (keep u >= p)."""
-    _check(x, b, p, u)
-    y = x + b
-    np.maximum(y, 0, out=y)
-    if u is not None:
-        y *= u if u.dtype == bool else (u >= float(p))
-    scale = _scale(p)
-    if scale != 1.0:
-        y *= scale
-    return y
-
-
-def bias_relu_dropout_backward_ref(gy, y, p=0.0):
-    """(gx, gb) from the output gradient gy and the forward output y."""
-    _check_backward(gy, y)
-    gx = gy * _scale(p)
-    gx *= y > 0
-    gb = gx.reshape(-1, gx.shape[-1]).sum(axis=0)   # (N, C) -> (C,)
-    return gx, gb
-
-
 # ------------------------------------------------------------------ CuPy kernels
 def _forward_cuda(x, b, p, u):
     cp = backend.cp
@@ -179,18 +157,97 @@ def _backward_cuda(gy, y, p):
     return gx, partial.sum(axis=0)
 
 
-# ------------------------------------------------------------------ dispatch
-def bias_relu_dropout_forward(x, b, p=0.0, u=None):
-    """y = dropout(relu(x + b)): the CUDA kernel for a cupy array, else the NumPy reference."""
-    if backend.is_cuda(x):
-        _check(x, b, p, u)
-        return _forward_cuda(x, b, p, u)
-    return bias_relu_dropout_forward_ref(x, b, p, u)
+def bias_relu_dropout_forward_cuda(x, b, p=0.0, u=None):
+    """y = dropout(relu(x + b)) of the cupy array x (..., C)."""
+    _check(x, b, p, u)
+    return _forward_cuda(x, b, p, u)
 
 
-def bias_relu_dropout_backward(gy, y, p=0.0):
-    """(gx, gb) on the device of y."""
-    if backend.is_cuda(y):
-        _check_backward(gy, y)
-        return _backward_cuda(gy, y, p)
-    return bias_relu_dropout_backward_ref(gy, y, p)
+def bias_relu_dropout_backward_cuda(gy, y, p=0.0):
+    """(gx, gb) from the output gradient gy and the forward output y (cupy)."""
+    _check_backward(gy, y)
+    return _backward_cuda(gy, y, p)
+
+
+# ------------------------------------------------------------------ compiled CPU loops
+def bias_relu_numba(y, b):
+    """y = relu(y + b) over the rows of y (N, D), in place; b (D,) or None."""
+    loops = numba_loops()
+    b = np.zeros(y.shape[1], y.dtype) if b is None else np.ascontiguousarray(b)
+    threads.rows(len(y), lambda r0, r1: loops.bias_relu_(y[r0:r1], b), y.size)
+    return y
+
+
+def relu_backward_numba(gy, y, need_bias=True):
+    """(g, gb): g = gy * (y > 0) for the ReLU's output y (N, D), and g's column sums (D,)
+    (None unless need_bias)."""
+    loops = numba_loops()
+    gy, y = np.ascontiguousarray(gy), np.ascontiguousarray(y)
+    g = np.empty_like(y)
+    (gb,) = threads.column_sums_by_block(y.shape, 1, lambda s, e, part: loops.relu_backward(
+        gy[s:e], y[s:e], g[s:e], part[0]))
+    return g, (gb.astype(y.dtype) if need_bias else None)
+
+
+def add_bias_numba(y, b):
+    """y += b over the rows of y (N, D), in place (y C-contiguous)."""
+    loops = numba_loops()
+    b = np.ascontiguousarray(b)
+    threads.rows(len(y), lambda r0, r1: loops.add_bias_(y[r0:r1], b), y.size)
+
+
+# ------------------------------------------------------------------ the versions
+class _BiasReLU(fused.LinearReLU):
+    """fused.LinearReLU with the bias and ReLU by bias_relu(y (N, out), b) -> y and their
+    gradient by relu_grad(gy, y, need_bias) -> (g, gb)."""
+
+    def forward(self, x, w, b=None):
+        self.x, self.w = x, w
+        self.y = self.bias_relu(x.reshape(-1, x.shape[-1]) @ w.T, b)   # (N, out)
+        return self.y.reshape(x.shape[:-1] + (w.shape[0],))            # (..., out)
+
+    def backward(self, gy):
+        g, gb = self.relu_grad(gy.reshape(self.y.shape), self.y, self.wants(2))
+        return self.input_grads(g, gb if self.wants(2) else None)
+
+
+class CUDALinearReLU(_BiasReLU):
+    device = "cuda"
+    bias_relu = staticmethod(bias_relu_dropout_forward_cuda)
+    relu_grad = staticmethod(lambda gy, y, need_bias: bias_relu_dropout_backward_cuda(gy, y))
+
+    @staticmethod
+    def takes(x, w, b=None):
+        return b is not None and cuda_floats(x, w, b)
+
+
+class NumbaLinearReLU(_BiasReLU):
+    device = "cpu"
+    bias_relu = staticmethod(bias_relu_numba)
+    relu_grad = staticmethod(relu_backward_numba)
+
+    @staticmethod
+    def takes(x, w, b=None):
+        return numpy_floats(x, w, b) and numba_loops() is not None
+
+
+class NumbaLinear(fused.Linear):
+    device = "cpu"
+    @staticmethod
+    def takes(x, w, b=None):
+        return numpy_floats(x, w, b) and numba_loops() is not None
+
+    def forward(self, x, w, b=None):
+        self.x, self.w = x, w
+        y = x.reshape(-1, x.shape[-1]) @ w.T                             # (N, out)
+        if b is not None:
+            add_bias_numba(y, b)
+        return y.reshape(x.shape[:-1] + (w.shape[0],))                   # (..., out)
+
+    def backward(self, gy):
+        g = gy.reshape(-1, gy.shape[-1])                                 # (N, out)
+        gb = np.ones(len(g), dtype=g.dtype) @ g if self.wants(2) else None   # column sums
+        return self.input_grads(g, gb)
+
+
+VERSIONS = {"LinearReLU": [CUDALinearReLU, NumbaLinearReLU], "Linear": [NumbaLinear]}
