@@ -10,16 +10,18 @@ The variants take turns within each repeat, so a busy machine slows them all ali
 
 'raw' is MPI Allreduce(IN_PLACE) on one preallocated buffer of the same size: the floor that
 allreduce_gradients(optimizer.flat) is measured against. The three "buckets"/"one buffer" rows
-give each parameter a fresh gradient array (set by hand), which allreduce_gradients first
-copies into the flat buffer, then sums in pieces of 25 MB, one piece, or 4 MB. The last row
-is the path training takes: backward has written the gradients into the flat buffer, which
-is divided and summed in place (no copies).
+give each parameter a fresh gradient array (as backward leaves them, or set by hand), which
+allreduce_gradients first copies into the flat buffer, then sums in pieces of 25 MB, one
+piece, or 4 MB: the path training takes with --overlap 0. The last row has the gradients in
+their views of the flat buffer already (as a GradientReducer's hooks leave them during
+backward), so the buffer is divided and summed in place with no copies.
 
 --steps N (default 10; 0 skips it) adds a second table: a training step's backward followed by
 the gradient averaging, on each rank's share of the preset's global batch (small 12 rows,
 lecture 64), timed N times (a lecture-preset backward takes seconds here: choose N to fit).
-"backward alone" is the floor; "overlap off" is backward then allreduce_gradients (TT_OVERLAP=0);
-"overlap on" is backward with a GradientReducer summing 1 MB buckets during it, then finish().
+"backward alone" is the floor; "overlap off" is backward then allreduce_gradients (train.py's
+--overlap 0); "overlap on" is backward with a GradientReducer summing 1 MB buckets during it
+(reducer.OVERLAP_BUCKET_MB), then finish().
 The gain can be at most the allreduce time, and only where a rank has spare cores for the
 communication thread and its copies (not on a 2-core machine running 2 ranks).
 """
@@ -37,6 +39,7 @@ from gpt.model import GPTConfig, build_model  # noqa: E402
 import tinytensor  # noqa: E402
 from tinytensor import distributed as dist  # noqa: E402
 from tinytensor.optim import AdamW  # noqa: E402
+from tinytensor.reducer import GradientReducer  # noqa: E402
 
 PRESETS = {  # vocab, block_size, n_embd, n_head, n_layer, global batch (train presets)
     "small": (65, 64, 128, 4, 4, 12),
@@ -106,15 +109,15 @@ def main():
                 dist.allreduce_gradients(opt.flat, bucket_mb=bucket_mb)
             rows.append((f"allreduce_gradients, {label}", ours))
 
-        # what training does: backward writes the gradients into the optimizer's flat buffer
-        # (tinytensor/flat.py), and allreduce_gradients sums that buffer in place
+        # the gradients in their views of the optimizer's flat buffer (optimizer.flat), as the
+        # reducer's hooks leave them: allreduce_gradients sums that buffer in place, no copies
         views = list(zip(opt.flat.params, opt.flat.grad_views))
         for (p, v), g in zip(views, grads[0]):
             v[...] = g
 
         def flat_buffer(i):
             for p, v in views:
-                p.grad = v  # as backward leaves them
+                p.grad = v  # as the reducer's hooks leave them
             dist.allreduce_gradients(opt.flat)
         rows.append(("allreduce_gradients, AdamW flat buffer", flat_buffer))
         results = timed(rows, args.repeats, comm)
@@ -143,8 +146,8 @@ def backward_and_reduce(presets, repeats, comm, main_rank):
         rng = np.random.default_rng(1)  # every rank its own rows of one global batch
         xs = [rng.integers(0, vocab, (batch, block))[dist.rank()::dist.world_size()][:rows_here]
               for _ in range(2)]
-        on = dist.GradientReducer(opt.flat, overlap=True)
-        off = dist.GradientReducer(opt.flat, overlap=False)  # allreduce_gradients
+        on = GradientReducer(opt.flat, overlap=True)
+        off = GradientReducer(opt.flat, overlap=False)  # allreduce_gradients
         quiet = on.no_sync  # `on`'s hooks stay out of the other variants' backward passes
         variants = [("backward alone", quiet, lambda: None),
                     ("backward, allreduce_gradients (overlap off)", quiet, off.finish),

@@ -17,8 +17,8 @@ The model (docs/distributed.md explains it and where it stops holding):
 B is the network bandwidth per rank (Gbit/s), a the per-message latency, S the gradient bytes
 (4 bytes per float32 parameter), t_last the allreduce of the last bucket that backward fills
 (it cannot overlap: DDP's tail). With overlap the gradients are summed in buckets while
-backward still runs, the way torch's DDP does; tinytensor does not do this yet, the row shows
-what it would buy. The single-rank times default to this project's measurements on its 2-core
+backward still runs, the way torch's DDP does (tinytensor.reducer.GradientReducer, train.py's
+--overlap 1 with --bucket_mb 1 by default). The single-rank times default to this project's measurements on its 2-core
 test machine; --measure times a few steps of gpt.model here instead, or pass your own with
 --fwd-ms, --bwd-ms, --opt-ms.
 """

@@ -5,6 +5,7 @@ The MPI cases run the scripts in tests/mpi/ with mpirun -n K (more ranks than co
 MPICH's hydra allows it; Open MPI gets --oversubscribe). Every run has a timeout, after which
 the whole process group is killed and the test fails with the output so far.
 """
+import inspect
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from functools import lru_cache
 from pathlib import Path
 
@@ -22,12 +24,13 @@ import tinytensor as tt
 import tinytensor.nn as nn
 import tinytensor.nn.functional as F
 from tinytensor import distributed as dist
+from tinytensor.optim import FlatParameters
+from tinytensor.reducer import OVERLAP_BUCKET_MB, GradientReducer
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "tests" / "mpi"
 MPI_ENV_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "MPI_LOCALNRANKS", "HYDRA_")
-THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "TT_THREADS_PER_RANK",
-               "TT_DIST_BACKEND", "TT_BUCKET_MB", "TT_OVERLAP")
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def clean_env(**extra):
@@ -109,7 +112,6 @@ def test_single_process_never_imports_mpi4py():
 
 
 def test_single_process_collectives_are_identity():
-    from tinytensor.flat import FlatParameters
     tt.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
     before = [p.numpy().copy() for p in model.parameters()]
@@ -131,7 +133,8 @@ def test_single_process_collectives_are_identity():
 
 def test_accumulated_micro_batches_in_the_flat_buffer_match_plain_backward():
     """Gradient accumulation as train_mlp.py --accum does it: two half-batch backwards add up in
-    the optimizer's flat gradient buffer, which is then reduced once."""
+    each p.grad (an array of its own), which the optimizer's flat gradient buffer gathers and
+    which is then reduced once."""
     tt.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
     x, y = tt.tensor(np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)), \
@@ -143,10 +146,14 @@ def test_accumulated_micro_batches_in_the_flat_buffer_match_plain_backward():
     opt = tt.optim.AdamW(model.parameters())
     (F.cross_entropy(model(x[:4]), y[:4]) * 0.5).backward()  # accumulate two halves, 1/2 each
     (F.cross_entropy(model(x[4:]), y[4:]) * 0.5).backward()
-    assert opt.flat.grads_in_place()
+    assert not any(p.grad is v for p, v in zip(opt.flat.params, opt.flat.grad_views))
+    opt.flat.gather_grads()  # what allreduce_gradients does first under MPI
+    for p, v in zip(opt.flat.params, opt.flat.grad_views):
+        np.testing.assert_array_equal(v, p.grad)
     dist.allreduce_gradients(opt.flat)
-    for g, p in zip(plain, model.parameters()):
+    for g, p, v in zip(plain, model.parameters(), opt.flat.grad_views):
         np.testing.assert_allclose(p.grad, g, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(v, g, rtol=1e-5, atol=1e-6)
 
 
 def test_allreduce_gradients_takes_the_flat_buffers():
@@ -157,8 +164,9 @@ def test_allreduce_gradients_takes_the_flat_buffers():
 
 def test_allreduce_reduces_the_optimizers_flat_buffer_from_step_0(monkeypatch):
     """One mechanism from the first step on: with two pretend ranks (the other one holding the
-    same gradients), every step's allreduce sums the optimizer's flat gradient buffer in place,
-    the buffer backward wrote into, at step 0 as at later steps."""
+    same gradients), every step's allreduce copies backward's gradients (arrays of their own)
+    into the optimizer's flat gradient buffer, sums that buffer in place and leaves each p.grad
+    its view of it, at step 0 as at later steps."""
     tt.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
     opt = tt.optim.AdamW(model.parameters(), lr=1e-2)
@@ -169,65 +177,97 @@ def test_allreduce_reduces_the_optimizers_flat_buffer_from_step_0(monkeypatch):
         reduced.append(fp)
         fp.grad_and_flags *= 2  # the other rank's gradients are the same
 
+    def in_place():
+        return [p.grad is v for p, v in zip(flat.params, flat.grad_views)]
+
     monkeypatch.setattr(dist, "world_size", lambda: 2)
-    monkeypatch.setattr(dist, "_sum_over_ranks", sum_over_two_ranks)
+    monkeypatch.setattr(dist, "sum_over_ranks", sum_over_two_ranks)
     x, y = tt.tensor(np.ones((3, 4), np.float32)), np.array([0, 1, 1])
     for step in range(3):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
-        assert flat.grads_in_place(), f"step {step}: backward did not write into the flat buffer"
-        local = flat.grad.copy()
+        assert not any(in_place()), f"step {step}: backward wrote into the flat buffer"
+        local = np.concatenate([p.grad.ravel() for p in flat.params])
         dist.allreduce_gradients(opt.flat)
         assert reduced[-1] is flat, f"step {step}: another buffer was reduced"
-        assert flat.grads_in_place()
+        assert all(in_place()), f"step {step}: the gradients are not views of the flat buffer"
         np.testing.assert_array_equal(flat.grad, local)  # the mean of two equal ranks
         opt.step()
         assert opt.flat is flat
     assert len(reduced) == 3
 
 
-def test_gradient_chunks_cover_the_buffer(monkeypatch):
-    monkeypatch.delenv("TT_BUCKET_MB", raising=False)
-    assert dist._chunks(10, 4) == [(0, 10)]                       # 25 MB: one call
-    assert dist._chunks(10, 4, bucket_mb=16e-6) == [(0, 4), (4, 8), (8, 10)]
-    monkeypatch.setenv("TT_BUCKET_MB", "8e-6")
-    assert dist._chunks(5, 4) == [(0, 2), (2, 4), (4, 5)]
-    monkeypatch.setenv("TT_BUCKET_MB", "big")
-    with pytest.raises(dist.DistributedError, match="TT_BUCKET_MB='big': expected a size in MB"):
-        dist._chunks(5, 4)
+def test_gradient_chunks_cover_the_buffer():
+    assert inspect.signature(dist.allreduce_gradients).parameters["bucket_mb"].default \
+        == dist.DEFAULT_BUCKET_MB == 25
+    assert dist.chunks(10, 4, dist.DEFAULT_BUCKET_MB) == [(0, 10)]  # 25 MB: one call
+    assert dist.chunks(10, 4, bucket_mb=16e-6) == [(0, 4), (4, 8), (8, 10)]
+    assert dist.chunks(5, 4, 8e-6) == [(0, 2), (2, 4), (4, 5)]
+    for bad in ("big", 0, -1.0, float("nan"), float("inf"), None):
+        with pytest.raises(ValueError, match=rf"^bucket_mb must be a size in MB > 0, got "
+                                             rf"{re.escape(repr(bad))}$"):
+            dist.chunks(5, 4, bad)
 
 
-def test_overlap_setting_and_its_bucket_size(monkeypatch):
-    monkeypatch.delenv("TT_BUCKET_MB", raising=False)
-    monkeypatch.delenv("TT_OVERLAP", raising=False)
-    assert dist.settings()["TT_OVERLAP"] == 1 and dist.settings()["TT_BUCKET_MB"] == 1.0
-    monkeypatch.setenv("TT_OVERLAP", "0")
-    assert dist.settings()["TT_OVERLAP"] == 0 and dist.settings()["TT_BUCKET_MB"] == 25.0
-    monkeypatch.setenv("TT_OVERLAP", "maybe")
-    with pytest.raises(dist.SettingError, match=r"^TT_OVERLAP='maybe': expected 0 or 1$"):
-        dist.settings()
+def test_overlap_setting_and_its_bucket_size():
+    """GradientReducer's arguments: overlap on (default) sums 1 MB buckets, off 25 MB pieces
+    (allreduce_gradients'), a bucket_mb given wins, a bad one is an error at once; train.py's
+    --overlap and --bucket_mb (0: that default) are checked as config values, one line each."""
+    from train.config import ConfigError, make_config, parse_args
+    model = nn.Linear(3, 2)
+    flat = tt.optim.AdamW(model.parameters()).flat
+    assert OVERLAP_BUCKET_MB == 1
+    assert GradientReducer(flat).overlap is True and GradientReducer(flat).bucket_mb == 1
+    assert GradientReducer(flat, overlap=False).bucket_mb == dist.DEFAULT_BUCKET_MB == 25
+    assert GradientReducer(flat, bucket_mb=0.5, overlap=False).bucket_mb == 0.5
+    with pytest.raises(ValueError, match=r"^bucket_mb must be a size in MB > 0, got 'big'$"):
+        GradientReducer(flat, bucket_mb="big")
+    assert parse_args(["--overlap", "0", "--bucket_mb", "2"])[1] == {"overlap": False,
+                                                                      "bucket_mb": 2.0}
+    with pytest.raises(ConfigError, match=r"^--overlap: 'maybe' is not a bool \(expected true, "
+                                          r"false, 1 or 0\)$"):
+        parse_args(["--overlap", "maybe"])
+    with pytest.raises(ConfigError, match=r"^bucket_mb must be a size in MB, 0 \(the default\) "
+                                          r"to 1e6, got -1.0$"):
+        make_config(None, parse_args(["--bucket_mb", "-1"])[1]).validate()
 
 
-def test_compiled_kernels_are_a_setting_every_rank_shares(monkeypatch):
-    """The compiled CPU kernels round differently from NumPy: check_same compares TT_NUMBA."""
-    from tinytensor.kernels import cpu
-    monkeypatch.setenv("TT_NUMBA", "0")
-    cpu.use(None)
+def test_accelerators_are_a_setting_every_rank_shares(monkeypatch):
+    """The accelerated kernels round differently from the references: the ranks' fingerprint
+    (train.py's, compared by check_same) holds --accelerators and what they run here, so a rank
+    that differs is named; a bad value is a one-line config error."""
+    from tinytensor import kernels
+    from train.config import ConfigError, make_config, parse_args
+    from train.train import fingerprint
+    model = nn.Linear(3, 2)
+    data = types.SimpleNamespace(data=np.arange(10, dtype=np.int64),
+                                 tokenizer=types.SimpleNamespace(vocab_size=5))
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    before = kernels.use(False)
     try:
-        assert dist.settings()["TT_NUMBA"] == 0
-        monkeypatch.setenv("TT_NUMBA", "2")
-        cpu.use(None)
-        with pytest.raises(dist.SettingError, match=r"^TT_NUMBA='2': expected 0"):
-            dist.settings()
+        off = fingerprint(make_config(None, {"accelerators": "off"}), data, model, "cpu")
+        kernels.use(True)
+        on = fingerprint(make_config(None, {"accelerators": "on"}), data, model, "cpu")
     finally:
-        cpu.use(None)
+        kernels.use(before)
+    compiled = kernels.numba_loops() is not None                   # numba installed
+    assert off["--accelerators"] == "off" and off["accelerated"] == [False, compiled]
+    assert on["accelerated"] == [True, compiled]
+    monkeypatch.setattr(dist, "allgather", lambda values: [off, values])  # rank 1 has them on
+    with pytest.raises(dist.RankMismatchError,
+                       match=r"^rank 1 has --accelerators='on' \(rank 0: 'off'\), accelerated="):
+        dist.check_same(on)
+    dist.check_same(off)  # the same on both: no error
+    with pytest.raises(ConfigError, match=r"^accelerators must be 'auto', 'on' or 'off', got "
+                                          r"'2'$"):
+        make_config(None, parse_args(["--accelerators", "2"])[1]).validate()
 
 
 def test_gradient_reducer_in_one_process_adds_no_hooks_and_changes_nothing():
     tt.manual_seed(0)
     model = nn.Linear(3, 2)
     opt = tt.optim.AdamW(model.parameters())
-    reducer = dist.GradientReducer(opt.flat, overlap=True)
+    reducer = GradientReducer(opt.flat, overlap=True)
     assert not reducer.active and "one process" in reducer.describe()
     assert all(getattr(p, "_post_hooks", None) is None for p in model.parameters())
     model(tt.tensor(np.ones((4, 3), np.float32))).sum().backward()
@@ -235,7 +275,7 @@ def test_gradient_reducer_in_one_process_adds_no_hooks_and_changes_nothing():
     reducer.finish()
     assert all(np.array_equal(p.grad, g) for p, g in zip(model.parameters(), before))
     with pytest.raises(TypeError, match="GradientReducer takes the FlatParameters"):
-        dist.GradientReducer(list(model.parameters()))
+        GradientReducer(list(model.parameters()))
 
 
 def test_launched_under_mpi_reads_the_launcher_environment(monkeypatch):
@@ -247,11 +287,26 @@ def test_launched_under_mpi_reads_the_launcher_environment(monkeypatch):
     assert dist.launched_under_mpi()
 
 
-def test_bad_threads_per_rank_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("TT_THREADS_PER_RANK", "many")
-    with pytest.raises(dist.DistributedError,
-                       match="TT_THREADS_PER_RANK='many': expected a positive integer"):
-        dist._set_blas_threads(2)
+def test_bad_threads_per_rank_is_a_clear_error():
+    """configure()'s (and init()'s) arguments are checked before anything is set; train.py's
+    --threads_per_rank and --dist_backend are config values, each a one-line error."""
+    from train.config import ConfigError, make_config, parse_args
+    for bad in ("many", -1, 2.0, True, None):
+        with pytest.raises(ValueError, match=rf"^threads_per_rank must be an int >= 0 \(0: "
+                                             rf"automatic\), got {re.escape(repr(bad))}$"):
+            dist.configure(threads_per_rank=bad)
+    with pytest.raises(ValueError, match=r"^distributed backend 'gloo': expected 'mpi' or 'nccl'$"):
+        dist.init(backend_name="gloo")
+    dist.configure(threads_per_rank=2, backend_name="nccl")  # one process: checked, nothing set
+    assert dist._threads is None and dist._nccl_comm is None
+    with pytest.raises(ConfigError, match=r"^--threads_per_rank: 'many' is not an int"):
+        parse_args(["--threads_per_rank", "many"])
+    for argv, line in [(["--threads_per_rank", "-1"],
+                        "threads_per_rank must be 0 (automatic) to 4096, got -1"),
+                       (["--dist_backend", "gloo"],
+                        "dist_backend must be 'mpi' or 'nccl', got 'gloo'")]:
+        with pytest.raises(ConfigError, match=rf"^{re.escape(line)}$"):
+            make_config(None, parse_args(argv)[1]).validate()
 
 
 # ----- under mpirun ----------------------------------------------------------------------------
@@ -296,10 +351,14 @@ def test_reducer_finish_alone_is_allreduce_gradients():
 def test_collectives_broadcast_consistency_and_threads():
     cores = len(os.sched_getaffinity(0))
     expect_ok(run_mpi(2, "collectives.py", "--threads", max(1, cores // 2)), "default threads")
-    expect_ok(run_mpi(3, "collectives.py", "--threads", 3, env=clean_env(TT_THREADS_PER_RANK="3")),
-              "TT_THREADS_PER_RANK=3")
+    # as train.py does it: init(), then configure() with the config's --threads_per_rank
+    expect_ok(run_mpi(3, "collectives.py", "--threads", 3, "--threads_per_rank", 3, "--configure"),
+              "configure(threads_per_rank=3)")
     expect_ok(run_mpi(2, "collectives.py", "--threads", "none", env=clean_env(OMP_NUM_THREADS="1")),
               "OMP_NUM_THREADS=1")
+    # a count given explicitly wins over the user's BLAS thread variable
+    expect_ok(run_mpi(2, "collectives.py", "--threads", 2, "--threads_per_rank", 2,
+                      env=clean_env(OMP_NUM_THREADS="1")), "init(threads_per_rank=2)")
 
 
 def test_one_two_and_four_ranks_train_the_same_model(tmp_path):
@@ -352,12 +411,18 @@ def test_a_killed_rank_ends_the_job_within_60_seconds():
     assert "unreachable" not in out
 
 
-def test_bad_setting_is_one_clear_line_from_each_rank_that_has_it():
-    """A setting may be bad on one rank only, so the rank that has it says so (no traceback:
-    not a bug); here both have it, and the first to abort may end the other before it speaks."""
-    code, out, err, _ = run_mpi(2, "collectives.py", "--threads", "1",
-                                env=clean_env(TT_DIST_BACKEND="gloo"), timeout=60)
-    line = "error: TT_DIST_BACKEND='gloo': expected 'mpi' or 'nccl'"
-    said = [x for x in err.splitlines() if line in x]
-    assert code != 0 and 1 <= len(said) <= 2 and "Traceback" not in err, err
+@pytest.mark.parametrize("how", [[], ["--configure"]])
+def test_bad_init_argument_ends_every_rank_named_by_each_rank_that_has_it(how):
+    """The settings are arguments now (train.py checks its config's values first: one line,
+    see test_train_mpi.py): a bad argument to init() or configure() under mpirun is a bug of
+    the calling script, so the rank that has it gives its traceback and one line naming it,
+    and every rank ends; here both have it, and the first to abort may end the other before
+    it speaks."""
+    code, out, err, seconds = run_mpi(2, "collectives.py", "--threads", "1", "--dist_backend",
+                                      "gloo", *how, timeout=60)
+    line = "ValueError: distributed backend 'gloo': expected 'mpi' or 'nccl'"
+    said = [x for x in err.splitlines() if x.endswith(line) and x.startswith("rank ")]
+    assert code != 0 and 1 <= len(said) <= 2 and seconds < 30, err
     assert all(re.fullmatch(rf"rank [01]: {re.escape(line)}", x) for x in said), said
+    assert err.count("Traceback") == len(said), err
+    assert "OK" not in out

@@ -1,25 +1,22 @@
 """Keep freed memory in the process for reuse: glibc malloc tuning, an explicit call.
 
     import tinytensor
-    tinytensor.malloc.keep_freed_memory()   # train/train.py and the benchmarks do this first
+    tinytensor.malloc.keep_freed_memory()   # train.py (unless --malloc_tuning false) does this
 
 A training step allocates and frees the same large temporaries (activations, gradients) every
 step. By default glibc serves blocks above a threshold (128 KiB, rising to at most 32 MiB)
 with mmap and hands them back to the kernel on free, so the next step page-faults them in
-again and the kernel zero-fills every page: about a quarter of a small GPT step on a 2-core
-CPU. Raising M_MMAP_THRESHOLD (to 2 GiB) and turning heap trimming off (M_TRIM_THRESHOLD -1)
-keeps freed blocks in the heap, where the next step reuses them: at the lecture preset a step
-went from 11.1 s (2 GB faulted in again, 2.9 s of it in the kernel) to 8.2 s. The process's
-peak memory is the same; it is just not returned between steps (it is returned at exit).
+again and the kernel zero-fills every page. Raising M_MMAP_THRESHOLD (to 2 GiB) and turning
+heap trimming off (M_TRIM_THRESHOLD -1) keeps freed blocks in the heap, where the next step
+reuses them (README.md's speed table has what it saves). The process's peak memory is the
+same; it is just not returned between steps (it is returned at exit).
 
-It changes malloc for the whole process, so importing tinytensor never does it: a program
-that wants it (train/train.py, the benchmarks that time tinytensor) calls keep_freed_memory()
-at its start. It only touches glibc (Linux); elsewhere it does nothing. Set TT_MALLOC_TUNING=0
-in the environment to leave malloc alone even then.
+It changes malloc for the whole process, so importing tinytensor never does it: a program that
+wants it calls keep_freed_memory() at its start. It only touches glibc (Linux); elsewhere it
+does nothing.
 """
 import ctypes
 import ctypes.util
-import os
 import sys
 
 _M_TRIM_THRESHOLD = -1   # mallopt parameter numbers, from glibc's malloc.h
@@ -27,7 +24,7 @@ _M_MMAP_THRESHOLD = -3
 _THRESHOLD = 2 ** 31 - 1  # bytes (an int); blocks smaller than this come from the heap
 # -1: never trim the heap (mallopt(3)). A finite value, even the largest int (2 GiB), is
 # exceeded by the free top of the heap after a lecture-preset step (3.3 GB), and glibc then
-# returned it all to the kernel: 2 GB page-faulted in again every step, a quarter of its time
+# returns it all to the kernel, to be page-faulted in again at the next step
 _NO_TRIM = -1
 
 tuned = False             # whether keep_freed_memory() changed glibc's settings
@@ -36,13 +33,13 @@ tuned = False             # whether keep_freed_memory() changed glibc's settings
 def keep_freed_memory():
     """Raise glibc's mmap and trim thresholds so freed blocks are reused, not unmapped.
 
-    Returns True when the settings were changed, False where this is not glibc or
-    TT_MALLOC_TUNING=0 turns it off. Calling it again is harmless.
+    Returns True when the settings were changed, False where this is not glibc. Calling it
+    again is harmless.
     """
     global tuned
     if tuned:
         return True
-    if os.environ.get("TT_MALLOC_TUNING", "1").strip() == "0" or not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

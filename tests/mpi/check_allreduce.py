@@ -9,13 +9,16 @@ gradients are None on some ranks (counted as zeros), one is None on every rank (
 None). The gradients are set by hand as separate arrays (copied into the flat buffers). Three
 rounds: fresh gradients, gradients accumulated in place into the previous result
 (p.grad += ...), and fresh gradients with another None pattern (the buffers are reused;
-nothing stale may leak). Exits 0 and prints OK with the number of Allreduce calls per round
-on rank 0 only when every check passes on every rank.
+nothing stale may leak). Exits 0 and prints OK with the number of Allreduce calls of the
+first round (counted, and for allreduce_gradients checked against distributed.chunks) on rank
+0 only when every check passes on every rank.
+
+--bucket_mb: the pieces' size; without it allreduce_gradients is called with its own default.
 
 --reducer: the same through GradientReducer.finish() instead of allreduce_gradients.
 --fake_gpu: the same with "GPU" arrays of the cupy stand-in in fake_gpu.py (3 pretend devices),
-which takes the host-staging path (GradientReducer falls back to it); also checks each rank's device, broadcast_parameters and
-allreduce_mean on those arrays.
+which takes the host-staging path (GradientReducer falls back to it); also checks each rank's
+device, broadcast_parameters and allreduce_mean on those arrays.
 """
 import argparse
 import hashlib
@@ -26,7 +29,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 from tinytensor import Tensor, distributed as dist  # noqa: E402
-from tinytensor.flat import FlatParameters  # noqa: E402
+from tinytensor.optim import FlatParameters  # noqa: E402
+from tinytensor.reducer import GradientReducer  # noqa: E402
 
 SHAPES = [((3, 4), np.float32), ((5,), np.float32), ((2, 3, 2), np.float64), ((7,), np.float32),
           ((4, 4), np.float32), ((1,), np.float32), ((6, 2), np.float64), ((300,), np.float32)]
@@ -81,6 +85,20 @@ def same_on_all_ranks(params, what):
     assert len(set(hashes)) == 1, f"{what}: gradients differ between ranks"
 
 
+class CountingComm:
+    """dist._comm, counting its Allreduce calls."""
+
+    def __init__(self, comm):
+        self.comm, self.allreduces = comm, 0
+
+    def Allreduce(self, *args, **kwargs):
+        self.allreduces += 1
+        return self.comm.Allreduce(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.comm, name)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bucket_mb", type=float, default=None)
@@ -97,16 +115,19 @@ def main():
     params = [Tensor(on_device(np.full(s, r, t)), requires_grad=True) for s, t in SHAPES]
     flats = [FlatParameters([p for p in params if p.dtype == t]) for t in (np.float32, np.float64)]
 
-    reducers = [dist.GradientReducer(f, bucket_mb=args.bucket_mb, overlap=True) for f in flats]
+    reducers = [GradientReducer(f, bucket_mb=args.bucket_mb, overlap=True) for f in flats]
     if args.reducer and n > 1:  # no backward here: finish() itself starts every bucket
         assert all(red.active != args.fake_gpu for red in reducers), "GPU gradients: no overlap"
+
+    # no --bucket_mb: allreduce_gradients' own default (DEFAULT_BUCKET_MB)
+    bucket = {} if args.bucket_mb is None else {"bucket_mb": args.bucket_mb}
 
     def allreduce():
         for flat, reducer in zip(flats, reducers):
             if args.reducer:
                 reducer.finish()
             else:
-                dist.allreduce_gradients(flat, bucket_mb=args.bucket_mb)
+                dist.allreduce_gradients(flat, **bucket)
     if args.fake_gpu:
         assert fake_gpu.FakeCupy.device == dist._local_rank % 3, "wrong GPU for this rank"
         dist.broadcast_parameters(params)
@@ -117,7 +138,9 @@ def main():
 
     for p, g in zip(params, grads_of(r, 0)):
         p.grad = None if g is None else on_device(g)
+    counter = dist._comm = CountingComm(dist._comm)  # the Allreduce calls of one round
     allreduce()
+    calls = counter.allreduces
     want = expected_mean(n, 0)
     check(params, want, "round 1")
     same_on_all_ranks(params, "round 1")
@@ -138,8 +161,11 @@ def main():
     check(params, expected_mean(n, 2), "round 3 (another None pattern)")
     same_on_all_ranks(params, "round 3")
 
-    calls = sum(len(dist._chunks(f.grad_and_flags.size, f.grad_and_flags.itemsize, args.bucket_mb))
-                for f in flats) if n > 1 else 0
+    want_calls = sum(len(dist.chunks(f.grad_and_flags.size, f.grad_and_flags.itemsize,
+                                     args.bucket_mb or dist.DEFAULT_BUCKET_MB))
+                     for f in flats) if n > 1 else 0
+    if not args.reducer:  # allreduce_gradients: one Allreduce per piece of each flat buffer
+        assert calls == want_calls, f"{calls} Allreduce calls, expected {want_calls}"
     if r == 0:
         print(f"OK ranks={n} calls={calls}{' fake GPU' if args.fake_gpu else ''}", flush=True)
 

@@ -1,14 +1,16 @@
-"""allreduce_gradients on parameters kept in a flat.FlatParameters (as AdamW keeps them), under
+"""allreduce_gradients on parameters kept in an optim.FlatParameters (as AdamW keeps them), under
 mpirun -n 1, 2 or 4 (run by test_fused.py).
 
     mpirun -n 2 python tests/mpi/check_flat_allreduce.py [--bucket_mb MB]
 
 The flat buffer itself is summed in place: checked against a NumPy mean (None gradients count
-as zeros and one parameter has none on any rank), with gradients written into the buffer as
-backward writes them, accumulated in place, and set by hand as separate arrays. Then a small
-model trained with AdamW for a few steps on each rank's half of a batch must equal the
-whole batch in one process, and every step, the first included, must reduce the optimizer's
-flat gradient buffer in place. Prints OK on rank 0 when every check passes on every rank.
+as zeros and one parameter has none on any rank), with gradients already in their views of
+the buffer (as a reduction leaves them), accumulated in place, and set by hand as separate
+arrays (copied in). Then a small model trained with AdamW for a few steps on each rank's half
+of a batch must equal the whole batch in one process, and every step, the first included,
+must copy backward's gradients (arrays of their own) into the optimizer's flat gradient
+buffer, reduce it in place and leave each p.grad its view of it. Prints OK on rank 0 when
+every check passes on every rank.
 """
 import argparse
 import os
@@ -21,7 +23,7 @@ import tinytensor as tt  # noqa: E402
 import tinytensor.nn as nn  # noqa: E402
 import tinytensor.nn.functional as F  # noqa: E402
 from tinytensor import Tensor, distributed as dist  # noqa: E402
-from tinytensor.flat import FlatParameters  # noqa: E402
+from tinytensor.optim import FlatParameters  # noqa: E402
 
 SHAPES = [(3, 4), (5,), (2, 3, 2), (7,), (300,)]
 
@@ -52,6 +54,11 @@ def check(params, flat, want, what):
         assert err <= 1e-6 * (1 + np.max(np.abs(w))), f"{what}: param {i} off by {err}"
 
 
+def in_place(flat):
+    """For each parameter: whether its p.grad is its view of flat.grad."""
+    return [p.grad is v for p, v in zip(flat.params, flat.grad_views)]
+
+
 def train(data, rank, ranks, lr=0.05):
     """A small MLP trained with AdamW on the batches in data; rank `rank` of `ranks` takes its
     share of every batch and the gradients are averaged over the ranks in AdamW's flat buffer,
@@ -65,11 +72,12 @@ def train(data, rank, ranks, lr=0.05):
         part = slice(rank * len(x) // ranks, (rank + 1) * len(x) // ranks)
         opt.zero_grad()
         F.cross_entropy(model(Tensor(x[part])), y[part]).backward()
-        assert flat.grads_in_place(), f"step {step}: backward wrote outside the flat buffer"
+        # backward makes each p.grad an array of its own (torch's semantics), outside the buffer
+        assert not any(in_place(flat)), f"step {step}: backward wrote into the flat buffer"
         if ranks > 1:
-            before = flat.grad.copy()
+            before = np.concatenate([p.grad.ravel() for p in flat.params])  # this rank's own
             dist.allreduce_gradients(opt.flat)
-            assert flat.grads_in_place(), f"step {step}: the gradients left the flat buffer"
+            assert all(in_place(flat)), f"step {step}: the gradients are not in the flat buffer"
             assert not np.array_equal(before, flat.grad), f"step {step}: flat.grad not reduced"
         opt.step()
         assert opt.flat is flat
@@ -78,14 +86,14 @@ def train(data, rank, ranks, lr=0.05):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--bucket_mb", type=float, default=None)
+    ap.add_argument("--bucket_mb", type=float, default=dist.DEFAULT_BUCKET_MB)
     args = ap.parse_args()
     dist.init()
     r, n = dist.rank(), dist.world_size()
     params = [Tensor(np.zeros(s, np.float32), requires_grad=True) for s in SHAPES]
     flat = FlatParameters(params)
 
-    for p, g, view in zip(params, grads_of(r, 0), flat.grad_views):  # as backward writes them
+    for p, g, view in zip(params, grads_of(r, 0), flat.grad_views):  # in their views already
         if g is None:
             p.grad = None
         else:

@@ -26,8 +26,8 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import tinytensor as tt  # noqa: E402
 import tinytensor.nn as nn  # noqa: E402
-import tinytensor.nn.functional as F  # noqa: E402
 from tinytensor import distributed as dist  # noqa: E402
+from tinytensor.reducer import GradientReducer  # noqa: E402
 from gpt.model import GPTConfig, build_model  # noqa: E402
 
 BUCKET_MB = 0.02  # 20 kB: many buckets even for this small GPT
@@ -57,7 +57,7 @@ def check_gpt(exact):
         tt.manual_seed(0)
         models.append(build_model("gpt", cfg))
         opts.append(tt.optim.AdamW(models[-1].parameters(), lr=1e-2))
-    reducer = dist.GradientReducer(opts[1].flat, bucket_mb=BUCKET_MB, overlap=True)
+    reducer = GradientReducer(opts[1].flat, bucket_mb=BUCKET_MB, overlap=True)
     assert reducer.active and len(reducer.buckets) >= 5, len(reducer.buckets)
     spans = [opts[1].flat.span(i, j) for i, j in reducer.buckets]
     assert spans[0][1] == opts[1].flat.grad.size and spans[-1][0] == 0 and \
@@ -79,7 +79,9 @@ def check_gpt(exact):
                 assert started >= 1, "no bucket was started during backward"
         same(opts[1].flat.grad, opts[0].flat.grad, exact, f"step {step}: flat.grad")
         assert np.array_equal(opts[1].flat.flags, opts[0].flat.flags), f"step {step}: flags"
-        assert opts[1].flat.grads_in_place(), f"step {step}: gradients left the flat buffer"
+        for opt in opts:  # each p.grad is its view of flat.grad
+            assert all(p.grad is v for p, v in zip(opt.flat.params, opt.flat.grad_views)), \
+                f"step {step}: gradients left the flat buffer"
         for opt in opts:
             opt.step()
         same(opts[1].flat.data, opts[0].flat.data, exact, f"step {step}: parameters")
@@ -105,7 +107,7 @@ def run_net(use_reducer, accum=False, by_hand=False):
     tt.manual_seed(0)
     net = Net()
     opt = tt.optim.AdamW(net.parameters())
-    reducer = dist.GradientReducer(opt.flat, bucket_mb=1e-4, overlap=True) if use_reducer else None
+    reducer = GradientReducer(opt.flat, bucket_mb=1e-4, overlap=True) if use_reducer else None
     opt.flat.grad[...] = 7.0  # stale values, as a previous step leaves them after zero_grad()
     r = dist.rank()
     rng = np.random.default_rng([2, r])
@@ -154,7 +156,7 @@ def check_misuse():
     tt.manual_seed(0)
     net = Net()
     opt = tt.optim.AdamW(net.parameters())
-    reducer = dist.GradientReducer(opt.flat, bucket_mb=1e-4, overlap=True)
+    reducer = GradientReducer(opt.flat, bucket_mb=1e-4, overlap=True)
     x = tt.Tensor(np.ones((4, 6), np.float32))
     net(x, skip=False).sum().backward()
     net.c.bias.grad = np.zeros(3, np.float32)  # replaced after backward computed it

@@ -1,9 +1,12 @@
 """broadcast_parameters, allreduce_mean, all_true, check_consistent and BLAS threads, under
 mpirun -n 2 or more (run by test_distributed.py).
 
-    mpirun -n 2 python tests/mpi/collectives.py --threads EXPECTED
+    mpirun -n 2 python tests/mpi/collectives.py --threads EXPECTED [--threads_per_rank N]
+        [--dist_backend mpi] [--configure]
 
 --threads: the BLAS threads per rank init() must have set ('none': left to the library).
+--threads_per_rank, --dist_backend: init()'s arguments; with --configure, init() is called
+without them and then configure(threads_per_rank, dist_backend), as train.py does.
 Exits 0 and prints OK on rank 0 only when every check passes on every rank.
 """
 import argparse
@@ -40,8 +43,15 @@ def expect_mismatch(config, model, *needles):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", required=True)
+    ap.add_argument("--threads_per_rank", type=int, default=0)
+    ap.add_argument("--dist_backend", default="mpi")
+    ap.add_argument("--configure", action="store_true")
     args = ap.parse_args()
-    dist.init()
+    if args.configure:
+        dist.init()
+        dist.configure(args.threads_per_rank, args.dist_backend)
+    else:
+        dist.init(args.threads_per_rank, args.dist_backend)
     r, n, last = dist.rank(), dist.world_size(), dist.world_size() - 1
     assert n >= 2, "run under mpirun -n 2 or more"
     assert dist.is_main() == (r == 0)
