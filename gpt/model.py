@@ -257,7 +257,7 @@ def sample_next(logits, temperature=1.0, top_k=None, rng=None):
     return np.minimum((cdf < u).sum(axis=1), cdf.shape[1] - 1).astype(np.int64)
 
 
-def _index_array(idx, what="idx"):
+def _index_array(idx, what="idx", shape=None):
     """idx (an integer ndarray, Tensor or nested list of shape (B, T)) as an array."""
     idx = idx.data if isinstance(idx, tt.Tensor) else idx
     if not hasattr(idx, "dtype"):
@@ -265,6 +265,8 @@ def _index_array(idx, what="idx"):
     if idx.dtype.kind not in "iu" or idx.ndim != 2 or 0 in idx.shape:
         raise ValueError(f"{what} must be a non-empty integer array of shape (B, T), got shape "
                          f"{tuple(idx.shape)} and dtype {idx.dtype}")
+    if shape is not None and idx.shape != shape:
+        raise ValueError(f"{what} must have the shape of idx, {shape}, got {idx.shape}")
     return idx
 
 
@@ -290,14 +292,11 @@ class LanguageModel(nn.Module):
 
     def forward(self, idx, targets=None, kv_cache=None):
         """logits (B, T, V) for idx (B, T), and the mean cross-entropy against targets (B, T)."""
-        idx = _index_array(idx)
-        logits = self.forward_logits(idx, kv_cache)                  # (B, T, V)
+        logits = self.forward_logits(_index_array(idx), kv_cache)    # (B, T, V)
         if targets is None:
             return logits, None
         B, T, V = logits.shape
-        targets = _index_array(targets, "targets")
-        if targets.shape != (B, T):
-            raise ValueError(f"targets must have the shape of idx, {(B, T)}, got {targets.shape}")
+        targets = _index_array(targets, "targets", (B, T))
         # one row per position: (B*T, V) logits against (B*T,) next tokens, as the lecture's .view
         loss = F.cross_entropy(logits.reshape(B * T, V), targets.reshape(B * T))
         return logits, loss
@@ -388,15 +387,20 @@ class PositionalLanguageModel(LanguageModel):
     def body(self, x, kv_cache=None):
         return x
 
-    def forward_logits(self, idx, kv_cache=None):
-        B, T = idx.shape
+    def positions(self, idx, kv_cache=None):
+        """(idx as an index array, the positions of its tokens): 0 .. T-1, or after the
+        positions a kv_cache holds already."""
+        idx = _index_array(idx)
         start = 0 if kv_cache is None else kv_cache[0].length          # positions already cached
-        if start + T > self.block_size:
-            raise ValueError(f"the context has {start + T} tokens but block_size is "
-                             f"{self.block_size}: crop it to its last {self.block_size} tokens")
-        tok_emb = self.token_embedding_table(idx)                        # (B, T, C)
-        pos_emb = self.position_embedding_table.weight[start:start + T]  # (T, C): rows for positions start..
-        x = tok_emb + pos_emb                                            # (B, T, C)
+        end = start + idx.shape[1]
+        if end > self.block_size:
+            raise ValueError(f"the context has {end} tokens but block_size is {self.block_size}: "
+                             f"crop it to its last {self.block_size} tokens")
+        return idx, np.arange(start, end)
+
+    def forward_logits(self, idx, kv_cache=None):
+        idx, positions = self.positions(idx, kv_cache)
+        x = self.token_embedding_table(idx) + self.position_embedding_table(positions)  # (B, T, C)
         x = self.body(x, kv_cache)                                       # (B, T, C)
         return self.lm_head(x)                                           # (B, T, V)
 
@@ -465,10 +469,25 @@ class GPTLanguageModel(PositionalLanguageModel):
                                      for _ in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.n_embd)
 
-    def body(self, x, kv_cache=None):
+    def forward(self, idx, targets=None, kv_cache=None):
+        """logits (B, T, V) for the tokens idx (B, T), and their mean cross-entropy against the
+        next tokens targets (B, T) (None without targets). With kv_cache (one KVCache per
+        block) idx continues the positions cached so far."""
+        idx, positions = self.positions(idx, kv_cache)
+        B, T = idx.shape
+        tok_emb = self.token_embedding_table(idx)                       # (B, T, C)
+        pos_emb = self.position_embedding_table(positions)              # (T, C)
+        x = tok_emb + pos_emb                                           # (B, T, C)
         for i, block in enumerate(self.blocks):
-            x = block(x, _layer_cache(kv_cache, i))                     # (B, T, C)
-        return self.ln_f(x)
+            x = block(x, None if kv_cache is None else kv_cache[i])     # (B, T, C)
+        x = self.ln_f(x)                                                # (B, T, C)
+        logits = self.lm_head(x)                                        # (B, T, V)
+        if targets is None:
+            return logits, None
+        targets = _index_array(targets, "targets", (B, T))
+        # one row per position: (B*T, V) logits against (B*T,) next tokens, as the lecture's .view
+        loss = F.cross_entropy(logits.view(B * T, logits.shape[-1]), targets.reshape(B * T))
+        return logits, loss
 
 
 def _layernorm_stage(config):

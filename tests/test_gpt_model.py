@@ -4,15 +4,12 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 import tinytensor as tt
 from gpt import MODELS, CharDataset, GPTConfig, GPTLanguageModel, KVCache, build_model, sample_next
 from gpt.model import BigramLanguageModel
 from tinytensor import backend
-from tinytensor.gradcheck import gradcheck
-from tinytensor.fused import causal_softmax
-from torch_helper import check, rel_err
+from torch_helper import rel_err
 
 TINY = GPTConfig(vocab_size=11, block_size=8, n_embd=16, n_head=4, n_layer=2, dropout=0.0)
 ATTENTION_MODELS = [n for n in MODELS if n not in ("bigram", "bigram_pos")]
@@ -170,44 +167,6 @@ def test_forward_input_errors():
         model(tokens((2, 3)), tokens((2, 4)))
 
 
-# ---------------------------------------------------------------- the fused causal softmax
-def composed_causal_softmax(x, scale):
-    tq, tk = x.shape[-2:]
-    future = np.triu(np.ones((tq, tk), dtype=bool), k=tk - tq + 1)
-    return tt.nn.functional.softmax((x * scale).masked_fill(future, float("-inf")), dim=-1)
-
-
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-@pytest.mark.parametrize("shape", [(2, 3, 5, 5), (4, 1, 6), (2, 3, 7)])
-def test_causal_softmax_against_torch(shape, dtype, device):
-    scale = 0.35
-
-    def torch_fn(x):
-        tq, tk = x.shape[-2:]
-        future = torch.triu(torch.ones(tq, tk, dtype=torch.bool), diagonal=tk - tq + 1)
-        return torch.softmax((x * scale).masked_fill(future, float("-inf")), dim=-1)
-
-    x = np.random.default_rng(1).standard_normal(shape) * 3
-    check("causal_softmax", lambda t: causal_softmax(t, scale), torch_fn, x, dtype=dtype, device=device)
-
-
-def test_causal_softmax_equals_the_composed_ops_and_passes_gradcheck():
-    rng = np.random.default_rng(0)
-    for shape in [(3, 6, 6), (2, 2, 5)]:
-        x = rng.standard_normal(shape)
-        a, b = tt.Tensor(x, requires_grad=True), tt.Tensor(x, requires_grad=True)
-        ya, yb = causal_softmax(a, 0.5), composed_causal_softmax(b, 0.5)
-        np.testing.assert_allclose(ya.numpy(), yb.numpy(), rtol=1e-13, atol=1e-15)
-        w = rng.standard_normal(shape)
-        (ya * w).sum().backward()
-        (yb * w).sum().backward()
-        np.testing.assert_allclose(a.grad, b.grad, rtol=1e-12, atol=1e-14)
-        assert not a.grad[..., np.triu(np.ones(shape[-2:], bool), k=shape[-1] - shape[-2] + 1)].any()
-        gradcheck(lambda t: causal_softmax(t, 0.5), x)
-    with pytest.raises(ValueError, match=r"Tq <= Tk"):
-        causal_softmax(tt.Tensor(np.zeros((5, 3))))
-
-
 # ---------------------------------------------------------------- generate
 def test_generate_shapes_cropping_and_modes():
     tt.manual_seed(0)
@@ -294,13 +253,13 @@ def test_kv_cache_gives_the_same_tokens_as_recomputing(name, dtype):
     tt.manual_seed(1)
     model = sharpened(build_model(name, GPTConfig(**{**TINY.__dict__, "n_embd": 32})))
     seen = []  # (T, cached?) of each forward pass: proof that the cached path is taken
-    inner = model.forward_logits
+    inner = model.forward
 
-    def recording(idx, kv_cache=None):
+    def recording(idx, targets=None, kv_cache=None):
         seen.append((idx.shape[1], kv_cache is not None))
-        return inner(idx, kv_cache)
+        return inner(idx, targets, kv_cache)
 
-    model.forward_logits = recording
+    model.forward = recording
     for prompt in (tokens((3, 3), seed=4), tokens((2, 12), seed=5)):
         seen.clear()
         cached = model.generate(prompt, 25, rng=np.random.default_rng(7))

@@ -330,14 +330,36 @@ def test_bad_config_is_a_one_line_error(tmp_path, text_file, args, needles):
     assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")
 
 
-def test_bad_compiled_kernels_setting_is_a_one_line_error(tmp_path, text_file):
-    """TT_NUMBA (tinytensor/kernels/cpu.py) is checked before anything is built."""
-    p = subprocess.run([sys.executable, TRAIN, *TINY, "--data", text_file, "--out_dir",
-                        tmp_path / "o"], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "TT_NUMBA": "yes"})
+@pytest.mark.parametrize("args, needles", [
+    (["--accelerators", "yes"], ["accelerators must be 'auto', 'on' or 'off', got 'yes'"]),
+    (["--bucket_mb", "-1"], ["bucket_mb must be a size in MB", "got -1.0"]),
+    (["--threads_per_rank", "100000"], ["threads_per_rank must be 0 (automatic) to 4096"]),
+    (["--dist_backend", "gloo"], ["dist_backend must be 'mpi' or 'nccl', got 'gloo'"]),
+    (["--dist_backend", "nccl", "--device", "cpu"], ["dist_backend 'nccl' sums GPU gradients",
+                                                     "--device cuda"]),
+    (["--malloc_tuning", "sometimes"], ["--malloc_tuning", "'sometimes'", "bool"]),
+])
+def test_bad_run_time_setting_is_a_one_line_error(tmp_path, text_file, args, needles):
+    """The run-time settings (config fields, once environment variables) are checked with the
+    config, before anything is built."""
+    p = run_train(*TINY, "--data", text_file, "--out_dir", tmp_path / "o", *args)
     assert "Traceback" not in p.stderr, p.stderr
-    assert_one_line_error(p, 2, "TT_NUMBA='yes': expected 0", "or 1")
+    assert_one_line_error(p, 2, *needles)
     assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")
+
+
+def test_run_time_settings_are_in_the_header_and_the_checkpoint(tmp_path, text_file):
+    p = run_train(*TINY, "--data", text_file, "--out_dir", tmp_path / "o", "--max_iters", 2,
+                  "--accelerators", "off", "--overlap", "false", "--bucket_mb", "3")
+    assert p.returncode == 0, p.stderr
+    for line in ("accelerators     = 'off'", "overlap          = False", "bucket_mb        = 3.0",
+                 "malloc_tuning    = True", "threads_per_rank = 0", "dist_backend     = 'mpi'",
+                 "tf32             = False"):
+        assert line in p.stdout, line
+    assert "accelerators off (off: turned off; every fused op runs its reference)" in p.stdout
+    meta = load_checkpoint(str(tmp_path / "o" / "ckpt.npz"))[0]
+    assert {k: meta["config"][k] for k in ("accelerators", "overlap", "bucket_mb")} == \
+        {"accelerators": "off", "overlap": False, "bucket_mb": 3.0}
 
 
 def test_cuda_without_a_gpu_is_a_one_line_error(tmp_path, text_file):
@@ -555,12 +577,17 @@ def test_a_comment_may_continue_on_the_next_line():
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_fused_reaches_the_model(text_file, fused):
+def test_fused_reaches_the_model(tmp_path, text_file, fused):
     from gpt.model import CausalSelfAttention, FeedForward
-    from train.train import build
-    cfg = C.make_config(None, {"n_embd": 16, "n_head": 2, "n_layer": 2, "block_size": 8,
-                               "device": "cpu", "data": text_file, "fused": fused})
-    _, model, _, _ = build(cfg, None)
+    from train.guard import OutDirLock
+    from train.train import prepare
+    overrides = {"n_embd": 16, "n_head": 2, "n_layer": 2, "block_size": 8, "device": "cpu",
+                 "data": text_file, "fused": fused, "out_dir": str(tmp_path)}
+    lock = OutDirLock(str(tmp_path))
+    try:
+        _, _, _, model, _, _ = prepare(None, overrides, lock)
+    finally:
+        lock.release()
     layers = [m for m in model.modules() if isinstance(m, (CausalSelfAttention, FeedForward))]
     assert len(layers) == 4 and all(m.fused is fused for m in layers)
 
@@ -635,13 +662,12 @@ print(untouched, m.tuned, code)
 def test_train_py_tunes_malloc_and_importing_does_not(tmp_path, text_file):
     import platform
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
-    env = {k: v for k, v in os.environ.items() if k != "TT_MALLOC_TUNING"}
     args = [*TINY, "--data", text_file, "--max_iters", 1, "--eval_iters", 1]
-    for setting, tuned in ((None, glibc), ("0", False)):
-        out = subprocess.run([sys.executable, "-c", _MALLOC_SCRIPT, ROOT, *map(str, args),
+    for setting, tuned in ((None, glibc), ("false", False)):
+        extra = [] if setting is None else ["--malloc_tuning", setting]
+        out = subprocess.run([sys.executable, "-c", _MALLOC_SCRIPT, ROOT, *map(str, args + extra),
                               "--out_dir", str(tmp_path / f"o{setting}")], capture_output=True,
-                             text=True, timeout=300,
-                             env=env if setting is None else {**env, "TT_MALLOC_TUNING": setting})
+                             text=True, timeout=300)
         assert out.returncode == 0, out.stderr
         assert out.stdout.split()[-3:] == ["False", str(tuned), "0"], out.stdout[-500:]
 

@@ -81,22 +81,27 @@ def test_resume_two_rank_checkpoint_with_other_rank_counts(resume_ranks, single,
 
 
 def test_overlapped_gradient_reduction_trains_bitwise_as_the_plain_one(tmp_path, text_file):
-    """TT_OVERLAP=1 (buckets summed during backward) and TT_OVERLAP=0 (allreduce_gradients
+    """--overlap 1 (buckets summed during backward) and --overlap 0 (allreduce_gradients
     after it): with 2 ranks the same per-step losses and final weights to the last bit (a sum
     of two numbers does not depend on how the buffer is cut), and a resumed run as well.
-    1 kB buckets: many of them, even for this tiny model."""
+    1 kB buckets (--bucket_mb 0.001): many of them, even for this tiny model."""
     def weights(out):
         with np.load(out / "ckpt.npz", allow_pickle=False) as z:
             return {k: z[k] for k in z.files if k != "meta"}
     runs = {}
     for name, overlap, extra in [("on", "1", []), ("off", "0", []), ("resumed", "1", ["6"])]:
         out = tmp_path / name
-        env = [("TT_BUCKET_MB", "0.001"), ("TT_OVERLAP", overlap)]
+        settings = ["--bucket_mb", "0.001", "--overlap", overlap]
         for max_iters, resume in ([(x, []) for x in extra] + [("12", ["--resume"] if extra else [])]):
-            r = run(2, out, text_file, "--max_iters", max_iters, *resume, env=env)
+            r = run(2, out, text_file, "--max_iters", max_iters, *resume, *settings)
             assert r.returncode == 0, r.stderr[-3000:]
             said = "during backward, in " if overlap == "1" else "after backward, in pieces of "
             assert f"gradients: summed over the ranks {said}" in r.stdout, r.stdout[:3000]
+            line = next(x for x in r.stdout.splitlines() if x.startswith("gradients: "))
+            assert "0.001 MB" in line, line
+        with np.load(out / "ckpt.npz", allow_pickle=False) as z:  # the settings are saved
+            saved = json.loads(str(z["meta"]))["config"]
+        assert (saved["bucket_mb"], saved["overlap"]) == (0.001, overlap == "1"), saved
         runs[name] = (losses(out), weights(out))
     (on, w_on), (off, w_off), (resumed, w_resumed) = runs["on"], runs["off"], runs["resumed"]
     assert len(on) >= 12 and on == off == resumed, (on, off, resumed)
@@ -133,13 +138,17 @@ def test_a_file_error_on_rank_0_ends_every_rank(tmp_path, text_file):
 
 
 def run_mpmd(out_dir, text_file, rank1_args=(), rank1_env=(), *extra, timeout=120):
-    """Two ranks, rank 1 with its own extra arguments and environment (mpirun's MPMD form)."""
+    """Two ranks, rank 1 with its own extra arguments and environment (mpirun's MPMD form).
+    Run in its own process group, all of it killed when it outlives the timeout (a rank left
+    waiting in a collective would spin on, so the test fails with what it said by then)."""
     cmd = [sys.executable, str(TRAIN), "--data", str(text_file), "--out_dir", str(out_dir), *TINY,
            "--max_iters", "4", *extra]
     env_args = [a for k, v in rank1_env for a in ("-env", k, v)]
+    from test_distributed import run as run_in_group
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([MPIRUN, "-n", "1", *cmd, ":", "-n", "1", *env_args, *cmd, *rank1_args],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    argv = [MPIRUN, "-n", "1", *cmd, ":", "-n", "1", *env_args, *cmd, *rank1_args]
+    code, out, err, _ = run_in_group(argv, env=env, timeout=timeout)
+    return subprocess.CompletedProcess(argv, code, out, err)
 
 
 def error_lines(r):
@@ -150,13 +159,15 @@ def error_lines(r):
 def test_ranks_that_disagree_are_named_before_the_first_broadcast(tmp_path, text_file):
     other = tmp_path / "other.txt"
     other.write_text(text_file.read_text(encoding="utf-8") + "@", encoding="utf-8")
-    cases = [((), [("TT_BUCKET_MB", "5")], ["rank 1 has TT_BUCKET_MB=5.0 (rank 0: 1.0)"]),
-             ((), [("TT_OVERLAP", "0")], ["TT_OVERLAP=0 (rank 0: 1)"]),
-             (("--data", str(other)), (), [f"--data='{other}'", "vocab=", "data sha256=",
-                                          "data size="]),
-             (("--n_embd", "32"), (), ["--n_embd=32 (rank 0: 16)"])]
-    for args, env, needles in cases:
-        r = run_mpmd(tmp_path / "o", text_file, args, env)
+    # the run-time settings are config fields, compared with the rest of the config
+    cases = [(("--bucket_mb", "5"), ["rank 1 has --bucket_mb=5.0 (rank 0: 0.0)"]),
+             (("--overlap", "0"), ["--overlap=False (rank 0: True)"]),
+             (("--threads_per_rank", "1"), ["--threads_per_rank=1 (rank 0: 0)"]),
+             (("--data", str(other)), [f"--data='{other}'", "vocab=", "data sha256=",
+                                       "data size="]),
+             (("--n_embd", "32"), ["--n_embd=32 (rank 0: 16)"])]
+    for args, needles in cases:
+        r = run_mpmd(tmp_path / "o", text_file, args)
         lines = error_lines(r)
         assert r.returncode == 1 and len(lines) == 1, r.stderr[-2000:]
         assert lines[0].startswith("error: rank 1 has ") and "same environment" in lines[0]
@@ -166,17 +177,35 @@ def test_ranks_that_disagree_are_named_before_the_first_broadcast(tmp_path, text
 
 
 def test_an_error_on_one_rank_reaches_the_user_from_that_rank(tmp_path, text_file):
-    r = run_mpmd(tmp_path / "o", text_file, (), [("TT_THREADS_PER_RANK", "many")])
-    assert r.returncode == 1 and error_lines(r) == [
-        "rank 1: error: TT_THREADS_PER_RANK='many': expected a positive integer"], r.stderr
-    r = run_mpmd(tmp_path / "o", text_file, (), [("TT_OVERLAP", "maybe")])
-    assert r.returncode == 1 and error_lines(r) == [
-        "rank 1: error: TT_OVERLAP='maybe': expected 0 or 1"], r.stderr
+    # a bad run-time setting on one rank: a config error (exit 2), said once, by that rank
+    r = run_mpmd(tmp_path / "o", text_file, ("--threads_per_rank", "-1"))
+    assert r.returncode == 2 and error_lines(r) == [
+        "rank 1: error: threads_per_rank must be 0 (automatic) to 4096, got -1"], r.stderr
+    r = run_mpmd(tmp_path / "o", text_file, ("--bucket_mb", "-1"))
+    assert r.returncode == 2 and error_lines(r) == [
+        "rank 1: error: bucket_mb must be a size in MB, 0 (the default) to 1e6, got -1.0"], r.stderr
     (tmp_path / "missing").mkdir()
     r = run_mpmd(tmp_path / "o", text_file, ("--data", str(tmp_path / "missing" / "t.txt")))
     lines = error_lines(r)
     assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("rank 1: error: "), r.stderr
     assert "t.txt" in lines[0]
+
+
+def test_a_bad_command_line_on_one_rank_reaches_the_user_from_that_rank(tmp_path, text_file):
+    """A value that does not parse (--overlap maybe, a bool) on rank 1 alone: one line, named,
+    as for a value that parses but is out of range (above). Was TT_OVERLAP='maybe' on rank 1."""
+    r = run_mpmd(tmp_path / "o", text_file, ("--overlap", "maybe"), timeout=30)
+    assert r.returncode == 2 and error_lines(r) == [
+        "rank 1: error: --overlap: 'maybe' is not a bool (expected true, false, 1 or 0)"], r.stderr
+
+
+def test_a_bad_setting_on_every_rank_is_one_line_from_rank_0(tmp_path, text_file):
+    """A bad run-time setting on every rank (the same command line): one config error line,
+    said once (by rank 0), no traceback."""
+    r = run(2, tmp_path, text_file, "--max_iters", "2", "--dist_backend", "gloo", timeout=60)
+    assert r.returncode == 2 and error_lines(r) == [
+        "error: dist_backend must be 'mpi' or 'nccl', got 'gloo'"], r.stderr
+    assert not (tmp_path / "ckpt.npz").exists()
 
 
 def test_a_signal_to_one_rank_stops_every_rank_with_a_checkpoint(tmp_path, text_file):

@@ -239,6 +239,19 @@ def load_metrics(path, keep_before):
     return rows
 
 
+def run_meta(cfg, tokenizer, step, best_val, world_size, losses=None):
+    """The meta entry of a checkpoint train.py writes at `step`: the config, the tokenizer, the
+    losses of the evaluation at that step ({"train": .., "val": ..}; None when a signal stopped
+    the run before it) and how the run's random streams continue."""
+    losses = losses or {"train": None, "val": None}
+    return {"step": step, "config": cfg.to_dict(), "tokenizer": tokenizer.to_json(),
+            "train_loss": losses["train"], "val_loss": losses["val"],
+            "best_val_loss": best_val, "world_size": world_size,
+            "rng": {"seed": cfg.seed, "next_step": step,
+                    "streams": "train batch (seed, 0, step); eval batch k of split s "
+                               "(seed, 1, step, s, k); dropout (seed, 2, step, rank)"}}
+
+
 def save_checkpoint(path, meta, model, optimizer=None):
     """Atomically save the model's parameters (and the optimizer's state) with `meta`."""
     save_npz_atomic(path, pack(meta, model.state_dict(),

@@ -55,6 +55,17 @@ class TrainConfig:
     data: str = ""                  # UTF-8 text file to train on ("" = tiny Shakespeare)
     out_dir: str = "out"            # where ckpt.npz, best.npz, metrics.jsonl and loss.png are written
     resume: bool = False            # continue from out_dir/ckpt.npz instead of starting afresh
+    # ----- speed (how the run computes, not what it trains)
+    accelerators: str = "auto"      # the faster versions of the fused ops (tinytensor/kernels/):
+                                    # on | off (the plain reference) | auto (CUDA kernels on a GPU;
+                                    # compiled CPU loops and threads where numba is installed)
+    malloc_tuning: bool = True      # keep freed memory for reuse between steps (glibc; tinytensor.malloc)
+    tf32: bool = False              # TF32 tensor-core float32 matmuls on a GPU (CuPy's CUPY_TF32)
+    overlap: bool = True            # under mpirun: sum gradient buckets over the ranks during backward
+    bucket_mb: float = 0.0          # under mpirun: MB per gradient bucket (0 = 1 with overlap, else 25)
+    threads_per_rank: int = 0       # under mpirun: BLAS threads per rank (0 = cores / ranks per node)
+    dist_backend: str = "mpi"       # under mpirun: how GPU gradients are summed: mpi (through host
+                                    # memory) | nccl (GPU to GPU)
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -62,10 +73,21 @@ class TrainConfig:
     def to_json(self):
         return json.dumps(self.to_dict(), sort_keys=True)
 
+    def model_config(self, vocab_size):
+        """The gpt.model.GPTConfig of this run's model, for a vocabulary of vocab_size."""
+        from gpt.model import GPTConfig
+        return GPTConfig(vocab_size=vocab_size, block_size=self.block_size, n_embd=self.n_embd,
+                         n_head=self.n_head, n_layer=self.n_layer, dropout=self.dropout,
+                         fused=self.fused)
+
     def validate(self, model_names=None, world_size=1):
-        """Raise ConfigError with a one-line message on the first invalid value."""
-        for name in ("block_size", "n_embd", "n_head", "n_layer", "batch_size", "max_iters",
-                     "eval_interval", "eval_iters", "log_interval"):
+        """Raise ConfigError with a one-line message on the first invalid value (the model's
+        fields as GPTConfig.validate checks them)."""
+        try:
+            self.model_config(vocab_size=1).validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        for name in ("batch_size", "max_iters", "eval_interval", "eval_iters", "log_interval"):
             value = getattr(self, name)
             if value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value}")
@@ -73,11 +95,6 @@ class TrainConfig:
             value = getattr(self, name)
             if value < 0:
                 raise ConfigError(f"{name} must be >= 0, got {value}")
-        if self.n_embd % self.n_head != 0:
-            raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
-                              f"each head gets n_embd // n_head channels")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ConfigError(f"learning_rate must be a positive finite number, got {self.learning_rate}")
         for name in ("min_lr", "weight_decay", "grad_clip"):
@@ -96,6 +113,19 @@ class TrainConfig:
                               f"pass a --min_lr of at most {self.learning_rate:g}")
         if self.device not in ("cpu", "cuda", "auto"):
             raise ConfigError(f"device must be 'cpu', 'cuda' or 'auto', got {self.device!r}")
+        if self.accelerators not in ACCELERATORS:
+            raise ConfigError(f"accelerators must be 'auto', 'on' or 'off', got {self.accelerators!r}")
+        if not (math.isfinite(self.bucket_mb) and 0 <= self.bucket_mb <= 1e6):
+            raise ConfigError(f"bucket_mb must be a size in MB, 0 (the default) to 1e6, got "
+                              f"{self.bucket_mb}")
+        if not 0 <= self.threads_per_rank <= 4096:
+            raise ConfigError(f"threads_per_rank must be 0 (automatic) to 4096, got "
+                              f"{self.threads_per_rank}")
+        if self.dist_backend not in ("mpi", "nccl"):
+            raise ConfigError(f"dist_backend must be 'mpi' or 'nccl', got {self.dist_backend!r}")
+        if self.dist_backend == "nccl" and self.device == "cpu":
+            raise ConfigError("dist_backend 'nccl' sums GPU gradients: it needs --device cuda "
+                              "(or use --dist_backend mpi)")
         if not self.out_dir:
             raise ConfigError("out_dir must not be empty")
         if model_names is not None and self.model not in model_names:
@@ -104,6 +134,9 @@ class TrainConfig:
             raise ConfigError(f"batch_size ({self.batch_size}) must be divisible by the number of "
                               f"MPI ranks ({world_size}): it is the global batch, split evenly")
 
+
+# accelerators: tinytensor.kernels.use()'s argument for each value of the field
+ACCELERATORS = {"auto": None, "on": True, "off": False}
 
 # Fields that fix the model's parameter shapes: a checkpoint can only be resumed with the same.
 MODEL_SHAPE_FIELDS = ("model", "block_size", "n_embd", "n_head", "n_layer")
@@ -241,6 +274,18 @@ def usage(preset=None):
     return "\n".join(lines)
 
 
+def help_text(argv):
+    """The --help text when argv asks for it (-h or --help), with the defaults of the preset
+    it names (or the default one's), else None."""
+    if not any(a in ("-h", "--help") for a in argv):
+        return None
+    try:
+        preset = parse_args([a for a in argv if a not in ("-h", "--help")])[0]
+    except ConfigError:
+        preset = None  # the help is still wanted: show the default preset's
+    return usage(preset)
+
+
 def parse_args(argv):
     """Parse `[--config NAME] [--key value | --key=value ...]`.
 
@@ -274,7 +319,8 @@ def make_config(preset=None, overrides=None):
 
 # Fields added after checkpoints were first written: a saved config without one gets its default.
 # Every other field must be there: a default would silently change the run (n_embd 128 -> 32).
-LATER_FIELDS = ("fused",)
+LATER_FIELDS = ("fused", "accelerators", "malloc_tuning", "tf32", "overlap", "bucket_mb",
+                "threads_per_rank", "dist_backend")
 
 
 def config_from_dict(d):

@@ -168,6 +168,14 @@ class StopSignals:
             self.signum = signal.SIGINT
         return self.signum is not None
 
+    def describe(self, why):
+        """The error line for a run that a signal or a closed pipe ended: `why`, and where the
+        last checkpoint stands."""
+        if self.saved is None:
+            return f"{why} before this run wrote a checkpoint"
+        path, step = self.saved
+        return f"{why}; {path} (step {step}) is intact: continue with --resume"
+
     @property
     def name(self):
         return signal.Signals(self.signum).name

@@ -1,0 +1,49 @@
+"""The config of a run: the command line's, or with --resume the checkpoint's updated by it.
+
+    cfg, ckpt = resolve_config(preset, overrides)   # ckpt: None, or what resuming needs
+
+A resume continues the checkpoint's run: its config, updated by what the command line names
+explicitly (a --config preset names all of its fields), except the fields that fix the model's
+shape, which cannot change.
+"""
+import os
+from dataclasses import replace
+
+from train.checkpoint import CheckpointError, load_checkpoint, load_tokenizer
+from train.config import MODEL_SHAPE_FIELDS, PRESETS, ConfigError, config_from_dict, make_config
+
+
+def resolve_config(preset, overrides):
+    """The run's TrainConfig and, with --resume, the loaded checkpoint (meta, model state,
+    optimizer state, tokenizer), every field of its meta checked."""
+    cfg = make_config(preset, overrides)
+    if not cfg.resume:
+        return cfg, None
+    path = os.path.join(cfg.out_dir, "ckpt.npz")
+    if not os.path.exists(path):
+        raise CheckpointError(f"--resume: no checkpoint at {path}; check --out_dir, or leave out "
+                              f"--resume to start afresh")
+    meta, model_state, optim_state = load_checkpoint(path)
+    if optim_state is None:
+        raise CheckpointError(f"{path} holds no optimizer state, so it cannot be resumed")
+    try:
+        saved = config_from_dict(meta["config"])
+        saved.validate()
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: unusable saved config ({e}); the file is damaged: "
+                              f"delete it or use another out_dir") from None
+    tokenizer = load_tokenizer(meta, path)
+    # the saved config, updated by what this command line names explicitly
+    explicit = dict(PRESETS[preset]) if preset else {}
+    explicit.update(overrides)
+    cfg = replace(saved, **explicit)
+    cfg = replace(cfg, resume=True, out_dir=make_config(preset, overrides).out_dir)
+    changed = [f"{k}={getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in MODEL_SHAPE_FIELDS
+               if getattr(saved, k) != getattr(cfg, k)]
+    if changed:
+        raise ConfigError(f"--resume: the model in {path} has a different shape ({', '.join(changed)}); "
+                          f"these cannot change on resume: use the checkpoint's values or another out_dir")
+    if meta["step"] > cfg.max_iters:
+        raise ConfigError(f"max_iters ({cfg.max_iters}) is below the checkpoint's step "
+                          f"({meta['step']}); pass --max_iters {meta['step']} or more")
+    return cfg, (meta, model_state, optim_state, tokenizer)
