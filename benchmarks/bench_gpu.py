@@ -51,7 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=5, help="timed stretches per model, interleaved")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
     p.add_argument("--tf32", action="store_true",
-                   help="TF32 tensor-core matmuls for float32 (CUPY_TF32=1 and torch's allow_tf32)")
+                   help="TF32 tensor-core matmuls for float32 (tinytensor.environment.use_tf32, as "
+                        "train.py --tf32, and torch's allow_tf32)")
     p.add_argument("--models", default="tinytensor,torch_eager,torch_sdpa",
                    help="comma-separated subset of tinytensor, torch_eager, torch_sdpa")
     p.add_argument("--json", default=None, help="also write the results to this file")
@@ -228,13 +229,12 @@ def time_models(models, iters, rounds, warmup):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.tf32:
-        os.environ["CUPY_TF32"] = "1"  # cupy reads it at its first float32 matmul
     import torch
 
     import tinytensor
-    from tinytensor import backend, kernels
-    tinytensor.malloc.keep_freed_memory()  # as train.py does
+    from tinytensor import backend, environment, kernels
+    environment.use_tf32(args.tf32)        # as train.py --tf32: before the first float32 matmul
+    tinytensor.malloc.keep_freed_memory()  # as train.py does (--malloc_tuning, its default)
     try:
         backend.check_device(args.device)
     except (ValueError, RuntimeError) as e:

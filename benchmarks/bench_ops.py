@@ -117,14 +117,14 @@ def tinytensor_ops(cfg):
             ps = list(model.parameters())
             opt = AdamW([{"params": [p for p in ps if p.ndim >= 2], "weight_decay": 0.01},
                          {"params": [p for p in ps if p.ndim < 2], "weight_decay": 0.0}], lr=1e-3)
-            for p, v in zip(opt.flat.params, opt.flat.grad_views):
-                v[...] = arr(*p.shape, scale=0.01)
-                p.grad = v  # as backward leaves them: in the optimizer's flat buffer
+            for p in opt.flat.params:
+                p.grad = arr(*p.shape, scale=0.01)  # as backward leaves them
             return opt.step, (lambda: None)
         if name == "embedding":
             wte, wpe = leaf(common.VOCAB, C), leaf(T, C)
             idx = rng.integers(0, common.VOCAB, (B, T))
-            fn = (lambda: F.embedding(idx, wte) + wpe[0:T])
+            pos = np.arange(T)
+            fn = (lambda: F.embedding(idx, wte) + F.embedding(pos, wpe))  # as gpt.model
             inputs = [wte, wpe]
             g = arr(B, T, C)
         elif name == "cross_entropy":
@@ -224,6 +224,8 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=5, help="rounds per framework (the median is taken)")
     p.add_argument("--threads", type=int, default=common.usable_cores())
     p.add_argument("--json", action="store_true")
+    p.add_argument("--accelerators", default="auto", choices=sorted(common.ACCELERATORS),
+                   help="tinytensor's faster versions of the fused ops: auto, on or off")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.ops = [o.strip() for o in args.ops.split(",") if o.strip()]
@@ -241,10 +243,13 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = common.PRESETS[args.preset]
     if args._worker:
+        if args._worker == "tinytensor":
+            common.use_accelerators(args.accelerators)
         common.serve(tinytensor_ops(cfg) if args._worker == "tinytensor"
                      else torch_ops(cfg, args.threads))
         return
-    extra = ["--preset", args.preset, "--threads", str(args.threads)]
+    extra = ["--preset", args.preset, "--threads", str(args.threads), "--accelerators",
+             args.accelerators]
     script = os.path.abspath(__file__)
     workers = [common.Worker(script, kind, extra, args.threads) for kind in ("tinytensor", "torch")]
     rows = {}
@@ -262,7 +267,7 @@ def main(argv=None):
     finally:
         for wk in workers:
             wk.close()
-    res = {"preset": args.preset, "config": cfg, "machine": common.machine(args.threads),
+    res = {"preset": args.preset, "config": cfg, "machine": common.machine(args.threads, args.accelerators),
            "reps": args.reps, "rounds": args.rounds,
            "ops": {op: dict(r, shape=shapes(cfg)[op], ratio=r["tinytensor"] / r["torch"])
                    for op, r in rows.items()}}

@@ -11,7 +11,8 @@ on the 2-D weights only, as train.py), on a batch of random tokens (batch i is t
 every model). The models, each in a worker process of its own (benchmarks/common.py says
 why), with the weights of one initialisation:
 
-    tinytensor     gpt.model's GPTLanguageModel (fused q/k/v, fused attention, flat AdamW)
+    tinytensor     gpt.model's GPTLanguageModel (fused q/k/v, fused attention, flat AdamW;
+                   --accelerators: their faster versions, tinytensor/kernels/, auto|on|off)
     torch          the lecture's PyTorch model, one Linear per head and per q/k/v
                    (tests/torch_gpt_reference.py), the weights copied by gpt.interop
     torch-fused    the same model written as nanoGPT writes it: one q/k/v Linear, the heads
@@ -263,6 +264,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("--accelerators", default="auto", choices=sorted(common.ACCELERATORS),
+                   help="tinytensor's faster versions of the fused ops (tinytensor/kernels/): auto "
+                        "(on where numba is installed), on, or off (the plain reference)")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_weights", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -290,7 +294,8 @@ def run(args):
     with tempfile.TemporaryDirectory() as tmp:
         weights = os.path.join(tmp, "weights.npz")
         extra = ["--preset", args.preset, "--seed", str(args.seed), "--lr", str(args.lr),
-                 "--threads", str(args.threads), "--_weights", weights]
+                 "--threads", str(args.threads), "--_weights", weights,
+                 "--accelerators", args.accelerators]
         workers = [common.Worker(script, m, extra, args.threads) for m in args.models]
         try:
             setups = {}
@@ -346,7 +351,8 @@ def summarize(args, cfg, setups, times, losses, memory, gemm):
             "losses": losses[kind],
         }
     return {"preset": args.preset, "config": dict(cfg, vocab_size=common.VOCAB),
-            "machine": common.machine(args.threads), "threads": args.threads,
+            "machine": common.machine(args.threads, args.accelerators), "threads": args.threads,
+            "accelerators": args.accelerators,
             "iters": args.iters, "warmup": args.warmup, "block": args.block, "lead": args.lead,
             "gap_s": args.gap, "flops_per_step": flops,
             "gemm_gflops": {k: {"best": g["best"], "lib": g["lib"], "shapes": g["rates"]}
@@ -382,6 +388,7 @@ def print_table(res):
 def worker_main(args):
     cfg = common.PRESETS[args.preset]
     if args._worker == "tinytensor":
+        common.use_accelerators(args.accelerators)
         handlers = tinytensor_worker(cfg, args.seed, args.lr, args._weights)
     else:
         handlers = torch_worker(cfg, args.seed, args.lr, args._weights, args._worker,

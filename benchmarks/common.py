@@ -95,26 +95,27 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
-def machine(threads):
+def machine(threads, accelerators="auto"):
     """One line describing where the numbers come from."""
     import numpy as np
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"{cpu_name()}, {usable_cores()} cores, {threads} thread(s) per framework; "
             f"Python {platform.python_version()}, NumPy {np.__version__}; "
-            f"tinytensor's compiled CPU kernels {compiled_kernels()}; load average {load:.2f}")
+            f"tinytensor's accelerators {use_accelerators(accelerators)}; load average {load:.2f}")
 
 
-def compiled_kernels():
-    """'on (numba X)' or 'off (why)': whether tinytensor's workers use kernels/cpu.py."""
+# --accelerators of the benchmarks: tinytensor.kernels.use()'s argument for each value
+ACCELERATORS = {"auto": None, "on": True, "off": False}
+
+
+def use_accelerators(setting):
+    """Switch tinytensor's accelerators (kernels.use) as `setting` ('auto', 'on', 'off') says;
+    returns kernels.describe(): whether the fused ops run accelerated versions, and which."""
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
-    from tinytensor.kernels import cpu
-    if os.environ.get("TT_NUMBA", "").strip() == "0":
-        return "off (TT_NUMBA=0)"
-    if not cpu.enabled():
-        return "off (numba not installed)"
-    import numba
-    return f"on (numba {numba.__version__})"
+    from tinytensor import kernels
+    kernels.use(ACCELERATORS[setting])
+    return kernels.describe()
 
 
 # ----------------------------------------------------------------- worker processes

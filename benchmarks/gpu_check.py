@@ -261,12 +261,20 @@ def torch_train(out_json, argv):
     sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
     import torch
 
+    import tinytensor as tt
+    from gpt.data import CharDataset, load_text
     from gpt.interop import lecture_state_dict
+    from gpt.model import build_model
     from torch_gpt_reference import GPTLanguageModel
     from train import train as T
-    cfg, _ = T.resolve_config(*T.parse_args(argv))
-    cfg = T.replace(cfg, device="cpu")      # tinytensor builds the initial weights on the CPU
-    dataset, model, _, _ = T.build(cfg, None)
+    from train.config import parse_args
+    from train.resume import resolve_config
+    # the pieces train.prepare makes (not prepare itself: train.py runs meanwhile on the same
+    # out_dir, whose lock and temporary files are its own), the model on the CPU
+    cfg, _ = resolve_config(*parse_args(argv))
+    dataset = CharDataset(load_text(cfg.data or None))
+    tt.manual_seed(cfg.seed)                # parameter initialisation, as train.prepare
+    model = build_model(cfg.model, cfg.model_config(dataset.tokenizer.vocab_size))
     device = torch.device(argv[argv.index("--device") + 1] if "--device" in argv else "cpu")
     net = GPTLanguageModel(dataset.tokenizer.vocab_size, cfg.block_size, cfg.n_embd, cfg.n_head,
                            cfg.n_layer, cfg.dropout)
