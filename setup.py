@@ -11,15 +11,16 @@ setup(
     python_requires=">=3.10",
     install_requires=["numpy>=1.24", "tqdm", "matplotlib", "threadpoolctl"],
     extras_require={
-        # torch is a test-only dependency: the CPU build is enough (see README)
-        "test": ["pytest", "hypothesis", "torch"],
+        # torch is a test-only dependency: the CPU build is enough (see README); ruff: the linter
+        "test": ["pytest", "hypothesis", "torch", "ruff"],
         # mpich: the MPICH wheel, which gives mpirun (leave it out to use a cluster's own MPI);
         # threadpoolctl: BLAS threads per rank
         "mpi": ["mpi4py", "mpich", "threadpoolctl"],
         # CUDA 12 drivers; for CUDA 13 drivers install cupy-cuda13x instead
         "gpu": ["cupy-cuda12x"],
-        # the compiled CPU kernels (tinytensor/kernels/cpu.py): layer norm, cross-entropy,
-        # bias + ReLU, embedding gradients in one pass each; without it NumPy does them
+        # the accelerators of the fused ops on the CPU (tinytensor/kernels/): compiled loops for
+        # layer norm, cross-entropy, bias + ReLU, causal softmax and embedding gradients, and the
+        # work split over threads; without it every fused op runs its reference (fused.py)
         "fast": ["numba"],
     },
 )
