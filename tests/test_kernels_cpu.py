@@ -13,7 +13,7 @@ import pytest
 import tinytensor as tt
 import tinytensor.nn.functional as F
 from tinytensor import fused, kernels
-from tinytensor.kernels import attention, cross_entropy, embedding, layernorm, linear, threads
+from tinytensor.kernels import adamw, attention, cross_entropy, embedding, layernorm, linear, threads
 
 numba = pytest.importorskip("numba", reason="the compiled CPU loops need numba "
                                             "(pip install -e \".[fast]\")")
@@ -181,6 +181,31 @@ def test_linear_versions_equal_reference(op, version, bias):
         assert (a is None) == (r is None)
         if a is not None:
             close(a, r, np.float64, "gradient")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("version, n", [(adamw.NumbaAdamW, 1), (adamw.NumbaAdamW, 1000),
+                                        (adamw.NumbaAdamW, adamw.MIN_ELEMENTS + 7),  # threads
+                                        (adamw.ThreadedAdamW, adamw.MIN_ELEMENTS + 7)])
+@pytest.mark.filterwarnings("ignore:invalid value encountered")    # the NaN and inf gradients
+def test_adamw_versions_equal_reference_bit_for_bit(version, n, dtype, monkeypatch):
+    """Three steps with and without weight decay, gradients including 0, inf and NaN: the
+    accelerated updates make the reference's roundings, so parameters and moments are equal."""
+    for weight_decay in (0.0, 0.1):
+        g = rand(n, dtype, 1, scale=1e-2)
+        g[:3] = [0, np.inf, np.nan][:n]
+        ours = [rand(n, dtype, 2), np.zeros(n, dtype), np.zeros(n, dtype)]
+        ref = [a.copy() for a in ours]
+        for step in (1, 2, 3):
+            hyper = (step, 1e-3, 0.9, 0.95, 1e-8, weight_decay)
+            monkeypatch.setattr(threads, "count", lambda: 2)     # ThreadedAdamW's condition
+            assert version.takes(ours[0], g, *ours[1:], *hyper)
+            version.apply(ours[0], g, ours[1], ours[2], *hyper)
+            fused.AdamWUpdate.apply(ref[0], g, ref[1], ref[2], *hyper)
+            for a, b, what in zip(ours, ref, ("params", "exp_avg", "exp_avg_sq")):
+                np.testing.assert_array_equal(a, b, err_msg=f"{what} after step {step}")
+    assert kernels.accelerated(fused.AdamWUpdate, ours[0], g, *ours[1:], *hyper) is (
+        adamw.NumbaAdamW)
 
 
 def test_results_do_not_depend_on_threads(monkeypatch):

@@ -11,7 +11,8 @@ reference. This package holds faster versions of them, one module per kernel fam
     attention.py      CausalAttention           chunked queries over threads, with a CUDA or
                                                 compiled CPU causal softmax
     dropout.py        Dropout                   the mask drawn and applied over threads
-    adamw.py          AdamWUpdate               a CUDA kernel; cache blocks over threads
+    adamw.py          AdamWUpdate               a CUDA kernel; a compiled CPU loop; cache
+                                                blocks over threads
 
 and what they share: threads.py (NumPy work split over threads), _numba.py (the compiled CPU
 loops, needs numba: `pip install -e ".[fast]"`) and _cuda.py (compiling CUDA sources with cupy).

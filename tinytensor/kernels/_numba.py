@@ -1,6 +1,6 @@
 """The compiled CPU loops (Numba) of the accelerators of layer norm, cross-entropy, the bias (+ ReLU)
-of the linear layers, the embedding's gradient and the causal softmax. Imported at the first
-dispatch to a compiled version (kernels.numba_loops()): importing tinytensor never imports numba.
+of the linear layers, the embedding's gradient, the causal softmax and AdamW. Imported at the
+first dispatch to a compiled version (kernels.numba_loops()): importing tinytensor never imports numba.
 
 Every loop works on C-contiguous 2-D arrays of rows, writes into arrays its caller made, and
 releases the GIL (nogil), so that threads.rows can run row ranges of one call in threads.
@@ -135,6 +135,24 @@ def relu_backward(gy, y, g, gb):
             v = gyr[j] if yr[j] > 0 else gyr[j] * 0
             gr[j] = v
             gb[j] += v
+
+
+@njit(nogil=True, cache=True)
+def adamw_(p, g, m, v, decay, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt,
+           eps, step_size):
+    """One AdamW step in place on 1-D p, g, m, v, each element read and written once; the
+    scalars are of the arrays' dtype, and the operations those of the reference's array
+    expressions in the same order (no fastmath: no fused multiply-adds), so the bits match."""
+    for i in range(p.size):
+        gi = g[i]
+        mi = m[i]
+        mi = mi + (gi - mi) * one_minus_beta1
+        vi = v[i] * beta2
+        vi = vi + gi * one_minus_beta2 * gi
+        denom = np.sqrt(vi) / bias_correction2_sqrt + eps
+        p[i] = p[i] * decay - mi / denom * step_size
+        m[i] = mi
+        v[i] = vi
 
 
 # ------------------------------------------------------------------ float32 exp, vectorised

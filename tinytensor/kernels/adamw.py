@@ -3,18 +3,20 @@ update rule, in place, on a stretch of the optimizer's flat buffers or one param
 
     CUDAAdamW      one CUDA kernel: each element of p, m, v read and written once, g read once,
                    where the reference's array expressions make a dozen passes over memory
-    ThreadedAdamW  large NumPy buffers: the reference's passes over cache-sized blocks, the
-                   blocks split over threads
+    NumbaAdamW     NumPy buffers: the CUDA kernel's one pass as a compiled loop, the buffers
+                   split over threads when they are large; bit-identical to the reference
+    ThreadedAdamW  large NumPy buffers where numba is not installed: the reference's passes
+                   over cache-sized blocks, the blocks split over threads
 """
 import math
 
 import numpy as np
 
 from .. import fused
-from . import _cuda, cuda_floats, numpy_floats, threads
+from . import _cuda, cuda_floats, numba_loops, numpy_floats, threads
 
-# ThreadedAdamW takes buffers of at least this many elements: the reference's dozen passes over
-# four arrays make threads worth it from far fewer elements than threads.MIN_ELEMENTS
+# Buffers of at least this many elements are split over threads: the dozen passes over four
+# arrays make threads worth it from far fewer elements than threads.MIN_ELEMENTS
 MIN_ELEMENTS = 1 << 16
 
 SOURCE = r"""
@@ -101,6 +103,26 @@ class CUDAAdamW(fused.AdamWUpdate):
         adamw_cuda(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay)
 
 
+class NumbaAdamW(fused.AdamWUpdate):
+    device = "cpu"
+    @staticmethod
+    def takes(p, g, m, v, *hyper):
+        return (numpy_floats(p, g, m, v) and p.ndim == 1
+                and all(a.flags.c_contiguous for a in (p, g, m, v)) and numba_loops() is not None)
+
+    @staticmethod
+    def apply(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
+        h = _hyper(lr, beta1, beta2, weight_decay, step)
+        s = p.dtype.type
+        if weight_decay == 0:
+            h["decay"] = 1.0                       # the reference skips the multiplication
+        scalars = (s(h["decay"]), s(h["one_minus_beta1"]), s(beta2), s(h["one_minus_beta2"]),
+                   s(h["bias_correction2_sqrt"]), s(eps), s(h["step_size"]))
+        step_ = numba_loops().adamw_
+        threads.rows(p.size, lambda a, b: step_(p[a:b], g[a:b], m[a:b], v[a:b], *scalars),
+                     p.size, min_size=MIN_ELEMENTS)
+
+
 class ThreadedAdamW(fused.AdamWUpdate):
     device = "cpu"
     @staticmethod
@@ -116,4 +138,4 @@ class ThreadedAdamW(fused.AdamWUpdate):
                      p.size, block=threads.CACHE_ELEMENTS, min_size=MIN_ELEMENTS)
 
 
-VERSIONS = {"AdamWUpdate": [CUDAAdamW, ThreadedAdamW]}
+VERSIONS = {"AdamWUpdate": [CUDAAdamW, NumbaAdamW, ThreadedAdamW]}
