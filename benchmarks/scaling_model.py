@@ -29,9 +29,9 @@ import statistics
 import sys
 import time
 
-# one process, 2 threads, measured on the 2-core test machine on 2026-12-02 with --measure 3
-# (a slow day for its shared host: the small step took 80-95 ms that day against 38-42 ms in
-# the README's table, the lecture step 13 s against 8.6 s)
+# one process, 2 threads, measured with --measure 3 on the project's 2-core AMD EPYC VM while
+# its shared host ran slow (about 2x the step times of README's table); --measure N times this
+# machine instead
 PRESETS = {
     #            parameters  batch  forward ms  backward ms  AdamW ms
     "small": dict(params=816_705, batch=12, fwd_ms=28.2, bwd_ms=47.4, opt_ms=5.4),

@@ -193,7 +193,7 @@ def test_an_error_on_one_rank_reaches_the_user_from_that_rank(tmp_path, text_fil
 
 def test_a_bad_command_line_on_one_rank_reaches_the_user_from_that_rank(tmp_path, text_file):
     """A value that does not parse (--overlap maybe, a bool) on rank 1 alone: one line, named,
-    as for a value that parses but is out of range (above). Was TT_OVERLAP='maybe' on rank 1."""
+    as for a value that parses but is out of range (above)."""
     r = run_mpmd(tmp_path / "o", text_file, ("--overlap", "maybe"), timeout=30)
     assert r.returncode == 2 and error_lines(r) == [
         "rank 1: error: --overlap: 'maybe' is not a bool (expected true, false, 1 or 0)"], r.stderr
