@@ -1,6 +1,6 @@
 """tinytensor: a small reverse-mode autograd library on NumPy (CPU) and CuPy (GPU)."""
 from . import ops as _ops  # attaches the Tensor operators and methods
-from .backend import cuda_available
+from .backend import cuda_available, device
 from .dtypes import (bool, double, float, float16, float32, float64, half, int, int8,  # noqa: A004
                      int16, int32, int64, is_floating_point, long, promote_types, result_type,
                      short, uint8)
@@ -16,6 +16,6 @@ from .random import manual_seed
 from .tensor import (Function, Tensor, get_default_dtype, is_grad_enabled, no_grad,
                      set_default_dtype, tensor)
 # importing changes nothing in the process: malloc.keep_freed_memory() is the program's own call
-from . import malloc, nn, optim  # noqa: E402
+from . import cuda, malloc, nn, optim  # noqa: E402
 
 __version__ = "0.1.0"

@@ -44,12 +44,80 @@ def device_of(a):
     return "cuda" if is_cuda(a) else "cpu"
 
 
+class device:
+    """torch.device: where a tensor lives, a type ('cpu' or 'cuda') and an optional index.
+
+    device('cuda'), device('cuda:0') and device('cuda', 0) as in torch; str() gives 'cpu' or
+    'cuda:0', and two devices are equal when type and index are (a device never equals a
+    string, as in torch). Everything that takes a device takes one of these or its string.
+    """
+
+    __slots__ = ("type", "index")
+
+    def __init__(self, type, index=None):
+        if isinstance(type, device):
+            type, index = type.type, type.index if index is None else index
+        if not isinstance(type, str):
+            raise TypeError(f"device() expects a string such as 'cpu' or 'cuda:0', got "
+                            f"{type.__class__.__name__}")
+        name, _, num = type.partition(":")
+        if name not in ("cpu", "cuda"):
+            raise RuntimeError(f"unknown device type {name!r} in {type!r}: expected 'cpu' or "
+                               f"'cuda', optionally with an index ('cuda:0')")
+        if num:
+            if index is not None:
+                raise RuntimeError(f"device(): {type!r} already names an index, do not pass "
+                                   f"index={index!r} too")
+            if not num.isdigit():
+                raise RuntimeError(f"invalid device string {type!r}: the index after ':' must "
+                                   f"be a non-negative integer")
+            index = int(num)
+        if index is not None and (not isinstance(index, int) or isinstance(index, bool)
+                                  or index < 0):
+            raise RuntimeError(f"device index must be a non-negative int, got {index!r}")
+        object.__setattr__(self, "type", name)
+        object.__setattr__(self, "index", index)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("device objects are immutable")
+
+    def __eq__(self, other):
+        if not isinstance(other, device):
+            return NotImplemented
+        return (self.type, self.index) == (other.type, other.index)
+
+    def __hash__(self):
+        return hash((self.type, self.index))
+
+    def __str__(self):
+        return self.type if self.index is None else f"{self.type}:{self.index}"
+
+    def __repr__(self):
+        index = "" if self.index is None else f", index={self.index}"
+        return f"device(type='{self.type}'{index})"
+
+
+def device_name(d):
+    """'cpu' or 'cuda' for a device or its string (index 0 is the only GPU tinytensor uses)."""
+    d = device(d)
+    if d.type == "cuda" and d.index not in (None, 0):
+        raise NotImplementedError(f"device {str(d)!r}: tinytensor uses one GPU per process, "
+                                  f"'cuda' or 'cuda:0' (under mpirun each rank gets its own)")
+    return d.type
+
+
 def check_device(device):
-    """Validate a device string; 'auto' picks cuda when available."""
+    """Validate a device (a string or a device object); 'auto' picks cuda when available."""
+    if device != "auto":
+        try:
+            device = device_name(device)
+        except NotImplementedError:
+            raise
+        except RuntimeError:
+            raise ValueError(f"unknown device {device!r}: expected 'cpu', 'cuda' (or 'cuda:0') "
+                             f"or 'auto'") from None
     if device == "auto":
         return "cuda" if cuda_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {device!r}: expected 'cpu', 'cuda' or 'auto'")
     if device == "cuda" and not cuda_available():
         raise RuntimeError(
             "device 'cuda' requested but no GPU is usable: install cupy for your CUDA "
@@ -58,7 +126,10 @@ def check_device(device):
 
 
 def to_device(a, device):
-    """Move an array to 'cpu' (numpy) or 'cuda' (cupy); no copy when already there."""
+    """Move an array to 'cpu' (numpy) or 'cuda' (cupy); no copy when already there. device
+    is a string or a device object."""
+    if not (device == "cpu" or device == "cuda"):
+        device = check_device(device)
     if device != device_of(a):
         device = check_device(device)
         if device == "cpu" and is_cuda(a):
@@ -66,6 +137,14 @@ def to_device(a, device):
         if device == "cuda" and not is_cuda(a):
             return cp.asarray(a)
     return a
+
+
+_DEVICES = {"cpu": device("cpu"), "cuda": device("cuda", 0)}
+
+
+def device_obj(a):
+    """The device object of an array, as a tensor's .device gives it (cuda:0 for a GPU)."""
+    return _DEVICES[device_of(a)]
 
 
 def to_numpy(a):

@@ -282,7 +282,7 @@ class FlatParameters:
         xp = backend.get_array_module(first.data)
         self.params = params
         # parameter i lives in [offsets[i], offsets[i + 1]) of the flat buffers
-        self.offsets = np.cumsum([0] + [p.size for p in params]).tolist()
+        self.offsets = np.cumsum([0] + [p.data.size for p in params]).tolist()
         n = self.offsets[-1]
         self.data = xp.empty(n, dtype=first.dtype)
         # the gradients, then one flag per parameter ("has a gradient"): an allreduce sums both

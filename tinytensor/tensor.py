@@ -99,13 +99,37 @@ class Tensor:
     def ndim(self):
         return self.data.ndim
 
-    @property
-    def size(self):
+    def size(self, dim=None):
+        """torch's size(): the shape, or the length of dimension dim (negative counts from
+        the end)."""
+        if dim is None:
+            return self.data.shape
+        if self.data.ndim == 0:
+            raise IndexError(f"Dimension specified as {dim} but tensor has no dimensions")
+        from .ops import wrap_dim
+        return self.data.shape[wrap_dim(dim, self.data.ndim)]
+
+    def numel(self):
         return self.data.size
+
+    def dim(self):
+        return self.data.ndim
+
+    def element_size(self):
+        """Bytes per element (itemsize), as torch."""
+        return self.data.itemsize
+
+    @property
+    def itemsize(self):
+        return self.data.itemsize
+
+    @property
+    def nbytes(self):
+        return self.data.nbytes
 
     @property
     def device(self):
-        return backend.device_of(self.data)
+        return backend.device_obj(self.data)
 
     @property
     def is_leaf(self):
@@ -116,11 +140,20 @@ class Tensor:
         return self.permute(*reversed(range(self.ndim)))
 
     def __len__(self):
+        if self.data.ndim == 0:
+            raise TypeError("len() of a 0-d tensor")
         return len(self.data)
+
+    def __format__(self, spec):
+        """As torch: a 0-d tensor formats as its number (f"{loss:.4f}"); any other tensor
+        only without a format spec (its str)."""
+        if self.data.ndim == 0:
+            return self.item().__format__(spec)
+        return object.__format__(self, spec)
 
     def __repr__(self):
         grad = ", requires_grad=True" if self.requires_grad else ""
-        dev = ", device='cuda'" if self.device == "cuda" else ""
+        dev = ", device='cuda:0'" if backend.is_cuda(self.data) else ""
         body = np.array2string(backend.to_numpy(self.data), separator=", ", prefix="tensor(")
         return f"tensor({body}{dev}{grad})"
 

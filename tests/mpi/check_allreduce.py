@@ -131,7 +131,7 @@ def main():
     if args.fake_gpu:
         assert fake_gpu.FakeCupy.device == dist._local_rank % 3, "wrong GPU for this rank"
         dist.broadcast_parameters(params)
-        assert all(p.device == "cuda" and np.all(p.data == 0) for p in params), "broadcast"
+        assert all(p.device.type == "cuda" and np.all(p.data == 0) for p in params), "broadcast"
         assert all(type(f.grad) is fake_gpu.FakeGpuArray for f in flats), "flat buffers on the GPU"
         mean = dist.allreduce_mean(on_device(np.array([r, 1.0])))
         assert isinstance(mean, fake_gpu.FakeGpuArray) and np.allclose(mean, [(n - 1) / 2, 1])

@@ -146,7 +146,7 @@ class Module:
             yield p
 
     def num_parameters(self):
-        return int(sum(p.size for p in self.parameters()))
+        return int(sum(p.data.size for p in self.parameters()))
 
     # ----- state ----------------------------------------------------------------------
     def state_dict(self):

@@ -16,7 +16,9 @@ This module also attaches the Tensor operators and methods (the end of this file
 """
 import numpy as np
 
+from .. import backend
 from ..tensor import Tensor
+from . import inplace
 from ._common import Cast, _xp, cast, lift, promote, result_type, wrap_dim, wrap_dims  # noqa: F401
 from .creation import *  # noqa: F401,F403
 from .creation import arange, full, full_like, ones, ones_like, zeros, zeros_like  # noqa: F401
@@ -24,6 +26,7 @@ from .elementwise import *  # noqa: F401,F403
 from .elementwise import (abs, add, clamp, cos, div, exp, floor_divide, isfinite, isinf, isnan,  # noqa: F401
                           leaky_relu, log, maximum, minimum, mul, neg, operator, pow, relu, rsqrt,
                           sigmoid, silu, sin, sqrt, sub, tanh)
+from .inplace import *  # noqa: F401,F403
 from .linalg import *  # noqa: F401,F403
 from .linalg import einsum, matmul  # noqa: F401
 from .normalization import *  # noqa: F401,F403
@@ -74,7 +77,7 @@ def _to(self, *args, **kwargs):
     if kwargs:
         raise TypeError(f"to() got unexpected arguments {sorted(kwargs)}")
     for a in args:
-        if isinstance(a, str):
+        if isinstance(a, (str, backend.device)):
             device = a
         else:
             dtype = a
@@ -116,6 +119,8 @@ for _name in ["sum", "mean", "amax", "amin", "all", "any", "exp", "log", "tanh",
               "argmax", "argmin", "topk", "logsumexp", "var", "std", "cumsum", "gather"]:
     setattr(Tensor, _name, globals()[_name])
 Tensor.clip = clamp
+for _name in inplace.__all__:  # x.add_(y), x.zero_(), ... (ops/inplace.py)
+    setattr(Tensor, _name, getattr(inplace, _name))
 _to_device = Tensor.to  # tensor.py's: devices only
 Tensor.to = _to
 Tensor.long = lambda self: cast(self, np.int64)
@@ -125,6 +130,4 @@ Tensor.float = lambda self: cast(self, np.float32)
 Tensor.double = lambda self: cast(self, np.float64)
 Tensor.type_as = lambda self, other: cast(self, other.dtype)
 Tensor.is_floating_point = lambda self: self.dtype.kind == "f"
-Tensor.dim = lambda self: self.ndim
-Tensor.numel = lambda self: self.size
 Tensor.mT = property(lambda self: transpose(self, -2, -1))

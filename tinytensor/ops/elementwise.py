@@ -51,16 +51,21 @@ def add(a, b):
 
 class Sub(Function):
     def forward(self, a, b):
-        if getattr(a, "dtype", None) == np.bool_ or getattr(b, "dtype", None) == np.bool_:
-            raise RuntimeError("Subtraction, the `-` operator, with a bool tensor is not supported: "
-                               "use the `^` or `logical_xor()` operator instead")
         return a - b
 
     def backward(self, gy):
         return gy, (-gy if self.needs_grad[1] else None)
 
 
+def check_sub_operands(a, b):
+    """torch refuses a bool operand of `-` (tensor or Python bool), whatever the other is."""
+    if any(isinstance(o, bool) or isinstance(o, Tensor) and o.dtype == np.bool_ for o in (a, b)):
+        raise RuntimeError("Subtraction, the `-` operator, with a bool tensor is not supported: "
+                           "use the `^` or `logical_xor()` operator instead")
+
+
 def sub(a, b):
+    check_sub_operands(a, b)
     return _binary(Sub.apply, a, b)
 
 

@@ -45,7 +45,7 @@ def mean(x, dim=None, keepdim=False, *, dtype=None):
                            f"floating point or complex dtype. Got: {_torch_dtype_name(x.dtype)} "
                            f"(convert with .float() first)")
     axes = wrap_dims(dim, x.ndim)
-    n = x.size if axes is None else math.prod(x.shape[a] for a in axes)
+    n = x.data.size if axes is None else math.prod(x.shape[a] for a in axes)
     return sum(x, dim, keepdim) / n
 
 
@@ -107,7 +107,7 @@ def _torch_dtype_name(dtype):
 def _check_reduced_nonempty(x, axis, name, no_dim_error=RuntimeError):
     """torch refuses max-like reductions over nothing: all dims of an empty tensor, or a dim of
     size 0."""
-    if x.size:
+    if x.data.size:
         return
     if axis is None:
         raise no_dim_error(f"{name}(): Expected reduction dim to be specified for input.numel() == 0. "
@@ -390,7 +390,7 @@ def _var_std(fn, name, x, dim, unbiased, keepdim, correction):
         raise RuntimeError(f"std and var only support floating point and complex dtypes, "
                            f"got {x.dtype}: convert first, e.g. x.double()")
     axis = wrap_dims(dim, x.ndim)
-    n = x.size if axis is None else int(np.prod([x.shape[a] for a in axis]))
+    n = x.data.size if axis is None else int(np.prod([x.shape[a] for a in axis]))
     if n - correction <= 0:
         warnings.warn(f"{name}(): degrees of freedom is <= 0. Correction should be strictly less "
                       f"than the reduction factor (input numel divided by output numel).",
