@@ -1,7 +1,8 @@
-"""Neural-network layers (tinytensor.nn) and their functional forms (tinytensor.nn.functional)."""
-from . import functional
+"""Neural-network layers (tinytensor.nn), their functional forms (tinytensor.nn.functional) and
+parameter initialisation (tinytensor.nn.init)."""
+from . import functional, init
 from .modules import (GELU, Dropout, Embedding, LayerNorm, Linear, Module, ModuleList, Parameter,
                       ReLU, Sequential, Tanh)
 
-__all__ = ["functional", "Module", "Parameter", "Linear", "Embedding", "LayerNorm", "Dropout",
-           "ReLU", "GELU", "Tanh", "Sequential", "ModuleList"]
+__all__ = ["functional", "init", "Module", "Parameter", "Linear", "Embedding", "LayerNorm",
+           "Dropout", "ReLU", "GELU", "Tanh", "Sequential", "ModuleList"]
