@@ -409,3 +409,93 @@ def test_assignment_and_autograd():
     with tt.no_grad(), pytest.raises(RuntimeError, match="computed from one that requires grad"):
         y[0] = 1.0  # not a leaf: its graph would see the new value
 
+
+# ---------------------------------------------------------------- logical ops
+def _operand(m, dtype, shape):
+    values = [0.0, 1.5, -2.0, math.nan, -0.0, 3.0] if "float" in dtype else [0, 1, 3, 0, 2, 1]
+    if dtype == "bool":
+        values = [False, True, True, False, True, False]
+    n = math.prod(shape)
+    return m.tensor(np.array((values * n)[:n]).reshape(shape)).to(getattr(m, dtype))
+
+
+LOGICAL_DTYPES = ["bool", "int8", "uint8", "int32", "int64", "float32", "float64"]
+
+
+@pytest.mark.parametrize("a_dtype", LOGICAL_DTYPES)
+@pytest.mark.parametrize("b_dtype", ["bool", "int64", "float32"])
+@pytest.mark.parametrize("op", ["logical_and", "logical_or", "logical_xor"])
+def test_logical_binary_ops_give_bool_and_broadcast(op, a_dtype, b_dtype):
+    for a_shape, b_shape in [((6,), (6,)), ((3, 1), (4,)), ((), (2, 3)), ((2, 3), ())]:
+        ref = same_outcome(lambda m: getattr(m, op)(_operand(m, a_dtype, a_shape),
+                                                    _operand(m, b_dtype, b_shape)))
+        same_outcome(lambda m: getattr(_operand(m, a_dtype, a_shape), op)(_operand(m, b_dtype, b_shape)))
+        assert ref[0] == "bool"
+
+
+@pytest.mark.parametrize("dtype", LOGICAL_DTYPES)
+def test_logical_not_is_true_where_zero(dtype):
+    for shape in [(6,), (2, 3), ()]:
+        assert same_outcome(lambda m: m.logical_not(_operand(m, dtype, shape)))[0] == "bool"
+        same_outcome(lambda m: _operand(m, dtype, shape).logical_not())
+    same_outcome(lambda m: m.tensor([2, 0]).logical_not())  # not ~: [False, True]
+
+
+def test_logical_ops_have_no_gradient_and_torchs_errors():
+    for m in (tt, torch):
+        x = m.tensor([0.0, 1.0], requires_grad=True)
+        assert not m.logical_and(x, x).requires_grad and not x.logical_not().requires_grad
+    same_error(lambda m: m.logical_and(m.ones(2), 1), "must be Tensor, not int")
+    same_error(lambda m: m.logical_xor(2, m.ones(2)), "must be Tensor, not int")
+    same_error(lambda m: m.ones(2).logical_or(0.5), "must be Tensor, not float")
+    same_error(lambda m: m.logical_not(3), "must be Tensor, not int")
+    same_error(lambda m: m.logical_and(m.ones(2), m.ones(3)), "must match the size")
+
+
+@pytest.mark.parametrize("dtype", ["bool"] + INT_DTYPES + ["float32"])
+def test_invert_is_bitwise_not(dtype):
+    if dtype == "float32":
+        same_error(lambda m: ~_operand(m, dtype, (6,)), "only defined for bool and integer")
+        return
+    same_outcome(lambda m: ~_operand(m, dtype, (2, 3)))
+    same_outcome(lambda m: ~m.tensor([-3, 0, 127, 1]).to(getattr(m, dtype)))
+
+
+# ---------------------------------------------------------------- bitwise ops with Python ints
+BITWISE_SCALARS = [300, -1, 2, 255, 256, -255, 2**63 - 1, 2**63, -2**63, 2**64, 2**64 - 1,
+                   -2**63 - 1, True, False, 2.0]
+
+
+@pytest.mark.parametrize("dtype", ["bool"] + INT_DTYPES)
+@pytest.mark.parametrize("op", ["&", "|", "^"])
+@pytest.mark.parametrize("scalar", BITWISE_SCALARS, ids=str)
+def test_bitwise_ops_with_python_scalars(dtype, op, scalar):
+    def values(m):
+        return m.tensor([1, -3, 127, 0, 5]).to(getattr(m, dtype))
+    fn = eval(f"lambda x, s: (x {op} s, s {op} x)")  # both sides
+    for side in (0, 1):
+        same_outcome(lambda m: fn(values(m), scalar)[side])
+
+
+def test_bitwise_errors_as_torch():
+    same_error(lambda m: m.tensor([1, 2]) & 2**64, "int too big")
+    same_error(lambda m: m.tensor([1, 2], dtype=m.int8) | -2**63 - 1, "negative int")
+    same_error(lambda m: m.tensor([True]) ^ 2**63, "uint64")
+    same_error(lambda m: m.tensor([1, 2]) & 2.0, "only defined for bool and integer")
+    same_error(lambda m: m.tensor([1.0]) | m.tensor([True]), "only defined for bool and integer")
+    same_error(lambda m: m.tensor([1, 2]) & [1, 2], "unsupported operand")
+    same_error(lambda m: m.tensor([1, 2]) ^ None, "unsupported operand")
+    same_error(lambda m: m.ones(2, dtype=m.int8) & m.ones(3, dtype=m.int8), "must match the size")
+
+
+@pytest.mark.parametrize("expr", [
+    lambda m: m.tensor([5], dtype=m.int8) & m.tensor([300]),        # a tensor with dims: int64
+    lambda m: m.tensor([5, -1], dtype=m.int8) & m.tensor(300),       # a 0-d tensor: wrapped
+    lambda m: m.tensor([True, False]) & m.tensor(5),
+    lambda m: m.tensor([True, False]) | m.tensor([True]),
+    lambda m: m.tensor(5, dtype=m.uint8) ^ -1,
+    lambda m: (m.arange(4)[:, None] & m.arange(3)),
+])
+def test_bitwise_ops_of_tensors_promote_and_broadcast_as_torch(expr):
+    same_outcome(expr)
+
