@@ -135,7 +135,6 @@ for fn in [lambda a: a[1], lambda a: a[-1], lambda a: a[1:3], lambda a: a[:, ::2
            lambda a: a[..., -1], lambda a: a[None], lambda a: a[:, 1:3, None],
            lambda a: a[:, [1, 1, 0]], lambda a: a[[0, 0, 2], 1:], lambda a: a[[2, 0], [1, 1]]]:
     add(same("index", fn, randn(4, 5)))
-add(pair("index", lambda a: a[::-2], lambda a: torch.flip(a, [0])[::2], randn(5, 3)))  # negative step
 add(same("index", lambda a, i: a[i], randn(4, 5), np.array([0, 2, 0, 3, 3, 0])))      # repeats
 add(same("index", lambda a, i: a[i], randn(4, 5), np.array([[1, 1], [-1, 0]])))       # 2-D, negative
 add(same("index", lambda a, i: a[:, i], randn(4, 5), np.array([4, 4, 4, 0])))

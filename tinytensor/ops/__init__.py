@@ -44,18 +44,46 @@ from .shape import (chunk, contiguous, expand, expand_as, flatten, getitem, mask
 def _no_grad_op(ufunc, integral=None):
     """An elementwise op on the promoted operands with no gradient, as torch: comparisons
     (`tril == 0` gives a bool tensor) and, with integral naming the operator, the bitwise ops
-    of bool and integer tensors. None or a str as the other operand: NotImplemented (so
-    `t == None` is False, as in torch)."""
+    of bool and integer tensors (with a Tensor or a Python scalar: torch takes no lists; a
+    Python int as _bitwise_int says; floats raise NotImplementedError, as torch). None or a
+    str as the other operand: NotImplemented (so `t == None` is False, as in torch)."""
+    from .elementwise import _check_broadcast
+
     def op(self, other):
+        if integral and not isinstance(other, (Tensor, int, float, np.generic)):
+            return NotImplemented
         other = lift(other, self)
         if other is NotImplemented:
             return NotImplemented
         dt, (a, b) = promote(self, other)
         if integral and dt.kind not in "biu":
-            raise TypeError(f"{integral} is only defined for bool and integer tensors, got {dt}")
-        b = b.data if isinstance(b, Tensor) else b
+            raise NotImplementedError(f"{integral} is only defined for bool and integer tensors, "
+                                      f"got {dt}")
+        if integral and type(b) is int:
+            b = _bitwise_int(b, dt, self.dtype)
+        if isinstance(b, Tensor):
+            _check_broadcast(a.shape, b.shape)
+            b = b.data
         return Tensor(getattr(_xp(a.data), ufunc)(a.data, b))
     return op
+
+
+def _bitwise_int(v, dt, tensor_dtype):
+    """A Python int operand of a bitwise op with result dtype dt (integer), as torch takes it:
+    an int in [-2**63, 2**64) wraps into dt as two's complement (int8 & 300 is int8 & 44,
+    uint8 & -1 is uint8 & 255); others raise OverflowError; with a bool tensor an int >= 2**63
+    (a uint64 in torch) raises RuntimeError."""
+    if v >= 2**64:
+        raise OverflowError(f"int too big to convert: {v} is outside [-2**63, 2**64)")
+    if v < -2**63:
+        raise OverflowError(f"can't convert negative int to unsigned: {v} is outside "
+                            f"[-2**63, 2**64)")
+    if v >= 2**63 and tensor_dtype == np.bool_:
+        raise RuntimeError(f"Promotion for uint64 types is not supported: a bool tensor with "
+                           f"{v} (>= 2**63, a uint64 in torch)")
+    bits = 8 * dt.itemsize
+    v %= 2**bits
+    return dt.type(v - 2**bits if dt.kind == "i" and v >= 2**(bits - 1) else v)
 
 
 def _invert(self):
@@ -108,7 +136,9 @@ Tensor.__and__ = Tensor.__rand__ = _no_grad_op("bitwise_and", "&")
 Tensor.__or__ = Tensor.__ror__ = _no_grad_op("bitwise_or", "|")
 Tensor.__xor__ = Tensor.__rxor__ = _no_grad_op("bitwise_xor", "^")
 Tensor.__invert__ = _invert
-Tensor.logical_not = _invert
+Tensor.logical_not = globals()["logical_not"]
+for _name in ("logical_and", "logical_or", "logical_xor"):  # torch's logical ops: bool results
+    setattr(Tensor, _name, globals()[_name])
 
 for _name in ["sum", "mean", "amax", "amin", "all", "any", "exp", "log", "tanh", "relu", "sqrt",
               "rsqrt", "sigmoid", "abs", "sin", "cos", "clamp", "maximum", "minimum", "isnan",

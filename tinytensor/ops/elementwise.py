@@ -485,3 +485,48 @@ def isinf(x):
 
 def isfinite(x):
     return Tensor(_xp(x.data).isfinite(x.data))
+
+
+# ---------------------------------------------------------------- logical (bool, no gradient)
+def _check_broadcast(a, b):
+    """torch's error where shapes a and b do not broadcast: RuntimeError naming the sizes and
+    the dim (counted in the broadcast result) where they first differ from the right."""
+    for d in range(1, min(len(a), len(b)) + 1):
+        if a[-d] != b[-d] and a[-d] != 1 and b[-d] != 1:
+            raise RuntimeError(f"The size of tensor a ({a[-d]}) must match the size of tensor b "
+                               f"({b[-d]}) at non-singleton dimension {max(len(a), len(b)) - d}")
+
+
+def _logical(name, a, b):
+    """xp.<name>(a, b) for two tensors (of any dtypes, broadcast) as a bool tensor."""
+    for t, arg, pos in ((a, "input", 1), (b, "other", 2)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}(): argument '{arg}' (position {pos}) must be Tensor, not "
+                            f"{type(t).__name__}")
+    _check_broadcast(a.shape, b.shape)
+    return Tensor(getattr(_xp(a.data, b.data), name)(a.data, b.data))
+
+
+def logical_not(x):
+    """torch.logical_not: a bool tensor, True where x is zero (any dtype; NaN is nonzero)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"logical_not(): argument 'input' (position 1) must be Tensor, not "
+                        f"{type(x).__name__}")
+    return Tensor(_xp(x.data).logical_not(x.data))
+
+
+def logical_and(a, b):
+    """torch.logical_and: a bool tensor, True where a and b are both nonzero (any dtypes; NaN
+    is nonzero), broadcast; both must be tensors."""
+    return _logical("logical_and", a, b)
+
+
+def logical_or(a, b):
+    """torch.logical_or: a bool tensor, True where a or b is nonzero (as logical_and)."""
+    return _logical("logical_or", a, b)
+
+
+def logical_xor(a, b):
+    """torch.logical_xor: a bool tensor, True where exactly one of a and b is nonzero (as
+    logical_and)."""
+    return _logical("logical_xor", a, b)

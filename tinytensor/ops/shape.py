@@ -3,11 +3,13 @@ joining and splitting."""
 import itertools
 import math
 import numbers
+import warnings
+from operator import index as _as_index
 
 import numpy as np
 
 from .. import backend
-from ..tensor import Function, Tensor
+from ..tensor import Function, Tensor, is_grad_enabled
 from ._common import _xp, as_tensor, promote, wrap_dim, wrap_dims
 
 
@@ -249,15 +251,98 @@ def triu(x, diagonal=0):
 
 
 # ---------------------------------------------------------------- indexing
+# torch reads x[idx] in two steps: first the ints, slices, None and ... (an int selects and drops
+# its dim, a bool adds a dim of size 1 or 0), then the index arrays and masks on what is left,
+# their dims placed as NumPy places them: where the arrays stand when they are adjacent, else in
+# front. So x[1, :, [2, 1]] on (2, 3, 4) is (3, 2), where NumPy's one step gives (2, 3).
+_VALID = ("only integers, slices (`:`), ellipsis (`...`), None, bools, long, int, byte or bool "
+          "tensors and (nested) lists of numbers are valid indices")
+
+
 def _unwrap_index(idx):
-    if isinstance(idx, Tensor):
-        return idx.data
-    if isinstance(idx, tuple):  # lists become arrays, so repeated indices accumulate gradient
-        return tuple(i.data if isinstance(i, Tensor) else np.asarray(i) if isinstance(i, list) else i
-                     for i in idx)
-    if isinstance(idx, list):
-        return np.asarray(idx)
-    return idx
+    """The items of an index (see _item): a tuple has one per entry, and so has a list holding
+    a sequence, slice, tensor, None or ... (torch still reads such a list as a tuple, with a
+    deprecation warning); anything else is one item."""
+    if isinstance(idx, tuple):
+        items = idx
+    elif isinstance(idx, list) and len(idx) < 32 and any(
+            isinstance(i, (list, tuple, slice, Tensor, np.ndarray)) or i is None or i is Ellipsis
+            for i in idx):
+        warnings.warn("Using a non-tuple sequence for multidimensional indexing is deprecated "
+                      "(in torch too): use x[tuple(seq)] instead of x[seq]", UserWarning,
+                      stacklevel=3)
+        items = tuple(idx)
+    else:
+        items = (idx,)
+    items = tuple(_item(i) for i in items)
+    if sum(i is Ellipsis for i in items) > 1:
+        raise IndexError("an index can only have a single ellipsis ('...'), got "
+                         f"{sum(i is Ellipsis for i in items)}")
+    return items
+
+
+def _item(i):
+    """One item of an index as torch takes it: an int (or a 0-d integer tensor) selects; a bool
+    (or a 0-d bool tensor) adds a dim; a slice (step > 0), None or ...; anything else is an
+    index array: a tensor (see _tensor_index) or Python data (see _data_index)."""
+    if i is None or i is Ellipsis or isinstance(i, bool):
+        return i
+    if isinstance(i, slice):
+        step = 1 if i.step is None else _as_index(i.step)
+        if step <= 0:
+            raise ValueError("slice step cannot be zero" if step == 0 else
+                             f"step must be greater than zero: torch has no negative slice steps "
+                             f"(got {step})")
+        return i
+    if isinstance(i, numbers.Integral):  # Python and NumPy ints (not numpy.bool_, as in torch)
+        return int(i)
+    if isinstance(i, Tensor) or backend.is_cuda(i):
+        return _tensor_index(i.data if isinstance(i, Tensor) else i)
+    if isinstance(i, (list, tuple, np.ndarray)):
+        return _data_index(i)
+    error = TypeError if isinstance(i, str) else IndexError
+    raise error(f"{_VALID} (got {type(i).__name__})")
+
+
+def _tensor_index(a):
+    """A tensor's array as an index item, as torch: 0-d integer -> an int, 0-d bool -> a bool;
+    else int32/int64 -> int64 indices, bool -> a mask (uint8: a mask too, deprecated)."""
+    if a.dtype == np.uint8:
+        warnings.warn("indexing with dtype uint8 is deprecated (in torch too): use a bool tensor",
+                      UserWarning, stacklevel=6)
+        a = a.astype(np.bool_)
+    if a.dtype == np.bool_:
+        return bool(a) if a.ndim == 0 else a
+    if a.dtype.kind in "iu" and (a.ndim == 0 or a.dtype in (np.int32, np.int64)):
+        return int(a) if a.ndim == 0 else a.astype(np.int64, copy=False)
+    raise IndexError(f"tensors used as indices must be long, int, byte or bool tensors, got "
+                     f"dtype {a.dtype}")
+
+
+def _data_index(d):
+    """A list, tuple (nested, tensors inside taken as their values) or NumPy array as an index
+    item, as torch: bools -> a mask, numbers -> int64 indices (floats truncated toward zero);
+    a 0-d NumPy array is a bool or an int."""
+    if isinstance(d, np.ndarray) and d.dtype == np.uint8:
+        return _tensor_index(d)
+    a = np.asarray(_plain(d))
+    if a.dtype == np.bool_:
+        return bool(a) if a.ndim == 0 else a
+    if a.dtype.kind in "iuf":
+        return int(a) if a.ndim == 0 else a.astype(np.int64)
+    error = TypeError if a.dtype.kind in "US" else IndexError
+    raise error(f"{_VALID} (got a {type(d).__name__} of {a.dtype})")
+
+
+def _plain(d):
+    """Nested lists and tuples with the tensors and device arrays in them as Python values."""
+    if isinstance(d, Tensor):
+        return d.tolist()
+    if backend.is_cuda(d):
+        return backend.to_numpy(d).tolist()
+    if isinstance(d, (list, tuple)):
+        return [_plain(e) for e in d]
+    return d
 
 
 def _is_array(i):
@@ -268,39 +353,97 @@ def _is_advanced(idx):
     return any(_is_array(i) for i in (idx if isinstance(idx, tuple) else (idx,)))
 
 
-def _torch_order(idx):
-    """torch applies integer indices first (each selects, dropping its dim) and array indices
-    after, so x[1, :, idx] on (2, 5, 6) is (5, len(idx)); NumPy would put the index dim first.
-    For an index that mixes both: the two steps, else None."""
-    if not isinstance(idx, tuple):
-        return None
-    ints = [isinstance(i, numbers.Integral) and not isinstance(i, (bool, np.bool_)) for i in idx]
-    if not any(ints) or not any(_is_array(i) for i in idx):
-        return None
-    first, second = [], []
-    for i, is_int in zip(idx, ints):
-        if is_int:
-            first.append(i)
-        elif i is None:
-            first.append(None)
-            second.append(slice(None))
-        elif i is Ellipsis:
-            first.append(i)
-            second.append(i)
+def _torch_order(items, ndim):
+    """torch's two steps for the items of an index into a tensor of ndim dims: the basic index
+    (ints, slices, None, ...; an index array's dims kept whole; a bool as a new dim) and, where
+    there are index arrays or bools, the advanced index of its result: slice(None), ... or an
+    array per item left; else None."""
+    specified = sum(i.ndim if _is_mask(i) else 1 for i in items
+                    if i is not None and i is not Ellipsis and not isinstance(i, bool))
+    if specified > ndim:
+        raise IndexError(f"too many indices for tensor of dimension {ndim} ({specified} indexed)")
+    basic, advanced = [], []
+    for i in items:
+        if isinstance(i, bool):  # as torch: the index [0] (True) or [] (False) of a new dim
+            basic.append(None)
+            advanced.append(np.zeros(int(i), dtype=np.int64))
         elif _is_array(i):
-            first.extend([slice(None)] * (i.ndim if i.dtype == np.bool_ else 1))
-            second.append(i)
+            basic.extend([slice(None)] * (i.ndim if _is_mask(i) else 1))
+            advanced.append(i)
         else:
-            first.append(i)
-            second.append(slice(None))
-    return tuple(first), tuple(second)
+            basic.append(i)
+            if not isinstance(i, int):  # an int's dim is gone after the first step
+                advanced.append(Ellipsis if i is Ellipsis else slice(None))
+    return tuple(basic), (advanced if _is_advanced(tuple(advanced)) else None)
+
+
+def _is_mask(i):
+    return _is_array(i) and i.dtype == np.bool_
+
+
+def _advanced(items, shape, device):
+    """The advanced step (see _torch_order) for an array of `shape`, checked as torch checks it,
+    as NumPy reads it: slice(None)s and int64 arrays on `device`, the masks as the indices of
+    their True elements, negative indices wrapped. IndexError for a mask of the wrong shape, an
+    index out of range, or index arrays that do not broadcast together."""
+    rest = len(shape) - sum(i.ndim if _is_mask(i) else 1 for i in items if i is not Ellipsis)
+    out = []
+    for pos, i in enumerate(items):
+        d = len(out)  # the dim this item starts at
+        if i is Ellipsis:
+            out.extend([slice(None)] * rest)
+        elif isinstance(i, slice):
+            out.append(i)
+        elif _is_mask(i):
+            if i.shape != shape[d:d + i.ndim]:
+                raise IndexError(f"The shape of the mask {list(i.shape)} at index {pos} does not "
+                                 f"match the shape of the indexed tensor {list(shape)} at index {d}")
+            i = backend.to_device(i, device)
+            out.extend(_xp(i).nonzero(i))
+        else:
+            out.append(_in_range(backend.to_device(i, device), shape[d], d))
+    arrays = [i for i in out if not isinstance(i, slice)]
+    try:
+        np.broadcast_shapes(*(a.shape for a in arrays))
+    except ValueError:
+        raise IndexError(f"shape mismatch: indexing tensors could not be broadcast together with "
+                         f"shapes {', '.join(str(list(a.shape)) for a in arrays)}") from None
+    return tuple(out)
+
+
+def _in_range(i, n, dim):
+    """The index array i into a dim of size n, negative entries wrapped; IndexError (as torch)
+    for an entry outside [-n, n)."""
+    xp = _xp(i)
+    bad = (i < -n) | (i >= n)
+    if i.size and bool(bad.any()):
+        raise IndexError(f"index {int(i[bad][0])} is out of bounds for dimension {dim} with "
+                         f"size {n}")
+    return xp.where(i < 0, i + n, i)
+
+
+def _indexed_shape(shape, index):
+    """The shape of a[index], a of `shape` and index of slice(None)s and int arrays: the arrays'
+    broadcast shape where they stand when they are adjacent, else in front, then the dims left."""
+    at = [d for d, i in enumerate(index) if not isinstance(i, slice)]
+    together = np.broadcast_shapes(*(index[d].shape for d in at))
+    rest = tuple(n for d, n in enumerate(shape) if d not in at)
+    first = at[0] if at == list(range(at[0], at[-1] + 1)) else 0
+    return rest[:first] + together + rest[first:]
+
+
+def _whole(i):
+    """True for an item that keeps every dim as it is (`:` or ...)."""
+    return i is Ellipsis or (isinstance(i, slice) and i.start is None and i.stop is None
+                             and i.step is None)
 
 
 class GetItem(Function):
-    """x[idx] with slices, ints and integer/bool arrays; repeated indices accumulate."""
+    """x[idx] for an index that NumPy and torch read alike: ints, slices, None and ... (a view),
+    or slices and int64 arrays (a gather: the gradients of repeated indices accumulate)."""
 
     def forward(self, x, idx):
-        self.shape, self.dtype, self.idx = x.shape, x.dtype, idx
+        self.shape, self.idx = x.shape, idx
         return x[idx]
 
     def backward(self, gy):
@@ -314,13 +457,16 @@ class GetItem(Function):
 
 
 def getitem(x, idx):
-    idx = _unwrap_index(idx)
-    if backend.is_cuda(x.data):
-        idx = backend.index_to_device(idx, "cuda")
-    steps = _torch_order(idx)
-    if steps is not None:
-        return GetItem.apply(GetItem.apply(x, idx=steps[0]), idx=steps[1])
-    return GetItem.apply(x, idx=idx)
+    """x[idx] as torch reads it (see above): ints, slices (step > 0), None, ..., bools, and
+    index arrays (tensors, lists, tuples, nested lists, NumPy arrays; bool ones are masks of the
+    dims they cover), negative indices counting from the end; an out-of-range index raises
+    IndexError."""
+    basic, advanced = _torch_order(_unwrap_index(idx), x.ndim)
+    if advanced is None:
+        return GetItem.apply(x, idx=basic)
+    if not all(_whole(i) for i in basic):
+        x = GetItem.apply(x, idx=basic)
+    return GetItem.apply(x, idx=_advanced(advanced, x.shape, x.device))
 
 
 class MaskedFill(Function):
@@ -501,19 +647,87 @@ def unbind(x, dim=0):
 
 
 def setitem(x, idx, value):
-    """x[idx] = value in place, for tensors outside autograd (the lecture's `xbow[b, t] = ...`
-    and `losses[k] = loss.item()`). Writing into a tensor that requires grad or was computed
-    from one is refused, as torch refuses it for leaves (tinytensor has no in-place autograd)."""
-    if x.requires_grad:
+    """x[idx] = value in place, as torch: idx as x[idx] reads it; value a Python scalar
+    (converted to x's dtype as torch converts it, see _scalar_value) or a tensor that, with its
+    leading size-1 dims dropped, broadcasts to x[idx]'s shape. A tensor value is cast to x's
+    dtype where idx has no index arrays; with them its dtype must be x's (torch's index_put_),
+    unless idx has one mask and nothing else and the value one element (then it is a scalar).
+
+    Outside autograd only (tinytensor has no in-place autograd): writing into a tensor that
+    requires grad is refused, as torch refuses it for leaves, except under no_grad() into a leaf
+    (a Parameter's initialisation); a value that requires grad is refused unless under no_grad()."""
+    _check_assignable(x, value)
+    basic, advanced = _torch_order(_unwrap_index(idx), x.ndim)
+    if advanced is None:
+        x.data[basic] = _assigned(value, x, x.data[basic].shape)
+        return
+    target = x.data[basic]  # the basic step keeps a dim for each array or bool: a view
+    index = _advanced(advanced, target.shape, x.device)
+    shape = _indexed_shape(target.shape, index)
+    if isinstance(value, Tensor) and value.size == 1 and value.device == "cpu" and \
+            [_is_mask(i) for i in advanced if _is_array(i)] == [True]:
+        value = value.item()  # torch fills through one mask with a one-element value's item()
+    elif isinstance(value, Tensor) and value.dtype != x.dtype:
+        raise RuntimeError(f"Index put requires the source and destination dtypes match, got "
+                           f"{x.dtype} for the destination and {value.dtype} for the source: "
+                           f"convert the value with .to({x.dtype})")
+    target[index] = _assigned(value, x, shape)
+
+
+def _check_assignable(x, value):
+    if x.requires_grad and is_grad_enabled():
         raise RuntimeError("a tensor that requires grad cannot be assigned to in place: assign "
                            "under no_grad() to a detach()ed copy, or build a new tensor")
-    if isinstance(value, Tensor):
-        if value.requires_grad:
-            raise NotImplementedError("assigning a tensor that requires grad into another tensor "
-                                      "(in-place autograd) is not supported: use cat/stack/where")
-        value = value.data
-    idx = _unwrap_index(idx)
-    if _torch_order(idx) is not None:
-        raise NotImplementedError("assignment through an index that mixes ints and index arrays "
-                                  "is not supported: index in two steps")
-    x.data[idx] = backend.to_device(value, x.device) if hasattr(value, "shape") else value
+    if x.requires_grad and not x.is_leaf:
+        raise RuntimeError("a tensor computed from one that requires grad cannot be assigned to "
+                           "in place, under no_grad() too (its graph would see the new values): "
+                           "assign to a detach()ed copy, or build a new tensor")
+    if isinstance(value, Tensor) and value.requires_grad and is_grad_enabled():
+        raise NotImplementedError("assigning a tensor that requires grad into another tensor "
+                                  "(in-place autograd) is not supported: use cat/stack/where")
+
+
+def _assigned(value, x, shape):
+    """What x[idx] = value writes where x[idx] has `shape`: a scalar of x's dtype, or the value
+    tensor's array on x's device in x's dtype, its leading size-1 dims dropped (as torch)."""
+    if not isinstance(value, Tensor):
+        return _scalar_value(value, x.dtype)
+    a = value.data
+    lead = next((d for d, n in enumerate(a.shape) if n != 1), a.ndim)
+    a = a.reshape(a.shape[lead:])
+    if a.ndim > len(shape) or any(m not in (1, n) for m, n in zip(a.shape[::-1], shape[::-1])):
+        raise RuntimeError(f"shape mismatch: value tensor of shape {list(value.shape)} cannot be "
+                           f"broadcast to indexing result of shape {list(shape)}")
+    return backend.to_device(a, x.device).astype(x.dtype, copy=False)
+
+
+def _scalar_value(v, dtype):
+    """A Python or NumPy scalar as a value of dtype, as torch converts it for x[idx] = v: an int
+    outside int64 raises ValueError; a value outside an integer dtype (or float32; not float16,
+    that rounds to inf) raises RuntimeError, but negative ints wrap into unsigned dtypes as
+    two's complement (uint8: -1 is 255, -256 is refused); floats into integers truncate toward
+    zero; bool is v != 0 (NaN too)."""
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, complex):
+        raise RuntimeError(f"value cannot be converted to type {dtype} without overflow: "
+                           f"tinytensor has no complex tensors (got {v})")
+    if not isinstance(v, numbers.Real):
+        raise TypeError(f"can't assign a {type(v).__name__} to a tensor: assign a number or a "
+                        f"Tensor (tinytensor.tensor(...) makes one from lists and arrays)")
+    if isinstance(v, int) and not -2**63 <= v < 2**63:
+        raise ValueError(f"Overflow when unpacking long long: {v} is outside the int64 range")
+    if dtype.kind == "b":
+        return np.bool_(v != 0)
+    if dtype.kind == "f":
+        fits = dtype != np.float32 or not math.isfinite(v) or abs(v) <= float(np.finfo(np.float32).max)
+    elif isinstance(v, float):
+        fits = math.isfinite(v) and np.iinfo(dtype).min <= v <= np.iinfo(dtype).max
+    else:
+        fits = v <= np.iinfo(dtype).max and (v >= np.iinfo(dtype).min or -v <= np.iinfo(dtype).max)
+    if not fits:
+        raise RuntimeError(f"value cannot be converted to type {dtype} without overflow: {v}")
+    if dtype.kind in "iu":  # truncated toward zero; negative ints wrap into unsigned dtypes
+        v = int(v) % 2 ** (8 * dtype.itemsize) if dtype.kind == "u" else int(v)
+    with np.errstate(over="ignore"):
+        return dtype.type(v)
