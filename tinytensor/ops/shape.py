@@ -664,7 +664,7 @@ def setitem(x, idx, value):
     target = x.data[basic]  # the basic step keeps a dim for each array or bool: a view
     index = _advanced(advanced, target.shape, x.device)
     shape = _indexed_shape(target.shape, index)
-    if isinstance(value, Tensor) and value.size == 1 and value.device == "cpu" and \
+    if isinstance(value, Tensor) and value.data.size == 1 and not backend.is_cuda(value.data) and \
             [_is_mask(i) for i in advanced if _is_array(i)] == [True]:
         value = value.item()  # torch fills through one mask with a one-element value's item()
     elif isinstance(value, Tensor) and value.dtype != x.dtype:
