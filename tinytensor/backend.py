@@ -99,7 +99,8 @@ class device:
 
 def device_name(d):
     """'cpu' or 'cuda' for a device or its string (index 0 is the only GPU tinytensor uses)."""
-    d = device(d)
+    if not isinstance(d, device):
+        d = device(d)
     if d.type == "cuda" and d.index not in (None, 0):
         raise NotImplementedError(f"device {str(d)!r}: tinytensor uses one GPU per process, "
                                   f"'cuda' or 'cuda:0' (under mpirun each rank gets its own)")
@@ -128,7 +129,9 @@ def check_device(device):
 def to_device(a, device):
     """Move an array to 'cpu' (numpy) or 'cuda' (cupy); no copy when already there. device
     is a string or a device object."""
-    if not (device == "cpu" or device == "cuda"):
+    if not isinstance(device, str):  # a device object, as a tensor's .device gives
+        device = device_name(device)
+    elif device not in ("cpu", "cuda"):
         device = check_device(device)
     if device != device_of(a):
         device = check_device(device)
