@@ -239,12 +239,14 @@ class GPTConfig:
 
 
 # ---------------------------------------------------------------- sampling
-def sample_next(logits, temperature=1.0, top_k=None, rng=None):
+def sample_next(logits, temperature=1.0, top_k=None, rng=None, top_p=None):
     """One token per row of logits (B, V), as an int64 array (B,).
 
-    logits / temperature, only the top_k largest kept (ties with the k-th kept too), then
-    inverse-CDF sampling with one rng.random() draw per row - so two computations of the same
-    logits (cached and recomputed) draw the same tokens from the same rng.
+    In the order torch-based samplers apply them: logits / temperature; only the top_k largest
+    kept (ties with the k-th kept too); then only the nucleus, the smallest set of the likeliest
+    tokens whose probability reaches top_p (always at least one); then inverse-CDF sampling with
+    one rng.random() draw per row - so two computations of the same logits (cached and
+    recomputed) draw the same tokens from the same rng.
     """
     rng = rng if rng is not None else tt.random.rng()
     logits = np.asarray(logits, dtype=np.float64) / temperature   # (B, V)
@@ -252,9 +254,25 @@ def sample_next(logits, temperature=1.0, top_k=None, rng=None):
         kth = np.partition(logits, -top_k, axis=1)[:, -top_k, None]   # (B, 1) the k-th largest
         logits = np.where(logits < kth, -np.inf, logits)
     probs = np.exp(logits - logits.max(axis=1, keepdims=True))       # (B, V), unnormalised
+    if top_p is not None and top_p < 1.0:
+        probs = nucleus(probs, top_p)
     cdf = np.cumsum(probs, axis=1)                                   # (B, V)
     u = (1.0 - rng.random(len(cdf)))[:, None] * cdf[:, -1:]          # (B, 1), in (0, total]
     return np.minimum((cdf < u).sum(axis=1), cdf.shape[1] - 1).astype(np.int64)
+
+
+def nucleus(probs, top_p):
+    """probs (B, V), unnormalised, with every token outside each row's nucleus set to 0: the
+    nucleus is the smallest set of the likeliest tokens whose probability reaches top_p, found
+    by sorting the row, most likely first, and keeping each token while the probability of the
+    ones before it is still below top_p (so the likeliest is always kept)."""
+    order = np.argsort(-probs, axis=1, kind="stable")                 # (B, V) likeliest first
+    p = np.take_along_axis(probs, order, axis=1)
+    p = p / p.sum(axis=1, keepdims=True)
+    before = np.cumsum(p, axis=1) - p                                 # mass of the tokens before
+    keep = np.zeros(probs.shape, dtype=bool)
+    np.put_along_axis(keep, order, before < top_p, axis=1)
+    return np.where(keep, probs, 0.0)
 
 
 def _index_array(idx, what="idx", shape=None):
@@ -301,11 +319,12 @@ class LanguageModel(nn.Module):
         loss = F.cross_entropy(logits.reshape(B * T, V), targets.reshape(B * T))
         return logits, loss
 
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, rng=None, use_cache=True):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, rng=None, use_cache=True,
+                 top_p=None):
         """idx (B, T) extended by max_new_tokens sampled tokens: an int64 array (B, T + new).
 
         Each step looks at the last block_size tokens, takes the logits of the last position and
-        samples with sample_next (temperature, top_k; rng a numpy Generator, by default
+        samples with sample_next (temperature, top_k, top_p; rng a numpy Generator, by default
         tinytensor's stream). With use_cache (the attention models), earlier positions' keys and
         values are kept, so a step computes one position. Once the context is full the window
         slides, every position moves and the cache is refilled from the window - what
@@ -321,6 +340,9 @@ class LanguageModel(nn.Module):
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
                                   or top_k < 1):
             raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+        if top_p is not None and not (isinstance(top_p, numbers.Real) and not isinstance(top_p, bool)
+                                      and 0.0 < top_p <= 1.0):
+            raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
         block = self.block_size
         use_cache = use_cache and self.n_attention_layers > 0
         cache = None
@@ -338,7 +360,7 @@ class LanguageModel(nn.Module):
                     else:                                                  # one new position
                         logits, _ = self(idx[:, -1:], kv_cache=cache)
                     last = logits[:, -1, :].numpy()                        # (B, V)
-                    next_token = sample_next(last, temperature, top_k, rng)  # (B,)
+                    next_token = sample_next(last, temperature, top_k, rng, top_p)  # (B,)
                     idx = np.concatenate([idx, next_token[:, None]], axis=1)  # (B, T+1)
         finally:
             self.train(was_training)

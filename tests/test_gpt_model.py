@@ -198,6 +198,10 @@ def test_generate_shapes_cropping_and_modes():
     (dict(max_new_tokens=-1), "max_new_tokens must be a non-negative integer"),
     (dict(max_new_tokens=3, temperature=0.0), "temperature must be a positive number"),
     (dict(max_new_tokens=3, top_k=0), "top_k must be a positive integer or None"),
+    (dict(max_new_tokens=3, top_p=0.0), r"top_p must be a number in \(0, 1\] or None"),
+    (dict(max_new_tokens=3, top_p=1.5), r"top_p must be a number in \(0, 1\] or None"),
+    (dict(max_new_tokens=3, top_p=float("nan")), r"top_p must be a number in \(0, 1\]"),
+    (dict(max_new_tokens=3, top_p="0.9"), r"top_p must be a number in \(0, 1\]"),
 ])
 def test_generate_argument_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -223,6 +227,75 @@ def test_sample_next_follows_temperature_and_top_k():
     assert 0.5 * np.abs(freq - p).sum() < 0.015
     greedy = sample_next(np.random.default_rng(3).standard_normal((50, 9)), 1.0, 1, np.random.default_rng(0))
     np.testing.assert_array_equal(greedy, np.random.default_rng(3).standard_normal((50, 9)).argmax(1))
+
+
+def nucleus_reference(p, top_p):
+    """The kept token set of each row, by the definition: sort the probabilities, likeliest
+    first, and take the shortest prefix whose sum reaches top_p."""
+    kept = []
+    for row in p / p.sum(axis=1, keepdims=True):
+        order, total, chosen = sorted(range(len(row)), key=lambda i: -row[i]), 0.0, set()
+        for i in order:
+            chosen.add(i)
+            total += row[i]
+            if total >= top_p:
+                break
+        kept.append(chosen)
+    return kept
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.3, 0.5, 0.61, 0.75, 0.85, 0.99])  # off the boundaries
+def test_top_p_keeps_the_nucleus_and_samples_it_in_proportion(top_p):
+    logits = np.log(np.array([[0.4, 0.25, 0.15, 0.1, 0.06, 0.04],     # no ties
+                              [0.04, 0.06, 0.1, 0.15, 0.25, 0.4],     # the same, reversed
+                              [0.9, 0.05, 0.02, 0.015, 0.01, 0.005]]))  # one dominant token
+    want = nucleus_reference(np.exp(logits), top_p)
+    n = 12000
+    batch = np.repeat(logits, n, axis=0)
+    draws = sample_next(batch, 1.0, None, np.random.default_rng(0), top_p=top_p).reshape(3, n)
+    for row, keep, d in zip(np.exp(logits), want, draws):
+        assert set(d.tolist()) == keep, (top_p, keep, sorted(set(d.tolist())))
+        idx = sorted(keep)
+        p = row[idx] / row[idx].sum()  # renormalised over the nucleus
+        freq = np.array([(d == i).mean() for i in idx])
+        assert 0.5 * np.abs(freq - p).sum() < 0.02, (top_p, freq, p)
+
+
+def test_top_p_combines_with_temperature_and_top_k_in_order():
+    rng = np.random.default_rng(4)
+    logits = rng.standard_normal((40, 30)) * 2
+    for temperature, top_k, top_p in [(0.7, None, 0.8), (1.5, 10, 0.6), (1.0, 3, 0.999)]:
+        scaled = logits / temperature
+        if top_k is not None:  # top_k first: the nucleus of the k likeliest
+            kth = np.sort(scaled, axis=1)[:, -top_k, None]
+            scaled = np.where(scaled < kth, -np.inf, scaled)
+        want = nucleus_reference(np.exp(scaled - scaled.max(1, keepdims=True)), top_p)
+        seen = [set() for _ in range(len(logits))]
+        for seed in range(60):
+            got = sample_next(logits, temperature, top_k, np.random.default_rng(seed), top_p=top_p)
+            for s, g in zip(seen, got.tolist()):
+                s.add(g)
+        for s, w in zip(seen, want):
+            assert s <= w, (temperature, top_k, top_p)
+        assert sum(map(len, seen)) > 0.8 * sum(map(len, want))
+
+
+def test_top_p_1_changes_nothing_and_tiny_top_p_is_greedy():
+    tt.manual_seed(0)
+    model = sharpened(build_model("gpt", TINY))
+    prompt = tokens((3, 4))
+    for use_cache in (True, False):
+        a = model.generate(prompt, 12, rng=np.random.default_rng(7), use_cache=use_cache)
+        b = model.generate(prompt, 12, rng=np.random.default_rng(7), use_cache=use_cache, top_p=1.0)
+        np.testing.assert_array_equal(a, b)
+        greedy = model.generate(prompt, 12, top_k=1, rng=np.random.default_rng(1), use_cache=use_cache)
+        tiny = model.generate(prompt, 12, top_p=1e-9, rng=np.random.default_rng(2), use_cache=use_cache)
+        np.testing.assert_array_equal(greedy, tiny)
+    # with and without the cache: the same tokens for the same rng
+    c = model.generate(prompt, 12, top_p=0.7, temperature=1.3, rng=np.random.default_rng(3))
+    d = model.generate(prompt, 12, top_p=0.7, temperature=1.3, rng=np.random.default_rng(3),
+                       use_cache=False)
+    np.testing.assert_array_equal(c, d)
 
 
 def test_generate_top_k_1_is_greedy():

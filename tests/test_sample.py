@@ -81,6 +81,21 @@ def test_top_k_1_is_greedy_whatever_the_seed(out_dir):
     assert runs[0] == runs[1]
 
 
+def test_top_p(out_dir):
+    """--top_p 1 is the default; a tiny --top_p keeps only the likeliest token: greedy, as
+    --top_k 1, whatever the seed."""
+    args = ["--out_dir", out_dir, "--start", "Th", "--max_new_tokens", 30]
+    plain = run(SAMPLE, *args, "--seed", 3).stdout
+    assert run(SAMPLE, *args, "--seed", 3, "--top_p", 1).stdout == plain
+    greedy = run(SAMPLE, *args, "--top_k", 1).stdout
+    for seed in (1, 2):
+        p = run(SAMPLE, *args, "--top_p", "1e-6", "--seed", seed)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout == greedy
+    p = run(SAMPLE, *args, "--top_p", 0.8, "--top_k", 10, "--temperature", 0.8)
+    assert p.returncode == 0 and p.stdout.startswith("Th"), p.stderr
+
+
 def test_num_samples_and_best(out_dir):
     p = run(SAMPLE, "--out_dir", out_dir, "--num_samples", 3, "--max_new_tokens", 20, "--best")
     assert p.returncode == 0, p.stderr
@@ -97,6 +112,9 @@ def test_prompt_outside_the_vocabulary(out_dir):
 @pytest.mark.parametrize("args, needle", [
     (["--temperature", "0"], "--temperature"),
     (["--top_k", "-1"], "--top_k"),
+    (["--top_p", "0"], "--top_p must be in (0, 1]"),
+    (["--top_p", "1.01"], "--top_p must be in (0, 1]"),
+    (["--top_p", "nan"], "--top_p must be in (0, 1]"),
     (["--num_samples", "0"], "--num_samples"),
     (["--max_new_tokens", "many"], "--max_new_tokens"),
     (["--bogus"], "--bogus"),

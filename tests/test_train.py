@@ -191,6 +191,87 @@ def test_resume_is_exact_with_dropout(tmp_path, trained, text_file):
     assert load_checkpoint(os.path.join(half, "ckpt.npz"))[0]["step"] == 20
 
 
+def test_accumulating_run_resumes_exactly_and_matches_one_micro_batch(tmp_path, text_file):
+    """--gradient_accumulation_steps 4 with dropout: stopped at step 6 and resumed, the same
+    losses and weights to the last bit as without the stop; and, with dropout 0, the same
+    model to float32 rounding as K=1 (the same global batch, in one piece)."""
+    def go(out, k, max_iters, *extra):
+        p = run_train(*TINY, "--batch_size", 8, "--data", text_file, "--out_dir", out,
+                      "--max_iters", max_iters, "--eval_interval", 6, "--log_interval", 1,
+                      "--lr_decay_iters", 12, "--gradient_accumulation_steps", k, *extra)
+        assert p.returncode == 0, p.stderr
+        return p
+
+    def weights(out):
+        with np.load(os.path.join(out, "ckpt.npz"), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files if k != "meta"}
+    full, half = str(tmp_path / "full"), str(tmp_path / "half")
+    go(full, 4, 12, "--dropout", 0.1)
+    go(half, 4, 6, "--dropout", 0.1)
+    p = run_train("--out_dir", half, "--max_iters", 12, "--resume")
+    assert p.returncode == 0 and "4 micro-batch(es)" in p.stdout, p.stderr
+    assert train_losses(half) == train_losses(full)
+    w_full, w_half = weights(full), weights(half)
+    assert all(np.array_equal(w_full[k], w_half[k]) for k in w_full)
+    # K=4 against K=1, dropout off: the mean gradient of the same 8 rows
+    k4, k1 = str(tmp_path / "k4"), str(tmp_path / "k1")
+    go(k4, 4, 12, "--dropout", 0)
+    go(k1, 1, 12, "--dropout", 0)
+    (s4, l4), (s1, l1) = zip(*train_losses(k4)), zip(*train_losses(k1))
+    assert s4 == s1 and len(s4) == 12
+    np.testing.assert_allclose(l4, l1, rtol=2e-6)
+    w4, w1 = weights(k4), weights(k1)
+    for k in w1:
+        np.testing.assert_allclose(w4[k], w1[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_batch_not_divisible_into_micro_batches_is_a_usage_error(tmp_path, text_file):
+    p = run_train(*TINY, "--data", text_file, "--out_dir", tmp_path, "--max_iters", 2,
+                  "--gradient_accumulation_steps", 3)
+    assert_one_line_error(p, 2, "batch_size (4) must be divisible by gradient_accumulation_steps")
+    p = run_train(*TINY, "--data", text_file, "--out_dir", tmp_path, "--max_iters", 2,
+                  "--gradient_accumulation_steps", 0)
+    assert_one_line_error(p, 2, "gradient_accumulation_steps must be a positive integer")
+
+
+def test_init_from_fine_tunes_another_runs_weights(tmp_path, trained):
+    """--init_from: a new run in its own out_dir from another run's weights and tokenizer, with
+    a fresh optimizer and schedule; the model's shape comes from the checkpoint."""
+    src = os.path.join(trained[0], "ckpt.npz")
+    before = sha256(src)
+    new_text = tmp_path / "new.txt"
+    new_text.write_text(make_text(400, seed=5), encoding="utf-8")  # the same characters
+    out = str(tmp_path / "ft")
+    # no shape options: n_embd 16 and n_layer 1 come from the checkpoint, not the small preset
+    p = run_train("--data", new_text, "--out_dir", out, "--init_from", trained[0], "--max_iters", 4,
+                  "--eval_interval", 2, "--eval_iters", 2, "--batch_size", 4, "--device", "cpu")
+    assert p.returncode == 0, p.stderr
+    assert f"starting from the weights and tokenizer of {trained[0]}" in p.stdout
+    first = [float(m.group(2)) for m in EVAL_LINE.finditer(p.stdout)][0]
+    fresh = [float(m.group(2)) for m in EVAL_LINE.finditer(trained[1].stdout)][0]
+    assert first < fresh - 0.1, (first, fresh)  # it starts where the other run ended
+    meta = load_checkpoint(os.path.join(out, "ckpt.npz"))[0]
+    assert meta["step"] == 4 and meta["config"]["n_embd"] == 16 and meta["config"]["n_layer"] == 1
+    assert meta["config"]["init_from"] == trained[0]
+    assert sha256(src) == before  # the source run is untouched
+    s = subprocess.run([sys.executable, os.path.join(ROOT, "train", "sample.py"), "--out_dir", out,
+                        "--max_new_tokens", "20", "--start", "The"], capture_output=True, text=True)
+    assert s.returncode == 0 and s.stdout.startswith("The"), s.stderr
+    # a shape option that differs from the checkpoint's, a text with characters outside its
+    # vocabulary, the run's own checkpoint: each a one-line error
+    p = run_train("--data", new_text, "--out_dir", tmp_path / "x", "--init_from", src,
+                  "--n_embd", 32, "--max_iters", 2)
+    assert_one_line_error(p, 2, "--init_from", "n_embd 32 here, 16 in " + src)
+    odd = tmp_path / "odd.txt"
+    odd.write_text(make_text(400) + "Ça été ½ naïve ☃\n", encoding="utf-8")
+    p = run_train("--data", odd, "--out_dir", tmp_path / "y", "--init_from", src, "--max_iters", 2)
+    assert_one_line_error(p, 1, str(odd), f"does not fit the vocabulary of {src}", "'é'")
+    assert not os.path.exists(tmp_path / "y" / "ckpt.npz")
+    p = run_train("--out_dir", trained[0], "--init_from", trained[0], "--max_iters", 2)
+    assert_one_line_error(p, 2, "is this run's own checkpoint")
+    assert sha256(src) == before
+
+
 def test_eval_interval_does_not_change_training(tmp_path, trained, text_file):
     full, _ = trained
     other = str(tmp_path / "o")

@@ -239,3 +239,49 @@ def _is_rank(pid, out_dir, rank):
         return False
     return (out_dir.encode() in cmdline and str(TRAIN).encode() in cmdline
             and f"PMI_RANK={rank}".encode() in environ)
+
+
+# ----- gradient accumulation: the number of processes and micro-batches never changes the run --
+
+def weights(out):
+    with np.load(Path(out) / "ckpt.npz", allow_pickle=False) as z:
+        return {k: z[k] for k in z.files if k != "meta"}
+
+
+@pytest.mark.parametrize("dropout", ["0", "0.2"])
+def test_accumulation_and_ranks_train_the_same_model(dropout, tmp_path, text_file):
+    """K=4 micro-batches in one process, K=1 on 4 ranks and K=2 on 2 ranks: the same per-step
+    losses and final weights, to float32 rounding (the sums run in another order). With
+    dropout too: a micro-batch's masks come from its place in the global batch, so the same
+    rows get the same masks whenever K x ranks is the same."""
+    runs = {}
+    for k, n in [(4, 1), (1, 4), (2, 2)]:
+        out = tmp_path / f"k{k}n{n}"
+        r = run(n, out, text_file, "--max_iters", "12", "--batch_size", "8", "--dropout", dropout,
+                "--grad_clip", "0.05",
+                "--gradient_accumulation_steps", str(k))
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert f"batch: 8 rows per optimizer step = {k} micro-batch(es) x {n} rank(s) x 2 rows" \
+            in r.stdout, r.stdout[:3000]
+        runs[(k, n)] = (losses(out), weights(out))
+    (ref_losses, ref_w) = runs[(4, 1)]
+    assert len(ref_losses) >= 12
+    for key, (got_losses, got_w) in runs.items():
+        assert sorted(got_losses) == sorted(ref_losses), key
+        worst = max(abs(got_losses[s] - ref_losses[s]) for s in ref_losses)
+        assert worst <= 2e-6 * max(ref_losses.values()), (key, worst)
+        for name in ref_w:
+            np.testing.assert_allclose(got_w[name], ref_w[name], rtol=1e-5, atol=1e-6,
+                                       err_msg=f"{key} {name}")
+
+
+@pytest.mark.parametrize("overlap", ["0", "1"])
+def test_accumulating_micro_batches_send_nothing_before_the_last(overlap):
+    """Counted MPI calls around train.py's micro-batch loop (tests/mpi/check_accumulation.py):
+    none during the first K-1 micro-batches, with and without the overlapped reducer."""
+    p = subprocess.run([MPIRUN, "-n", "2", sys.executable,
+                        str(ROOT / "tests" / "mpi" / "check_accumulation.py"), "--overlap", overlap],
+                       capture_output=True, text=True, timeout=240,
+                       env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert p.returncode == 0 and "OK" in p.stdout, (p.stdout[-3000:], p.stderr[-3000:])
+    assert "no MPI call before the last micro-batch" in p.stdout

@@ -67,6 +67,7 @@ class GradientReducer:
         self.active = (self.overlap and dist.world_size() > 1 and not backend.is_cuda(flat.grad)
                        and dist.MPI.Query_thread() >= dist.MPI.THREAD_SERIALIZED)
         self._handles = []
+        self._sync = True  # False inside no_sync()
         if not self.active:
             return
         limit = max(1, int(self.bucket_mb * 1e6) // flat.grad.itemsize)
@@ -76,7 +77,6 @@ class GradientReducer:
                 self.buckets.append((i, j))
                 j = i
         self._bucket_of = [k for k, (i, j) in enumerate(self.buckets) for _ in range(i, j)][::-1]
-        self._sync = True
         self._reset()
         self._queue, self._error = queue.Queue(), None
         self._thread = threading.Thread(target=self._work, name="GradientReducer", daemon=True)

@@ -34,7 +34,10 @@ class TrainConfig:
     fused: bool = True              # fused attention and linear+ReLU ops (False: the ops as the
                                     # lecture writes them; same result, slower)
     # ----- optimisation
-    batch_size: int = 12            # sequences per step, the GLOBAL batch across all MPI ranks (B)
+    batch_size: int = 12            # sequences per optimizer step, the GLOBAL batch across all MPI
+                                    # ranks and micro-batches (B)
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step (K): each rank runs K
+                                    # forward/backward passes of batch_size / (K * ranks) rows
     max_iters: int = 2000           # total optimizer steps (may be raised when resuming)
     learning_rate: float = 1e-3     # peak AdamW learning rate
     lr_decay: str = "none"          # learning-rate schedule after warmup: none | cosine
@@ -55,6 +58,8 @@ class TrainConfig:
     data: str = ""                  # UTF-8 text file to train on ("" = tiny Shakespeare)
     out_dir: str = "out"            # where ckpt.npz, best.npz, metrics.jsonl and loss.png are written
     resume: bool = False            # continue from out_dir/ckpt.npz instead of starting afresh
+    init_from: str = ""             # start a new run from the weights and tokenizer of this
+                                    # checkpoint (a .npz, or a run's out_dir): fine-tuning
     # ----- speed (how the run computes, not what it trains)
     accelerators: str = "auto"      # the faster versions of the fused ops (tinytensor/kernels/):
                                     # on | off (the plain reference) | auto (CUDA kernels on a GPU;
@@ -87,7 +92,8 @@ class TrainConfig:
             self.model_config(vocab_size=1).validate()
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        for name in ("batch_size", "max_iters", "eval_interval", "eval_iters", "log_interval"):
+        for name in ("batch_size", "gradient_accumulation_steps", "max_iters", "eval_interval",
+                     "eval_iters", "log_interval"):
             value = getattr(self, name)
             if value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value}")
@@ -130,9 +136,13 @@ class TrainConfig:
             raise ConfigError("out_dir must not be empty")
         if model_names is not None and self.model not in model_names:
             raise ConfigError(f"unknown model {self.model!r}; choose one of: {', '.join(model_names)}")
-        if self.batch_size % world_size != 0:
-            raise ConfigError(f"batch_size ({self.batch_size}) must be divisible by the number of "
-                              f"MPI ranks ({world_size}): it is the global batch, split evenly")
+        parts = world_size * self.gradient_accumulation_steps
+        if self.batch_size % parts != 0:
+            split = (f"the number of MPI ranks ({world_size})" if self.gradient_accumulation_steps == 1
+                     else f"gradient_accumulation_steps x MPI ranks ({self.gradient_accumulation_steps}"
+                          f" x {world_size} = {parts})")
+            raise ConfigError(f"batch_size ({self.batch_size}) must be divisible by {split}: it is "
+                              f"the global batch, split evenly into micro-batches")
 
 
 # accelerators: tinytensor.kernels.use()'s argument for each value of the field
@@ -320,7 +330,7 @@ def make_config(preset=None, overrides=None):
 # Fields added after checkpoints were first written: a saved config without one gets its default.
 # Every other field must be there: a default would silently change the run (n_embd 128 -> 32).
 LATER_FIELDS = ("fused", "accelerators", "malloc_tuning", "tf32", "overlap", "bucket_mb",
-                "threads_per_rank", "dist_backend")
+                "threads_per_rank", "dist_backend", "gradient_accumulation_steps", "init_from")
 
 
 def config_from_dict(d):

@@ -56,10 +56,17 @@ class Report:
                  f"vocab {dataset.tokenizer.vocab_size}")
         self.say(f"model: {cfg.model}, {model.num_parameters():,} parameters, device {device}, "
                  f"{dist.world_size()} process(es); accelerators {kernels.describe(device)}")
-        if dist.world_size() > 1:
+        K, W = cfg.gradient_accumulation_steps, dist.world_size()
+        if K > 1 or W > 1:
+            self.say(f"batch: {cfg.batch_size} rows per optimizer step = {K} micro-batch(es) x "
+                     f"{W} rank(s) x {cfg.batch_size // (K * W)} rows")
+        if W > 1:
             self.say(f"gradients: {reducer.describe()}")
         if resumed:
             self.say(f"resuming from {ckpt_path} at step {self.start}")
+        elif cfg.init_from:
+            self.say(f"starting from the weights and tokenizer of {cfg.init_from} (--init_from), "
+                     f"with a fresh optimizer and schedule")
         elif os.path.exists(ckpt_path):
             self.say(f"note: starting afresh; {ckpt_path} will be overwritten at the first "
                      f"evaluation (pass --resume to continue it)")

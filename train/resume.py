@@ -1,10 +1,15 @@
 """The config of a run: the command line's, or with --resume the checkpoint's updated by it.
 
     cfg, ckpt = resolve_config(preset, overrides)   # ckpt: None, or what resuming needs
+    cfg, init = resolve_init(cfg, overrides)        # --init_from: the weights to start from
 
 A resume continues the checkpoint's run: its config, updated by what the command line names
 explicitly (a --config preset names all of its fields), except the fields that fix the model's
 shape, which cannot change.
+
+--init_from starts a new run (its own out_dir, a fresh optimizer and schedule) from another
+run's weights and tokenizer: the model's shape comes from that checkpoint, and a shape field
+the command line names must agree with it.
 """
 import os
 from dataclasses import replace
@@ -47,3 +52,33 @@ def resolve_config(preset, overrides):
         raise ConfigError(f"max_iters ({cfg.max_iters}) is below the checkpoint's step "
                           f"({meta['step']}); pass --max_iters {meta['step']} or more")
     return cfg, (meta, model_state, optim_state, tokenizer)
+
+
+def init_path(init_from):
+    """The checkpoint file --init_from names: the file itself, or ckpt.npz in a run's out_dir."""
+    return os.path.join(init_from, "ckpt.npz") if os.path.isdir(init_from) else init_from
+
+
+def resolve_init(cfg, overrides):
+    """With cfg.init_from: cfg with the model's shape of that checkpoint, and (model state,
+    tokenizer, path) to start from; (cfg, None) without it."""
+    if not cfg.init_from or cfg.resume:
+        return cfg, None
+    path = init_path(cfg.init_from)
+    if os.path.abspath(path) == os.path.abspath(os.path.join(cfg.out_dir, "ckpt.npz")):
+        raise ConfigError(f"--init_from {cfg.init_from} is this run's own checkpoint, which the new "
+                          f"run would overwrite: give the new run another --out_dir (or continue "
+                          f"that run with --resume)")
+    meta, model_state, _ = load_checkpoint(path)
+    try:
+        saved = config_from_dict(meta["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: unusable saved config ({e})") from None
+    tokenizer = load_tokenizer(meta, path)
+    changed = [f"{k} {overrides[k]!r} here, {getattr(saved, k)!r} in {path}"
+               for k in MODEL_SHAPE_FIELDS if k in overrides and overrides[k] != getattr(saved, k)]
+    if changed:
+        raise ConfigError(f"--init_from: the model in {path} has another shape ({'; '.join(changed)}): "
+                          f"leave these options out to take the checkpoint's")
+    cfg = replace(cfg, **{k: getattr(saved, k) for k in MODEL_SHAPE_FIELDS})
+    return cfg, (model_state, tokenizer, path)

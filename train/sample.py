@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Generate text from a checkpoint written by train/train.py.
 
-    python train/sample.py --out_dir out --start "ROMEO:" --max_new_tokens 300 --top_k 40
+    python train/sample.py --out_dir out --start "ROMEO:" --max_new_tokens 300 --top_k 40 --top_p 0.9
 
 Loads out_dir/ckpt.npz (or best.npz with --best: the weights with the lowest val loss),
 rebuilds the model from the config saved in it and prints --num_samples samples.
@@ -41,6 +41,9 @@ def parse_args(argv):
     p.add_argument("--max_new_tokens", type=int, default=500, help="characters to generate per sample")
     p.add_argument("--temperature", type=float, default=1.0, help="> 0; lower is more conservative")
     p.add_argument("--top_k", type=int, default=0, help="sample among the k likeliest (0 = all)")
+    p.add_argument("--top_p", type=float, default=1.0,
+                   help="sample among the likeliest tokens whose probability reaches p, in (0, 1] "
+                        "(1 = all; applied after --temperature and --top_k)")
     p.add_argument("--seed", type=int, default=1337, help="random seed of the sampling")
     p.add_argument("--num_samples", type=int, default=1, help="how many samples to print")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
@@ -51,6 +54,8 @@ def parse_args(argv):
         raise UsageError(f"--temperature must be a positive number, got {a.temperature}")
     if a.top_k < 0:
         raise UsageError(f"--top_k must be >= 0 (0 = no limit), got {a.top_k}")
+    if not 0.0 < a.top_p <= 1.0:  # NaN fails too
+        raise UsageError(f"--top_p must be in (0, 1] (1 = no limit), got {a.top_p}")
     if a.num_samples < 1:
         raise UsageError(f"--num_samples must be >= 1, got {a.num_samples}")
     if a.seed < 0:
@@ -110,7 +115,7 @@ def sample(argv):
     idx = np.array([prompt], dtype=np.int64)  # (1, T)
     for i in range(args.num_samples):
         out = model.generate(idx, args.max_new_tokens, temperature=args.temperature,
-                             top_k=args.top_k or None, rng=rng)
+                             top_k=args.top_k or None, rng=rng, top_p=args.top_p)
         if i:
             print("-" * 40)
         print(tokenizer.decode(backend.to_numpy(out)[0].tolist()), flush=True)

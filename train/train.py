@@ -11,6 +11,7 @@ and loss.png. The run depends only on the seed and the config: training batches,
 batches and dropout each draw from their own stream, derived from (seed, stream, step), so
 evaluating more often or resuming from a checkpoint never changes the training losses.
 """
+import contextlib
 import hashlib
 import math
 import os
@@ -33,7 +34,7 @@ from train import guard  # noqa: E402
 from train.checkpoint import CheckpointError, remove_stale_temps, run_meta, save_checkpoint  # noqa: E402
 from train.config import ACCELERATORS, ConfigError, help_text, make_config, parse_args  # noqa: E402
 from train.report import Report  # noqa: E402
-from train.resume import resolve_config  # noqa: E402
+from train.resume import resolve_config, resolve_init  # noqa: E402
 
 # Ids of the independent random streams; each step's generator is derived from (seed, id, step).
 TRAIN_STREAM, EVAL_STREAM, DROPOUT_STREAM = 0, 1, 2
@@ -77,6 +78,7 @@ def prepare(preset, overrides, lock):
     (rank 0), then data, model and optimizer (restored from the checkpoint when resuming)."""
     # ----- config and run-time settings (each a config field: printed, saved, compared)
     cfg, ckpt = resolve_config(preset, overrides)
+    cfg, init = resolve_init(cfg, overrides)  # --init_from: another run's weights and tokenizer
     cfg.validate(model_names=list(MODELS), world_size=dist.world_size())
     try:
         device = backend.check_device(cfg.device)
@@ -91,23 +93,32 @@ def prepare(preset, overrides, lock):
         remove_stale_temps(cfg.out_dir)
     # ----- data
     text = load_text(cfg.data or None)
+    tokenizer, source = (ckpt[3], os.path.join(cfg.out_dir, "ckpt.npz")) if ckpt else \
+        (init[1], init[2]) if init else (None, None)
     try:
-        dataset = CharDataset(text, ckpt[3] if ckpt else None)
-    except DataError:
-        raise
-    except ValueError as e:  # characters outside the checkpoint's vocabulary
-        raise DataError(f"{cfg.data or 'the dataset'} does not fit the checkpoint's vocabulary: "
+        dataset = CharDataset(text, tokenizer)
+    except DataError as e:  # characters outside the checkpoint's vocabulary
+        if tokenizer is None:
+            raise
+        raise DataError(f"{cfg.data or 'the dataset'} does not fit the vocabulary of {source}: "
                         f"{e}") from None
     dataset.check_block_size(cfg.block_size)
     # ----- model, its memory checked against the machine's before it is made
     gconf = cfg.model_config(dataset.tokenizer.vocab_size)
     guard.check_memory(*guard.estimate_memory(
         gconf.vocab_size, cfg.block_size, cfg.n_embd, cfg.n_head, cfg.n_layer,
-        cfg.batch_size // dist.world_size(), device), ranks_here=dist.local_size())
+        cfg.batch_size // (dist.world_size() * cfg.gradient_accumulation_steps), device),
+        ranks_here=dist.local_size())
     tt.manual_seed(cfg.seed)  # parameter initialisation
     model = build_model(cfg.model, gconf)
     model.to(device)
     # ----- optimizer: AdamW, weight decay on the 2-D weights (matmuls, embeddings) only
+    if init:
+        try:
+            model.load_state_dict(init[0])
+        except (KeyError, ValueError, IndexError, TypeError) as e:
+            msg = str(e.args[0]) if e.args else type(e).__name__
+            raise CheckpointError(f"--init_from {init[2]} does not match the model: {msg}") from None
     optimizer = make_optimizer(model, cfg)
     if ckpt:
         try:
@@ -154,16 +165,11 @@ def train(cfg, ckpt, dataset, model, optimizer, device, stop):
                 lr = get_lr(step, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                x, y = run.batch("train", stream(cfg.seed, TRAIN_STREAM, step))
-                seed_dropout(cfg.seed, step, dist.rank())
-                _, loss = model(x, y)
-                optimizer.zero_grad()
-                loss.backward()     # under mpirun the reducer sums gradient buckets meanwhile,
-                reducer.finish()    # finish() the rest: each p.grad is the mean over the ranks
+                loss = run.forward_backward(step, reducer)  # p.grad: the global batch's mean
                 if cfg.grad_clip > 0:
                     clip_grad_norm_(list(model.parameters()), cfg.grad_clip)
                 # the mean loss over the ranks, and whether a signal asked any rank to stop
-                step_loss, *asked = dist.allreduce_mean(np.array([loss.item(), *stop.flags()]))
+                step_loss, *asked = dist.allreduce_mean(np.array([loss, *stop.flags()]))
                 stop.agree(asked)
                 if not math.isfinite(step_loss):
                     raise TrainingError(run.nonfinite(step, "training loss"))
@@ -195,20 +201,45 @@ class Run:
         self.best_path = os.path.join(cfg.out_dir, "best.npz")
         self.report = None
 
-    def batch(self, split, rng):
-        """This rank's rows of the global batch rng draws, on the run's device: every rank
-        draws the same batch and takes its part."""
-        x, y = self.dataset.get_batch(split, self.cfg.batch_size, self.cfg.block_size, rng)
-        b, r = self.cfg.batch_size // dist.world_size(), dist.rank()
-        return (backend.to_device(x[r * b:(r + 1) * b], self.device),
-                backend.to_device(y[r * b:(r + 1) * b], self.device))
+    def forward_backward(self, step, reducer):
+        """The forward and backward passes of optimizer step `step` on this rank's part of the
+        global batch; returns this rank's mean loss, and leaves in each p.grad the gradient of
+        the mean loss over the whole global batch (summed over the ranks by the reducer).
+
+        Every rank draws the same global batch of batch_size rows and cuts it into K * W
+        micro-batches (K = gradient_accumulation_steps, W ranks): rank r runs micro-batches
+        r*K, ..., r*K + K-1, one forward and backward each. Each loss is divided by K, so the
+        gradients add up to the mean over the rank's rows; the reducer then averages over the
+        ranks. It sums only after the last micro-batch: the K-1 before run under no_sync().
+        Dropout draws from a stream of (seed, step, micro-batch), so the same rows get the same
+        masks whatever K and W are, as long as K * W is the same."""
+        cfg, K = self.cfg, self.cfg.gradient_accumulation_steps
+        x, y = self.dataset.get_batch("train", cfg.batch_size, cfg.block_size,
+                                      stream(cfg.seed, TRAIN_STREAM, step))
+        m = cfg.batch_size // (K * dist.world_size())  # rows per micro-batch
+        self.optimizer.zero_grad()
+        total = 0.0
+        for k in range(K):
+            g = dist.rank() * K + k  # the micro-batch's place in the global batch
+            rows = slice(g * m, (g + 1) * m)
+            seed_dropout(cfg.seed, step, g)
+            with reducer.no_sync() if k < K - 1 else contextlib.nullcontext():
+                _, loss = self.model(backend.to_device(x[rows], self.device),
+                                     backend.to_device(y[rows], self.device))
+                (loss / K).backward()  # the reducer sums gradient buckets meanwhile (last k)
+            total += loss.item()
+        reducer.finish()  # the rest: each p.grad is now the mean over the ranks
+        return total / K
 
     def evaluate(self, step, stop):
         """The lecture's estimate_loss() on both splits in eval mode, then (rank 0) its line,
         best.npz when the val loss improved, ckpt.npz and loss.png. Batch k of split s comes
         from stream (seed, EVAL_STREAM, step, s, k), so evaluating never consumes training
-        randomness; under MPI rank r evaluates batches r, r+W, ..., averaged over the ranks."""
+        randomness; under MPI rank r evaluates batches r, r+W, ..., averaged over the ranks.
+        With gradient accumulation a batch goes through the model in K pieces (the mean of
+        their losses), so evaluating needs no more memory than a training micro-batch would."""
         cfg, losses = self.cfg, {}
+        piece = cfg.batch_size // cfg.gradient_accumulation_steps
         self.model.eval()
         with tt.no_grad():
             for split_id, split in enumerate(("train", "val")):
@@ -216,9 +247,10 @@ class Run:
                 for k in range(dist.rank(), cfg.eval_iters, dist.world_size()):
                     x, y = self.dataset.get_batch(split, cfg.batch_size, cfg.block_size,
                                                   stream(cfg.seed, EVAL_STREAM, step, split_id, k))
-                    _, loss = self.model(backend.to_device(x, self.device),
-                                         backend.to_device(y, self.device))
-                    total, count = total + loss.item(), count + 1
+                    for i in range(0, cfg.batch_size, piece):
+                        _, loss = self.model(backend.to_device(x[i:i + piece], self.device),
+                                             backend.to_device(y[i:i + piece], self.device))
+                        total, count = total + loss.item(), count + 1
                 s, n = dist.allreduce_mean(np.array([total, count], dtype=np.float64))
                 losses[split] = float(s / n)  # the ratio of the means: the mean over all batches
         self.model.train()
@@ -265,9 +297,10 @@ def stream(seed, *key):
     return np.random.default_rng([seed, *key])
 
 
-def seed_dropout(seed, step, rank):
-    """Reseed tinytensor's stream (dropout masks) for this step and rank."""
-    state = np.random.SeedSequence([seed, DROPOUT_STREAM, step, rank]).generate_state(1, np.uint64)
+def seed_dropout(seed, step, micro):
+    """Reseed tinytensor's stream (dropout masks) for this step and micro-batch (the rank, when
+    there is one micro-batch per rank)."""
+    state = np.random.SeedSequence([seed, DROPOUT_STREAM, step, micro]).generate_state(1, np.uint64)
     tt.manual_seed(int(state[0]))
 
 
