@@ -72,6 +72,16 @@ def test_bench_generate_cache_gives_the_same_tokens():
     assert small["torch_tokens_per_s"] > 0
 
 
+def test_bench_accumulation_times_train_py_at_each_k():
+    p = subprocess.run([sys.executable, str(BENCH / "bench_accumulation.py"), "--preset", "gpt",
+                        "--ks", "1,2", "--steps", "3", "--rounds", "1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    rows = [line.split() for line in p.stdout.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["1", "2"], p.stdout
+    assert float(rows[0][2]) == 1.0 and all(float(r[1]) > 0 and float(r[3]) > 0 for r in rows)
+
+
 @pytest.mark.skipif(MPIRUN is None, reason="mpirun not found: pip install -e '.[mpi]'")
 def test_bench_allreduce_under_mpirun():
     p = subprocess.run([MPIRUN, "-n", "2", sys.executable, str(BENCH / "bench_allreduce.py"),
