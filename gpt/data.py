@@ -74,12 +74,9 @@ def download(url, path, sha256, timeout=60):
     return path
 
 
-def load_text(path=None):
-    """The text of a UTF-8 file; path None means tiny Shakespeare at DEFAULT_DATA_PATH.
-
-    The default dataset is downloaded from DATA_URL when it is missing (and checked against
-    DATA_SHA256). An explicit path is read as it is: it must exist, be UTF-8 and not be empty.
-    """
+def data_path(path=None):
+    """The path of a data file: path itself (checked: it exists and is a file), or with None
+    tiny Shakespeare at DEFAULT_DATA_PATH, downloaded from DATA_URL when missing."""
     if path is None:
         path = DEFAULT_DATA_PATH
         if not path.exists():
@@ -89,12 +86,22 @@ def load_text(path=None):
         raise DataError(f"data file not found: {path}")
     if not path.is_file():
         raise DataError(f"data path is not a file: {path}")
+    if path.stat().st_size == 0:
+        raise DataError(f"data file is empty: {path}")
+    return path
+
+
+def load_text(path=None):
+    """The text of a UTF-8 file; path None means tiny Shakespeare at DEFAULT_DATA_PATH.
+
+    The default dataset is downloaded from DATA_URL when it is missing (and checked against
+    DATA_SHA256). An explicit path is read as it is: it must exist, be UTF-8 and not be empty.
+    """
+    path = data_path(path)
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise DataError(f"cannot read the data file {path}: {e.strerror or e}") from None
-    if not raw:
-        raise DataError(f"data file is empty: {path}")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -240,8 +240,7 @@ def test_accelerators_are_a_setting_every_rank_shares(monkeypatch):
     from train.config import ConfigError, make_config, parse_args
     from train.train import fingerprint
     model = nn.Linear(3, 2)
-    data = types.SimpleNamespace(data=np.arange(10, dtype=np.int64),
-                                 tokenizer=types.SimpleNamespace(vocab_size=5))
+    data = types.SimpleNamespace(fingerprint=lambda: {"text sha256": "0" * 64, "tokens": [9, 1]})
     monkeypatch.setattr(dist, "world_size", lambda: 2)
     before = kernels.use(False)
     try:

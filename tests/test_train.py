@@ -121,7 +121,8 @@ def test_outputs_written_and_well_formed(trained):
     with open(os.path.join(out, "loss.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     # no temporary files left behind
-    assert sorted(os.listdir(out)) == ["best.npz", "ckpt.npz", "loss.png", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == ["best.npz", "ckpt.npz", "loss.png", "metrics.jsonl", "tokens"]
+    assert sorted(os.listdir(os.path.join(out, "tokens"))) == ["manifest.json", "train.bin", "val.bin"]
 
 
 def test_train_py_is_an_executable_script():
@@ -433,10 +434,11 @@ def test_run_time_settings_are_in_the_header_and_the_checkpoint(tmp_path, text_f
     p = run_train(*TINY, "--data", text_file, "--out_dir", tmp_path / "o", "--max_iters", 2,
                   "--accelerators", "off", "--overlap", "false", "--bucket_mb", "3")
     assert p.returncode == 0, p.stderr
-    for line in ("accelerators     = 'off'", "overlap          = False", "bucket_mb        = 3.0",
-                 "malloc_tuning    = True", "threads_per_rank = 0", "dist_backend     = 'mpi'",
-                 "tf32             = False"):
-        assert line in p.stdout, line
+    config_lines = {" ".join(line.split()) for line in p.stdout.splitlines()}  # alignment aside
+    for line in ("accelerators = 'off'", "overlap = False", "bucket_mb = 3.0",
+                 "malloc_tuning = True", "threads_per_rank = 0", "dist_backend = 'mpi'",
+                 "tf32 = False", "gradient_accumulation_steps = 1", "tokenizer = 'char'"):
+        assert line in config_lines, line
     assert "accelerators off (off: turned off; every fused op runs its reference)" in p.stdout
     meta = load_checkpoint(str(tmp_path / "o" / "ckpt.npz"))[0]
     assert {k: meta["config"][k] for k in ("accelerators", "overlap", "bucket_mb")} == \

@@ -56,6 +56,9 @@ class TrainConfig:
     seed: int = 1337                # the one seed of the run: init, batches, dropout all derive from it
     device: str = "auto"            # cpu | cuda | auto (cuda when a GPU is usable, else cpu)
     data: str = ""                  # UTF-8 text file to train on ("" = tiny Shakespeare)
+    tokenizer: str = "char"         # char (the lecture's: one token per character) | bpe (byte-level
+                                    # BPE learned from the text, --vocab_size tokens)
+    vocab_size: int = 0             # --tokenizer bpe: the vocabulary's size, >= 256 (e.g. 512)
     out_dir: str = "out"            # where ckpt.npz, best.npz, metrics.jsonl and loss.png are written
     resume: bool = False            # continue from out_dir/ckpt.npz instead of starting afresh
     init_from: str = ""             # start a new run from the weights and tokenizer of this
@@ -132,6 +135,14 @@ class TrainConfig:
         if self.dist_backend == "nccl" and self.device == "cpu":
             raise ConfigError("dist_backend 'nccl' sums GPU gradients: it needs --device cuda "
                               "(or use --dist_backend mpi)")
+        if self.tokenizer not in ("char", "bpe"):
+            raise ConfigError(f"tokenizer must be 'char' or 'bpe', got {self.tokenizer!r}")
+        if self.tokenizer == "char" and self.vocab_size != 0:
+            raise ConfigError(f"vocab_size is for --tokenizer bpe (the char tokenizer's vocabulary "
+                              f"is the text's characters), got --vocab_size {self.vocab_size}")
+        if self.tokenizer == "bpe" and not 256 <= self.vocab_size <= 1 << 20:
+            raise ConfigError(f"--tokenizer bpe needs a --vocab_size from 256 (the bytes) to "
+                              f"{1 << 20}, e.g. --vocab_size 512; got {self.vocab_size}")
         if not self.out_dir:
             raise ConfigError("out_dir must not be empty")
         if model_names is not None and self.model not in model_names:
@@ -150,6 +161,8 @@ ACCELERATORS = {"auto": None, "on": True, "off": False}
 
 # Fields that fix the model's parameter shapes: a checkpoint can only be resumed with the same.
 MODEL_SHAPE_FIELDS = ("model", "block_size", "n_embd", "n_head", "n_layer")
+# Fields that fix the tokenizer (and so the vocabulary): the checkpoint's, when there is one.
+TOKENIZER_FIELDS = ("tokenizer", "vocab_size")
 
 # The lecture's small-scale settings for its stage-by-stage models (block 8, 32 channels).
 _STAGE = dict(batch_size=32, block_size=8, n_embd=32, n_head=4, n_layer=3, dropout=0.0,
@@ -330,7 +343,8 @@ def make_config(preset=None, overrides=None):
 # Fields added after checkpoints were first written: a saved config without one gets its default.
 # Every other field must be there: a default would silently change the run (n_embd 128 -> 32).
 LATER_FIELDS = ("fused", "accelerators", "malloc_tuning", "tf32", "overlap", "bucket_mb",
-                "threads_per_rank", "dist_backend", "gradient_accumulation_steps", "init_from")
+                "threads_per_rank", "dist_backend", "gradient_accumulation_steps", "init_from",
+                "tokenizer", "vocab_size")
 
 
 def config_from_dict(d):

@@ -51,7 +51,7 @@ class Report:
         """The run's config, data, model, accelerators and (under mpirun) gradient reduction."""
         cfg = self.cfg
         self.say("config:\n" + format_config(cfg))
-        self.say(f"data: {cfg.data or 'tiny Shakespeare'}: {len(dataset.data):,} tokens "
+        self.say(f"data: {cfg.data or 'tiny Shakespeare'}: {len(dataset):,} tokens "
                  f"({len(dataset.train):,} train, {len(dataset.val):,} val), "
                  f"vocab {dataset.tokenizer.vocab_size}")
         self.say(f"model: {cfg.model}, {model.num_parameters():,} parameters, device {device}, "

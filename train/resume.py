@@ -15,7 +15,7 @@ import os
 from dataclasses import replace
 
 from train.checkpoint import CheckpointError, load_checkpoint, load_tokenizer
-from train.config import MODEL_SHAPE_FIELDS, PRESETS, ConfigError, config_from_dict, make_config
+from train.config import MODEL_SHAPE_FIELDS, PRESETS, TOKENIZER_FIELDS, ConfigError, config_from_dict, make_config
 
 
 def resolve_config(preset, overrides):
@@ -43,8 +43,8 @@ def resolve_config(preset, overrides):
     explicit.update(overrides)
     cfg = replace(saved, **explicit)
     cfg = replace(cfg, resume=True, out_dir=make_config(preset, overrides).out_dir)
-    changed = [f"{k}={getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in MODEL_SHAPE_FIELDS
-               if getattr(saved, k) != getattr(cfg, k)]
+    changed = [f"{k}={getattr(saved, k)!r} -> {getattr(cfg, k)!r}"
+               for k in MODEL_SHAPE_FIELDS + TOKENIZER_FIELDS if getattr(saved, k) != getattr(cfg, k)]
     if changed:
         raise ConfigError(f"--resume: the model in {path} has a different shape ({', '.join(changed)}); "
                           f"these cannot change on resume: use the checkpoint's values or another out_dir")
@@ -75,10 +75,11 @@ def resolve_init(cfg, overrides):
     except ConfigError as e:
         raise CheckpointError(f"{path}: unusable saved config ({e})") from None
     tokenizer = load_tokenizer(meta, path)
+    fixed = MODEL_SHAPE_FIELDS + TOKENIZER_FIELDS
     changed = [f"{k} {overrides[k]!r} here, {getattr(saved, k)!r} in {path}"
-               for k in MODEL_SHAPE_FIELDS if k in overrides and overrides[k] != getattr(saved, k)]
+               for k in fixed if k in overrides and overrides[k] != getattr(saved, k)]
     if changed:
-        raise ConfigError(f"--init_from: the model in {path} has another shape ({'; '.join(changed)}): "
-                          f"leave these options out to take the checkpoint's")
-    cfg = replace(cfg, **{k: getattr(saved, k) for k in MODEL_SHAPE_FIELDS})
+        raise ConfigError(f"--init_from: the model in {path} has another shape or tokenizer "
+                          f"({'; '.join(changed)}): leave these options out to take the checkpoint's")
+    cfg = replace(cfg, **{k: getattr(saved, k) for k in fixed})
     return cfg, (model_state, tokenizer, path)

@@ -12,7 +12,6 @@ batches and dropout each draw from their own stream, derived from (seed, stream,
 evaluating more often or resuming from a checkpoint never changes the training losses.
 """
 import contextlib
-import hashlib
 import math
 import os
 import sys
@@ -24,8 +23,9 @@ if sys.path[0] != ROOT:  # run from any directory, installed or not; first, also
 import numpy as np  # noqa: E402
 
 import tinytensor as tt  # noqa: E402
-from gpt.data import CharDataset, DataError, load_text  # noqa: E402
+from gpt.data import DataError, data_path  # noqa: E402
 from gpt.model import MODELS, build_model  # noqa: E402
+from gpt.token_files import TokenDataset, TokenizerSpec, build_token_files  # noqa: E402
 from tinytensor import backend, environment, kernels  # noqa: E402
 from tinytensor import distributed as dist  # noqa: E402
 from tinytensor.optim import AdamW, clip_grad_norm_, lr_schedule  # noqa: E402
@@ -64,9 +64,14 @@ def run(argv, stop):
     preset, overrides = guard.together(lambda: parse_args(argv), KNOWN_ERRORS)  # one rank's alike
     lock = guard.OutDirLock(make_config(preset, overrides).out_dir)
     try:
-        # an error on any rank while preparing ends every rank, named with its rank
-        cfg, ckpt, dataset, model, optimizer, device = guard.together(
-            lambda: prepare(preset, overrides, lock), KNOWN_ERRORS)
+        # an error on any rank while preparing ends every rank, named with its rank; each
+        # together() is also where the ranks wait for rank 0 (which writes the token files)
+        cfg, ckpt, init, device = guard.together(
+            lambda: prepare_config(preset, overrides, lock), KNOWN_ERRORS)
+        guard.together(lambda: prepare_tokens(cfg, ckpt, init) if dist.is_main() else None,
+                       KNOWN_ERRORS)
+        dataset, model, optimizer = guard.together(
+            lambda: prepare_model(cfg, ckpt, init, device), KNOWN_ERRORS)
         dist.configure(cfg.threads_per_rank, cfg.dist_backend)  # BLAS threads, GPU backend
         return train(cfg, ckpt, dataset, model, optimizer, device, stop)
     finally:
@@ -74,9 +79,16 @@ def run(argv, stop):
 
 
 def prepare(preset, overrides, lock):
-    """The config (with --resume, the checkpoint's), the settings it names, the out_dir lock
-    (rank 0), then data, model and optimizer (restored from the checkpoint when resuming)."""
-    # ----- config and run-time settings (each a config field: printed, saved, compared)
+    """The three steps of run()'s preparation in one process: (cfg, ckpt, dataset, model,
+    optimizer, device)."""
+    cfg, ckpt, init, device = prepare_config(preset, overrides, lock)
+    prepare_tokens(cfg, ckpt, init)
+    return (cfg, ckpt, *prepare_model(cfg, ckpt, init, device)[:3], device)
+
+
+def prepare_config(preset, overrides, lock):
+    """The config (with --resume, the checkpoint's; with --init_from, its model's shape), the
+    settings it names and the out_dir lock (rank 0)."""
     cfg, ckpt = resolve_config(preset, overrides)
     cfg, init = resolve_init(cfg, overrides)  # --init_from: another run's weights and tokenizer
     cfg.validate(model_names=list(MODELS), world_size=dist.world_size())
@@ -84,6 +96,8 @@ def prepare(preset, overrides, lock):
         device = backend.check_device(cfg.device)
     except (ValueError, RuntimeError) as e:
         raise ConfigError(str(e)) from None
+    if cfg.data:
+        data_path(cfg.data)  # on every rank: each must see the text it was told of (rank 0 reads it)
     kernels.use(ACCELERATORS[cfg.accelerators])
     if cfg.malloc_tuning:
         tt.malloc.keep_freed_memory()  # reuse freed temporaries from step to step
@@ -91,17 +105,33 @@ def prepare(preset, overrides, lock):
     if dist.is_main():
         lock.acquire()  # held until run() ends
         remove_stale_temps(cfg.out_dir)
-    # ----- data
-    text = load_text(cfg.data or None)
-    tokenizer, source = (ckpt[3], os.path.join(cfg.out_dir, "ckpt.npz")) if ckpt else \
-        (init[1], init[2]) if init else (None, None)
+    return cfg, ckpt, init, device
+
+
+def token_folder(cfg):
+    return os.path.join(cfg.out_dir, "tokens")
+
+
+def prepare_tokens(cfg, ckpt, init):
+    """(Rank 0) the text's token files in out_dir/tokens, made once and reused while the text
+    and the tokenizer stay the same (gpt/token_files.py): the tokenizer of the checkpoint when
+    resuming or with --init_from, else the one --tokenizer names, built from the text."""
+    path = data_path(cfg.data or None)
+    given, source = ((ckpt[3], os.path.join(cfg.out_dir, "ckpt.npz")) if ckpt else
+                     (init[1], init[2]) if init else (None, None))
+    spec = TokenizerSpec(cfg.tokenizer, cfg.vocab_size, given)
     try:
-        dataset = CharDataset(text, tokenizer)
-    except DataError as e:  # characters outside the checkpoint's vocabulary
-        if tokenizer is None:
+        build_token_files(path, token_folder(cfg), spec)
+    except DataError as e:
+        if given is None or "not in the vocabulary" not in str(e):
             raise
-        raise DataError(f"{cfg.data or 'the dataset'} does not fit the vocabulary of {source}: "
-                        f"{e}") from None
+        raise DataError(f"{cfg.data or path} does not fit the vocabulary of {source}: {e}") from None
+
+
+def prepare_model(cfg, ckpt, init, device):
+    """The data (the token files), the model and the optimizer, restored from the checkpoint
+    when resuming, or the model from --init_from's."""
+    dataset = TokenDataset(token_folder(cfg))
     dataset.check_block_size(cfg.block_size)
     # ----- model, its memory checked against the machine's before it is made
     gconf = cfg.model_config(dataset.tokenizer.vocab_size)
@@ -112,13 +142,13 @@ def prepare(preset, overrides, lock):
     tt.manual_seed(cfg.seed)  # parameter initialisation
     model = build_model(cfg.model, gconf)
     model.to(device)
-    # ----- optimizer: AdamW, weight decay on the 2-D weights (matmuls, embeddings) only
     if init:
         try:
             model.load_state_dict(init[0])
         except (KeyError, ValueError, IndexError, TypeError) as e:
             msg = str(e.args[0]) if e.args else type(e).__name__
             raise CheckpointError(f"--init_from {init[2]} does not match the model: {msg}") from None
+    # ----- optimizer: AdamW, weight decay on the 2-D weights (matmuls, embeddings) only
     optimizer = make_optimizer(model, cfg)
     if ckpt:
         try:
@@ -127,7 +157,7 @@ def prepare(preset, overrides, lock):
         except (KeyError, ValueError, IndexError, TypeError) as e:
             msg = str(e.args[0]) if e.args else type(e).__name__
             raise CheckpointError(f"{cfg.out_dir}/ckpt.npz does not match the model: {msg}") from None
-    return cfg, ckpt, dataset, model, optimizer, device
+    return dataset, model, optimizer
 
 
 def make_optimizer(model, cfg):
@@ -311,9 +341,7 @@ def fingerprint(cfg, dataset, model, device):
     if dist.world_size() == 1:
         return {}
     values = {f"--{k}": v for k, v in cfg.to_dict().items()}
-    values.update({"data size": int(dataset.data.size),
-                   "data sha256": hashlib.sha256(dataset.data.tobytes()).hexdigest(),
-                   "vocab": dataset.tokenizer.vocab_size,
+    values.update({"data": dataset.fingerprint(),
                    "dtype": str(next(iter(model.parameters())).dtype), "device": device,
                    "accelerated": [kernels.enabled(device), kernels.numba_loops() is not None]})
     return values
