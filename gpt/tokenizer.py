@@ -110,8 +110,3 @@ class CharTokenizer:
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"cannot read the tokenizer file {path}: {e}") from None
         return cls.from_json(text)
-
-
-def tokenizer_from_json(s):
-    """The tokenizer of a JSON document written by to_json()."""
-    return CharTokenizer.from_json(s)
