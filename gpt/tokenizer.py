@@ -75,16 +75,7 @@ class CharTokenizer:
 
     def decode(self, ids):
         """The text of a sequence of ids (a list or a 1-D integer array)."""
-        ids = np.asarray(ids)
-        if ids.size == 0:
-            return ""
-        if ids.ndim != 1 or ids.dtype.kind not in "iu":
-            raise ValueError(f"decode needs a 1-D sequence of integer ids, got shape {ids.shape} "
-                             f"and dtype {ids.dtype}")
-        if ids.min() < 0 or ids.max() >= self.vocab_size:
-            raise ValueError(f"token ids must be in [0, {self.vocab_size}), got min {ids.min()} "
-                             f"and max {ids.max()}")
-        return "".join([self.chars[i] for i in ids.tolist()])
+        return "".join([self.chars[i] for i in _checked_ids(ids, self.vocab_size)])
 
     # ----- JSON ------------------------------------------------------------------------
     def to_json(self):
@@ -92,10 +83,7 @@ class CharTokenizer:
 
     @classmethod
     def from_json(cls, s):
-        try:
-            obj = json.loads(s)
-        except (json.JSONDecodeError, TypeError) as e:
-            raise ValueError(f"not a tokenizer JSON document: {e}") from None
+        obj = _parse_json(s)
         if not isinstance(obj, dict) or obj.get("type") != "char" or not isinstance(obj.get("chars"), list):
             raise ValueError('not a character tokenizer: expected {"type": "char", "chars": [...]}')
         return cls(obj["chars"])
@@ -105,8 +93,33 @@ class CharTokenizer:
 
     @classmethod
     def load(cls, path):
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"cannot read the tokenizer file {path}: {e}") from None
-        return cls.from_json(text)
+        return cls.from_json(_read_file(path))
+
+
+# ----- shared by the tokenizers -------------------------------------------------------------
+def _checked_ids(ids, vocab_size):
+    """ids (a list or a 1-D integer array) as a list of ints; ValueError unless all are in range."""
+    ids = np.asarray(ids)
+    if ids.size == 0:
+        return []
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise ValueError(f"decode needs a 1-D sequence of integer ids, got shape {ids.shape} "
+                         f"and dtype {ids.dtype}")
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise ValueError(f"token ids must be in [0, {vocab_size}), got min {ids.min()} "
+                         f"and max {ids.max()}")
+    return ids.tolist()
+
+
+def _parse_json(s):
+    try:
+        return json.loads(s)
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ValueError(f"not a tokenizer JSON document: {e}") from None
+
+
+def _read_file(path):
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read the tokenizer file {path}: {e}") from None
