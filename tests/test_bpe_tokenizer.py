@@ -17,6 +17,7 @@ from tiktoken_ext import openai_public
 
 from gpt import load_text
 from gpt.tokenizer import PATTERNS, BPETokenizer, CharTokenizer, tokenizer_from_json
+from train.checkpoint import CheckpointError, load_tokenizer
 
 SPECIALS = ["<|endoftext|>", "<|pad|>"]
 
@@ -295,6 +296,15 @@ def test_bad_json_is_a_one_line_error(bad, needle):
     if '"bpe"' in bad:
         with pytest.raises(ValueError):
             BPETokenizer.from_json(bad)
+
+
+def test_a_checkpoint_holds_either_tokenizer(tok):
+    assert load_tokenizer({"tokenizer": tok.to_json()}, "ckpt.npz") == tok
+    char = CharTokenizer.from_text("To be")
+    assert load_tokenizer({"tokenizer": char.to_json()}, "ckpt.npz") == char
+    with pytest.raises(CheckpointError) as err:
+        load_tokenizer({"tokenizer": '{"type": "bpe", "pattern": "gpt4"}'}, "ckpt.npz")
+    assert "ckpt.npz" in assert_one_line(err) and "not a BPE tokenizer" in str(err.value)
 
 
 # ---------------------------------------------------------------- errors
