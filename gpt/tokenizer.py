@@ -258,7 +258,8 @@ class BPETokenizer:
         Special tokens as in tiktoken: the text of one in allowed_special (a set of them, or
         "all") becomes its id; the text of one in disallowed_special (by default every one not
         allowed) is an error, and with disallowed_special=() it is encoded as ordinary text.
-        Runs through tiktoken when it is installed (the same ids, faster), else encode_plain.
+        Runs through tiktoken when it is installed (the same ids; faster on a text whose chunks
+        encode_plain has not cached yet), else through encode_plain.
         """
         fast = self._tiktoken_encoding()
         if fast is None:
