@@ -9,10 +9,12 @@ setup(
     long_description_content_type="text/markdown",
     packages=["tinytensor", "tinytensor.ops", "tinytensor.nn", "tinytensor.kernels", "gpt"],
     python_requires=">=3.10",
-    install_requires=["numpy>=1.24", "tqdm", "matplotlib", "threadpoolctl"],
+    # regex: the \p{L}-style patterns that pre-split text for the BPE tokenizer
+    install_requires=["numpy>=1.24", "tqdm", "matplotlib", "threadpoolctl", "regex"],
     extras_require={
-        # torch is a test-only dependency: the CPU build is enough (see README); ruff: the linter
-        "test": ["pytest", "hypothesis", "torch", "ruff"],
+        # torch is a test-only dependency: the CPU build is enough (see README); ruff: the linter;
+        # tiktoken: the BPE tokenizer is checked against it (and encodes through it when present)
+        "test": ["pytest", "hypothesis", "torch", "ruff", "tiktoken"],
         # mpich: the MPICH wheel, which gives mpirun (leave it out to use a cluster's own MPI);
         # threadpoolctl: BLAS threads per rank
         "mpi": ["mpi4py", "mpich", "threadpoolctl"],

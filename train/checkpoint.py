@@ -191,10 +191,11 @@ def check_meta(meta, path):
 
 
 def load_tokenizer(meta, path):
-    """The CharTokenizer of a checked meta (see check_meta); CheckpointError naming `path`."""
-    from gpt.tokenizer import CharTokenizer
+    """The tokenizer (a CharTokenizer or a BPETokenizer, by its JSON's "type") of a checked meta
+    (see check_meta); CheckpointError naming `path`."""
+    from gpt.tokenizer import tokenizer_from_json
     try:
-        return CharTokenizer.from_json(meta["tokenizer"])
+        return tokenizer_from_json(meta["tokenizer"])
     except ValueError as e:
         raise CheckpointError(f"{path}: the meta entry 'tokenizer' is unusable ({e}); the file "
                               f"is damaged: delete it or use another checkpoint") from None
