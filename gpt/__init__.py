@@ -4,9 +4,11 @@ from .data import (DATA_SHA256, DATA_URL, DEFAULT_DATA_PATH, PROJECT_ROOT, CharD
 from .interop import lecture_state_dict, load_lecture_state_dict
 from .model import (MODELS, BigramLanguageModel, GPTConfig, GPTLanguageModel, KVCache, build_model,
                     sample_next)
-from .tokenizer import CharTokenizer
+from .token_files import TokenDataset, build_token_files
+from .tokenizer import BPETokenizer, CharTokenizer, tokenizer_from_json
 
-__all__ = ["CharTokenizer", "CharDataset", "DataError", "load_text", "get_batch", "PROJECT_ROOT",
+__all__ = ["CharTokenizer", "BPETokenizer", "tokenizer_from_json", "CharDataset", "TokenDataset",
+           "build_token_files", "DataError", "load_text", "get_batch", "PROJECT_ROOT",
            "DEFAULT_DATA_PATH", "DATA_URL", "DATA_SHA256", "GPTConfig", "GPTLanguageModel",
            "BigramLanguageModel", "KVCache", "MODELS", "build_model", "sample_next",
            "lecture_state_dict", "load_lecture_state_dict"]

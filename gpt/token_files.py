@@ -34,10 +34,11 @@ from pathlib import Path
 import numpy as np
 
 from .data import DataError, get_batch
-from .tokenizer import CharTokenizer
+from .tokenizer import BPETokenizer, CharTokenizer, tokenizer_from_json
 
 BLOCK_BYTES = 1 << 24          # 16 MB of the text at a time
 BPE_SAMPLE_BYTES = 4 << 20     # a BPE tokenizer learns its merges from the first 4 MB
+BPE_PATTERN = "gpt4"           # its pre-split: GPT-4's regex (gpt.tokenizer.PATTERNS)
 FORMAT, VERSION = "tinytensor-gpt tokens", 1
 VAL_FRACTION = 0.1
 
@@ -55,7 +56,8 @@ class TokenizerSpec:
             return tokenizer == self.tokenizer
         if self.kind == "char":
             return isinstance(tokenizer, CharTokenizer)
-        return getattr(tokenizer, "kind", None) == "bpe" and tokenizer.vocab_size == self.vocab_size
+        return (isinstance(tokenizer, BPETokenizer) and tokenizer.vocab_size == self.vocab_size
+                and tokenizer.pattern == BPE_PATTERN and not tokenizer.special_tokens)
 
     def describe(self):
         if self.tokenizer is not None:
@@ -133,7 +135,6 @@ def char_vocabulary(path, main=True):
 
 def learn_bpe(path, vocab_size, main=True):
     """A BPETokenizer learned from the first BPE_SAMPLE_BYTES of the file."""
-    from .tokenizer import BPETokenizer
     sample = []
     size = 0
     for text in read_blocks(path, block_bytes=min(BLOCK_BYTES, BPE_SAMPLE_BYTES)):
@@ -142,7 +143,7 @@ def learn_bpe(path, vocab_size, main=True):
         if size >= BPE_SAMPLE_BYTES:
             break
     try:
-        return BPETokenizer.train("".join(sample), vocab_size, progress=main)
+        return BPETokenizer.train("".join(sample), vocab_size, pattern=BPE_PATTERN, progress=main)
     except ValueError as e:
         raise DataError(f"{path}: {e}") from None
 
@@ -275,7 +276,6 @@ def read_manifest(folder):
 
 
 def load_manifest_tokenizer(m, folder):
-    from .tokenizer import tokenizer_from_json
     try:
         return tokenizer_from_json(json.dumps(m["tokenizer"]))
     except ValueError as e:

@@ -66,7 +66,8 @@ class CharTokenizer:
     # ----- encode / decode -------------------------------------------------------------
     def _unknown_error(self, text):
         unknown = list(dict.fromkeys(c for c in text if c not in self.stoi))  # first-seen order
-        return ValueError("characters not in the vocabulary: " + ", ".join(repr(c) for c in unknown))
+        shown = ", ".join(repr(c) for c in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
+        return ValueError(f"{len(unknown)} distinct characters not in the vocabulary: {shown}")
 
     def encode(self, text):
         """The ids of the characters of text, as a list of ints."""

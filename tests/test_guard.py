@@ -231,6 +231,8 @@ def rewrite_meta(ckpt, change):
 @pytest.mark.parametrize("change, needles", [
     (lambda m: m.update(tokenizer="{not json"), ["'tokenizer' is unusable", "not a tokenizer JSON"]),
     (lambda m: m.update(tokenizer=json.dumps({"type": "bpe", "merges": []})),
+     ["'tokenizer' is unusable", "not a BPE tokenizer"]),
+    (lambda m: m.update(tokenizer=json.dumps({"type": "char", "chars": "abc"})),
      ["'tokenizer' is unusable", "not a character tokenizer"]),
     (lambda m: m.update(tokenizer=5), ["'tokenizer' should be a JSON string, got 5"]),
     (lambda m: m.update(step="4"), ["'step' should be a non-negative integer", '"4"']),

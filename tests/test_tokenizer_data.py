@@ -66,13 +66,18 @@ def test_unknown_characters_are_named():
     for encode in (tok.encode, tok.encode_array):
         with pytest.raises(ValueError) as err:
             encode("aébZcé")
-        assert assert_one_line(err) == "characters not in the vocabulary: 'é', 'Z'"
+        assert assert_one_line(err) == "2 distinct characters not in the vocabulary: 'é', 'Z'"
+    # many: counted, the first ten shown (a whole alphabet would make a line thousands long)
+    with pytest.raises(ValueError) as err:
+        tok.encode_array("".join(map(chr, range(0x4E00, 0x4E00 + 5000))))
+    assert assert_one_line(err) == ("5000 distinct characters not in the vocabulary: "
+                                    + ", ".join(repr(chr(c)) for c in range(0x4E00, 0x4E0A)) + ", ...")
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 3\)"):
         tok.decode([0, 3])
     # a dataset encoded with a given tokenizer (from a checkpoint) reports them as a DataError
     with pytest.raises(DataError) as err:
         CharDataset("abcZ", tokenizer=tok)
-    assert assert_one_line(err) == "the text has characters not in the vocabulary: 'Z'"
+    assert assert_one_line(err) == "the text has 1 distinct characters not in the vocabulary: 'Z'"
     np.testing.assert_array_equal(CharDataset("cab", tokenizer=tok).data, [2, 0, 1])
 
 

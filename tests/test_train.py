@@ -273,6 +273,44 @@ def test_init_from_fine_tunes_another_runs_weights(tmp_path, trained):
     assert sha256(src) == before
 
 
+def test_bpe_tokenizer_trains_samples_and_resumes(tmp_path, text_file):
+    """--tokenizer bpe --vocab_size N: merges learned from the text, saved in the token files'
+    manifest and the checkpoint; sample.py and --resume use them; a resume is bit-exact."""
+    from gpt.tokenizer import BPETokenizer
+    from train.checkpoint import load_tokenizer
+    common = [*TINY, "--data", text_file, "--tokenizer", "bpe", "--vocab_size", 300,
+              "--eval_interval", 4, "--log_interval", 1, "--lr_decay_iters", 8]
+    full, half = str(tmp_path / "full"), str(tmp_path / "half")
+    p = run_train(*common, "--out_dir", full, "--max_iters", 8)
+    assert p.returncode == 0, p.stderr
+    assert "vocab 300" in p.stdout and re.search(r"tokens: .* -> [\d,]+ tokens in ", p.stdout)
+    meta = load_checkpoint(os.path.join(full, "ckpt.npz"))[0]
+    tok = load_tokenizer(meta, "ckpt")
+    assert isinstance(tok, BPETokenizer) and tok.vocab_size == 300
+    assert tok == BPETokenizer.train(open(text_file, encoding="utf-8").read(), 300, progress=False)
+    assert run_train(*common, "--out_dir", half, "--max_iters", 4).returncode == 0
+    p = run_train("--out_dir", half, "--max_iters", 8, "--resume")
+    assert p.returncode == 0 and "tokens: " not in p.stdout, p.stdout  # the files are reused
+    assert train_losses(half) == train_losses(full)
+    s = subprocess.run([sys.executable, os.path.join(ROOT, "train", "sample.py"), "--out_dir", full,
+                        "--max_new_tokens", "20", "--start", "The king ☃"],
+                       capture_output=True, text=True)
+    assert s.returncode == 0 and s.stdout.startswith("The king ☃"), s.stderr
+    # the tokenizer cannot change on resume; vocab_size is BPE's
+    p = run_train("--out_dir", full, "--max_iters", 10, "--resume", "--tokenizer", "char",
+                  "--vocab_size", 0)
+    assert_one_line_error(p, 2, "tokenizer='bpe' -> 'char'", "cannot change on resume")
+    p = run_train(*TINY, "--data", text_file, "--out_dir", tmp_path / "x", "--tokenizer", "bpe")
+    assert_one_line_error(p, 2, "--tokenizer bpe needs a --vocab_size from 256")
+    p = run_train(*TINY, "--data", text_file, "--out_dir", tmp_path / "x", "--vocab_size", 300)
+    assert_one_line_error(p, 2, "vocab_size is for --tokenizer bpe")
+    p = run_train(*TINY, "--data", text_file, "--out_dir", tmp_path / "x", "--tokenizer", "word")
+    assert_one_line_error(p, 2, "tokenizer must be 'char' or 'bpe'")
+    p = run_train(*TINY, "--data", text_file, "--tokenizer", "bpe", "--vocab_size", 100000,
+                  "--out_dir", tmp_path / "y", "--max_iters", 2)
+    assert_one_line_error(p, 1, text_file)
+
+
 def test_eval_interval_does_not_change_training(tmp_path, trained, text_file):
     full, _ = trained
     other = str(tmp_path / "o")

@@ -5,7 +5,8 @@
 
 Loads out_dir/ckpt.npz (or best.npz with --best: the weights with the lowest val loss),
 rebuilds the model from the config saved in it and prints --num_samples samples.
-Without --start the sample starts from token 0, as in the lecture.
+Without --start the sample starts from token 0, as in the lecture (a newline with a BPE
+tokenizer).
 """
 import argparse
 import os
@@ -18,6 +19,7 @@ if sys.path[0] != ROOT:  # run from any directory, installed or not; first, also
 import numpy as np  # noqa: E402
 
 import tinytensor as tt  # noqa: E402
+from gpt.tokenizer import CharTokenizer  # noqa: E402
 from tinytensor import backend  # noqa: E402
 from train import guard  # noqa: E402
 from train.checkpoint import CheckpointError, load_checkpoint, load_tokenizer  # noqa: E402
@@ -101,14 +103,16 @@ def sample(argv):
         raise UsageError(str(e)) from None
     path = os.path.join(args.out_dir, "best.npz" if args.best else "ckpt.npz")
     model, tokenizer, meta = load_model(path, device)
-    if args.start:
+    if args.start and isinstance(tokenizer, CharTokenizer):
         unknown = sorted(set(args.start) - set(tokenizer.chars))
         if unknown:
             raise UsageError(f"--start has characters outside the checkpoint's vocabulary: "
                              f"{', '.join(map(repr, unknown))}")
         prompt = tokenizer.encode(args.start)
-    else:
-        prompt = [0]
+    elif args.start:  # BPE: any text has its bytes
+        prompt = tokenizer.encode(args.start, disallowed_special=())
+    else:  # token 0, as in the lecture ('\n' in tiny Shakespeare); BPE: a newline's token
+        prompt = [0] if isinstance(tokenizer, CharTokenizer) else tokenizer.encode("\n")
 
     tt.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
