@@ -175,6 +175,9 @@ def _atomic(folder, name, write):
             os.remove(tmp)
 
 
+_TEMP = re.compile(r"^\.(tokens|train\.bin|val\.bin|manifest\.json)\.[A-Za-z0-9_]+\.tmp$")
+
+
 def _usual_permissions(path):
     """mkstemp makes 0600 files; give the permissions the umask would give a new file."""
     umask = os.umask(0)
@@ -229,6 +232,9 @@ def build_token_files(path, folder, spec, main=True, say=print):
     for: reuse them when the manifest checks out, else (re)build them, saying why. Returns the
     folder. Call it on one process (rank 0), then open TokenDataset(folder) everywhere."""
     os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(folder):  # what a killed build left (the caller holds out_dir's lock)
+        if _TEMP.match(name):
+            os.remove(os.path.join(folder, name))
     why = stale(path, folder, spec)
     if why is None:
         return folder

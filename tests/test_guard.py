@@ -19,7 +19,7 @@ from test_train import TINY, TRAIN, assert_one_line_error, run_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "train", "sample.py")
-OUTPUTS = ["best.npz", "ckpt.npz", "loss.png", "metrics.jsonl"]
+OUTPUTS = ["best.npz", "ckpt.npz", "loss.png", "metrics.jsonl", "tokens"]
 LONG = [*TINY, "--max_iters", 100000, "--eval_interval", 5, "--log_interval", 1]
 
 from train import guard  # noqa: E402

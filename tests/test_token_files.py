@@ -134,6 +134,11 @@ def test_reused_while_they_check_out_and_rebuilt_when_not(tmp_path):
     assert "another tokenizer than the given CharTokenizer" in said[0]
     assert T.TokenDataset(folder).tokenizer == given
     assert not [n for n in os.listdir(folder) if n.endswith(".tmp")]
+    # what a killed build leaves is removed by the next one; other files are left alone
+    for name in (".tokens.abc123.tmp", ".val.bin.x_Y9.tmp", "notes.tmp"):
+        (folder / name).write_bytes(b"x")
+    assert build(other, folder, T.TokenizerSpec(tokenizer=given)) == []
+    assert sorted(os.listdir(folder)) == ["manifest.json", "notes.tmp", "train.bin", "val.bin"]
 
 
 def test_a_given_vocabulary_that_lacks_characters_is_a_data_error(tmp_path):
