@@ -335,6 +335,66 @@ def copy_run(trained, tmp_path):
     return out
 
 
+def test_resume_keeps_the_checkpoints_config_and_says_what_changes(tmp_path, trained):
+    """A --config preset on resume does not replace the checkpoint's values (the notes name
+    those that differ); named options change it and are listed; the run continues exactly as
+    a plain resume."""
+    plain, preset = copy_run(trained, tmp_path / "a"), copy_run(trained, tmp_path / "b")
+    p = run_train("--out_dir", plain, "--resume", "--max_iters", 24)
+    assert p.returncode == 0, p.stderr
+    assert "--resume: from the checkpoint: max_iters 20 -> 24" in p.stdout
+    q = run_train("--config", "small", "--out_dir", preset, "--resume", "--max_iters", 24)
+    assert q.returncode == 0, q.stderr
+    note = next(line for line in q.stdout.splitlines() if "preset's" in line)
+    for kept in ("batch_size 4", "eval_iters 2", "n_embd 16", "block_size 8"):
+        assert kept in note, note
+    assert "kept, not the 'small' preset's" in note
+    assert train_losses(preset) == train_losses(plain)
+    meta = load_checkpoint(os.path.join(preset, "ckpt.npz"))[0]
+    assert (meta["config"]["batch_size"], meta["config"]["eval_iters"]) == (4, 2)
+    r = run_train("--out_dir", preset, "--resume", "--max_iters", 26, "--learning_rate", 5e-4,
+                  "--eval_iters", 3)
+    assert r.returncode == 0, r.stderr
+    assert ("--resume: from the checkpoint: max_iters 24 -> 26, learning_rate 0.001 -> 0.0005, "
+            "eval_iters 2 -> 3") in r.stdout
+
+
+def test_resume_on_changed_data_is_refused_unless_asked(tmp_path, trained, text_file):
+    out = copy_run(trained, tmp_path)
+    before = sha256(os.path.join(out, "ckpt.npz"))
+    meta = load_checkpoint(os.path.join(out, "ckpt.npz"))[0]
+    assert meta["data"]["sha256"] == sha256(text_file) and meta["data"]["size"] == os.path.getsize(text_file)
+    original = open(text_file, encoding="utf-8").read()
+    changed = tmp_path / "changed.txt"
+    changed.write_text(original[::-1], encoding="utf-8")  # the same characters and size
+    p = run_train("--out_dir", out, "--resume", "--max_iters", 22, "--data", changed)
+    assert_one_line_error(p, 1, f"{changed} is not the text {out}/ckpt.npz was trained on",
+                          "--allow_data_change")
+    assert sha256(os.path.join(out, "ckpt.npz")) == before
+    p = run_train("--out_dir", out, "--resume", "--max_iters", 22, "--data", changed,
+                  "--allow_data_change")
+    assert p.returncode == 0, p.stderr
+    meta = load_checkpoint(os.path.join(out, "ckpt.npz"))[0]
+    assert meta["data"]["sha256"] == sha256(changed)
+    assert meta["config"]["allow_data_change"] is True
+    p = run_train("--out_dir", out, "--resume", "--max_iters", 24)  # now its text: no flag needed
+    assert p.returncode == 0, p.stderr
+    assert load_checkpoint(os.path.join(out, "ckpt.npz"))[0]["config"]["allow_data_change"] is False
+    p = run_train("--out_dir", out, "--resume", "--max_iters", 26, "--data", text_file)
+    assert_one_line_error(p, 1, "is not the text")
+
+
+def test_resume_on_a_text_with_new_characters_names_file_checkpoint_and_a_few(tmp_path, trained, text_file):
+    out = copy_run(trained, tmp_path)
+    odd = tmp_path / "odd.txt"
+    odd.write_text(open(text_file, encoding="utf-8").read() + "".join(map(chr, range(0x4E00, 0x9FA5))),
+                   encoding="utf-8")
+    p = run_train("--out_dir", out, "--resume", "--max_iters", 22, "--data", odd)
+    assert_one_line_error(p, 1, f"{odd} does not fit the vocabulary of {out}/ckpt.npz",
+                          "20901 distinct characters not in the vocabulary: '一', '丁',", ", ...")
+    assert len(p.stderr) < 400, p.stderr
+
+
 def test_resume_with_changed_model_shape_is_an_error(tmp_path, trained):
     out = copy_run(trained, tmp_path)
     before = sha256(os.path.join(out, "ckpt.npz"))

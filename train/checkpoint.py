@@ -188,6 +188,10 @@ def check_meta(meta, path):
             meta["optimizer"].get("param_groups"), list) and all(
             isinstance(g, dict) for g in meta["optimizer"]["param_groups"])):
         bad("optimizer", "an object with a list of param_groups")
+    data = meta.get("data")
+    if data is not None and not (isinstance(data, dict) and isinstance(data.get("sha256"), str)
+                                 and isinstance(data.get("size"), int)):
+        bad("data", "an object with the text's sha256 and size")
 
 
 def load_tokenizer(meta, path):
@@ -240,17 +244,20 @@ def load_metrics(path, keep_before):
     return rows
 
 
-def run_meta(cfg, tokenizer, step, best_val, world_size, losses=None):
+def run_meta(cfg, tokenizer, step, best_val, world_size, losses=None, data=None):
     """The meta entry of a checkpoint train.py writes at `step`: the config, the tokenizer, the
     losses of the evaluation at that step ({"train": .., "val": ..}; None when a signal stopped
-    the run before it) and how the run's random streams continue."""
+    the run before it), how the run's random streams continue and (data) the fingerprint of the
+    text it trains on: {"path", "size", "sha256"}."""
     losses = losses or {"train": None, "val": None}
     return {"step": step, "config": cfg.to_dict(), "tokenizer": tokenizer.to_json(),
+            **({"data": data} if data is not None else {}),
             "train_loss": losses["train"], "val_loss": losses["val"],
             "best_val_loss": best_val, "world_size": world_size,
             "rng": {"seed": cfg.seed, "next_step": step,
                     "streams": "train batch (seed, 0, step); eval batch k of split s "
-                               "(seed, 1, step, s, k); dropout (seed, 2, step, rank)"}}
+                               "(seed, 1, step, s, k); dropout (seed, 2, step, g), g the "
+                               "micro-batch's place in the global batch"}}
 
 
 def save_checkpoint(path, meta, model, optimizer=None):

@@ -61,6 +61,8 @@ class TrainConfig:
     vocab_size: int = 0             # --tokenizer bpe: the vocabulary's size, >= 256 (e.g. 512)
     out_dir: str = "out"            # where ckpt.npz, best.npz, metrics.jsonl and loss.png are written
     resume: bool = False            # continue from out_dir/ckpt.npz instead of starting afresh
+    allow_data_change: bool = False  # --resume: continue although the text changed since the
+                                    # checkpoint (its sha256 differs); applies to this resume only
     init_from: str = ""             # start a new run from the weights and tokenizer of this
                                     # checkpoint (a .npz, or a run's out_dir): fine-tuning
     # ----- speed (how the run computes, not what it trains)
@@ -344,7 +346,7 @@ def make_config(preset=None, overrides=None):
 # Every other field must be there: a default would silently change the run (n_embd 128 -> 32).
 LATER_FIELDS = ("fused", "accelerators", "malloc_tuning", "tf32", "overlap", "bucket_mb",
                 "threads_per_rank", "dist_backend", "gradient_accumulation_steps", "init_from",
-                "tokenizer", "vocab_size")
+                "tokenizer", "vocab_size", "allow_data_change")
 
 
 def config_from_dict(d):

@@ -47,7 +47,7 @@ class Report:
         """Time the next steps from now (evaluations and checkpoints are not step time)."""
         self.t_log, self.steps_since_log = time.perf_counter(), 0
 
-    def header(self, dataset, model, device, reducer, ckpt_path, resumed):
+    def header(self, dataset, model, device, reducer, ckpt_path, resumed, notes=()):
         """The run's config, data, model, accelerators and (under mpirun) gradient reduction."""
         cfg = self.cfg
         self.say("config:\n" + format_config(cfg))
@@ -64,6 +64,8 @@ class Report:
             self.say(f"gradients: {reducer.describe()}")
         if resumed:
             self.say(f"resuming from {ckpt_path} at step {self.start}")
+            for note in notes:
+                self.say(note)
         elif cfg.init_from:
             self.say(f"starting from the weights and tokenizer of {cfg.init_from} (--init_from), "
                      f"with a fresh optimizer and schedule")

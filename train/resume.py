@@ -1,11 +1,12 @@
 """The config of a run: the command line's, or with --resume the checkpoint's updated by it.
 
-    cfg, ckpt = resolve_config(preset, overrides)   # ckpt: None, or what resuming needs
+    cfg, ckpt = resolve_config(preset, overrides)   # ckpt: None, or what resuming needs (and notes)
     cfg, init = resolve_init(cfg, overrides)        # --init_from: the weights to start from
 
-A resume continues the checkpoint's run: its config, updated by what the command line names
-explicitly (a --config preset names all of its fields), except the fields that fix the model's
-shape, which cannot change.
+A resume continues the checkpoint's run: its config, updated by the options the command line
+names (a --config preset is not applied: the notes say which of its values differ), except the
+fields that fix the model's shape and its tokenizer, which cannot change. The notes also list
+each named option that changes the checkpoint's value.
 
 --init_from starts a new run (its own out_dir, a fresh optimizer and schedule) from another
 run's weights and tokenizer: the model's shape comes from that checkpoint, and a shape field
@@ -38,11 +39,18 @@ def resolve_config(preset, overrides):
         raise CheckpointError(f"{path}: unusable saved config ({e}); the file is damaged: "
                               f"delete it or use another out_dir") from None
     tokenizer = load_tokenizer(meta, path)
-    # the saved config, updated by what this command line names explicitly
-    explicit = dict(PRESETS[preset]) if preset else {}
-    explicit.update(overrides)
-    cfg = replace(saved, **explicit)
-    cfg = replace(cfg, resume=True, out_dir=make_config(preset, overrides).out_dir)
+    # the saved config, updated by the options this command line names; a --config preset
+    # names none of them (its values would silently change the run), so it is only reported
+    cfg = replace(saved, **overrides)
+    cfg = replace(cfg, resume=True, out_dir=make_config(preset, overrides).out_dir,
+                  allow_data_change=overrides.get("allow_data_change", False))  # this resume only
+    notes = [f"--resume: from the checkpoint: {', '.join(changes(saved, cfg, overrides))}"
+             if changes(saved, cfg, overrides) else None]
+    ignored = [k for k, v in (PRESETS[preset] if preset else {}).items()
+               if k not in overrides and v != getattr(saved, k)]
+    if ignored:
+        notes.append(f"--resume: the checkpoint's {', '.join(f'{k} {getattr(saved, k)!r}' for k in ignored)} "
+                     f"kept, not the {preset!r} preset's (name an option to change it)")
     changed = [f"{k}={getattr(saved, k)!r} -> {getattr(cfg, k)!r}"
                for k in MODEL_SHAPE_FIELDS + TOKENIZER_FIELDS if getattr(saved, k) != getattr(cfg, k)]
     if changed:
@@ -51,7 +59,14 @@ def resolve_config(preset, overrides):
     if meta["step"] > cfg.max_iters:
         raise ConfigError(f"max_iters ({cfg.max_iters}) is below the checkpoint's step "
                           f"({meta['step']}); pass --max_iters {meta['step']} or more")
-    return cfg, (meta, model_state, optim_state, tokenizer)
+    return cfg, (meta, model_state, optim_state, tokenizer, [n for n in notes if n])
+
+
+def changes(saved, cfg, overrides):
+    """'name old -> new' for each option the command line names that differs from the
+    checkpoint's (resume and out_dir, which say where the run is, aside)."""
+    return [f"{k} {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in overrides
+            if k not in ("resume", "out_dir") and getattr(saved, k) != getattr(cfg, k)]
 
 
 def init_path(init_from):

@@ -133,6 +133,8 @@ def prepare_model(cfg, ckpt, init, device):
     when resuming, or the model from --init_from's."""
     dataset = TokenDataset(token_folder(cfg))
     dataset.check_block_size(cfg.block_size)
+    if ckpt:
+        check_same_data(cfg, ckpt[0].get("data"), dataset.source)
     # ----- model, its memory checked against the machine's before it is made
     gconf = cfg.model_config(dataset.tokenizer.vocab_size)
     guard.check_memory(*guard.estimate_memory(
@@ -160,6 +162,18 @@ def prepare_model(cfg, ckpt, init, device):
     return dataset, model, optimizer
 
 
+def check_same_data(cfg, then, now):
+    """A resume continues on the text the checkpoint was trained on: DataError when its sha256
+    differs from the checkpoint's, unless --allow_data_change (checkpoints that predate the
+    fingerprint are not checked)."""
+    if then is None or then["sha256"] == now["sha256"] or cfg.allow_data_change:
+        return
+    raise DataError(f"{cfg.data or now['path']} is not the text {cfg.out_dir}/ckpt.npz was trained "
+                    f"on (sha256 {now['sha256'][:12]}..., {now['size']:,} bytes; the checkpoint's: "
+                    f"{then['sha256'][:12]}..., {then['size']:,} bytes): restore that text, or pass "
+                    f"--allow_data_change to continue on this one")
+
+
 def make_optimizer(model, cfg):
     """AdamW with weight decay on the 2-D weights (matmuls, embeddings) only, as nanoGPT."""
     params = list(model.parameters())
@@ -179,7 +193,8 @@ def train(cfg, ckpt, dataset, model, optimizer, device, stop):
     run = Run(cfg, dataset, model, optimizer, device, best_val, start if ckpt else None)
     stop.saved = (run.ckpt_path, start) if ckpt else None
     run.report = report = Report(cfg, start, ckpt is not None, dist.is_main())
-    report.header(dataset, model, device, reducer, run.ckpt_path, ckpt is not None)
+    report.header(dataset, model, device, reducer, run.ckpt_path, ckpt is not None,
+                  ckpt[4] if ckpt else ())
     if start == cfg.max_iters:
         report.say(f"nothing to do: the checkpoint is already at step {start}; raise "
                    f"--max_iters to go on")
@@ -304,8 +319,9 @@ class Run:
         stop.saved = (self.ckpt_path, step)
 
     def meta(self, step, losses=None):
+        src = self.dataset.source
         return run_meta(self.cfg, self.dataset.tokenizer, step, self.best_val, dist.world_size(),
-                        losses)
+                        losses, {k: src[k] for k in ("path", "size", "sha256")})
 
     def nonfinite(self, step, what):
         kept = (f"the last good checkpoint {self.ckpt_path} (step {self.last_saved}) is kept"
