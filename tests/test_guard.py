@@ -324,3 +324,23 @@ def test_divergence_advice_names_what_is_not_set_yet(tmp_path, text_file):
     assert "--grad_clip 1.0" not in p.stderr
     p = run_train(*common, "--out_dir", tmp_path / "b", "--learning_rate", "1e30")
     assert_one_line_error(p, 1, "non-finite", "or --grad_clip 1.0")
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_signal_before_training_is_said_once_under_mpi(monkeypatch, rank):
+    """A stop signal before the loop reaches every rank (mpirun forwards it): rank 0 says it
+    and ends the job at once; another rank first waits SIGNAL_GRACE_S (rank 0's abort ends it
+    meanwhile), and speaks only if it is still alive - the signal was its own."""
+    from tinytensor import distributed as dist
+    events = []
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    monkeypatch.setattr(dist, "is_main", lambda: rank == 0)
+    monkeypatch.setattr(guard.time, "sleep", lambda s: events.append(("sleep", s)))
+    monkeypatch.setattr(dist, "abort", lambda line, code: events.append(("abort", line, code)))
+
+    def body():
+        raise guard.Interrupted(signal.SIGTERM)
+    assert guard.boundary(body, []) == 143
+    said = ("abort", "error: interrupted by SIGTERM", 143)
+    assert events == ([said] if rank == 0 else [("sleep", guard.SIGNAL_GRACE_S), said])
+    assert guard.SIGNAL_GRACE_S > dist.ABORT_DRAIN_S

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -285,3 +286,48 @@ def test_accumulating_micro_batches_send_nothing_before_the_last(overlap):
                        env=dict(os.environ, PYTHONUNBUFFERED="1"))
     assert p.returncode == 0 and "OK" in p.stdout, (p.stdout[-3000:], p.stderr[-3000:])
     assert "no MPI call before the last micro-batch" in p.stdout
+
+
+# ----- settings that go wrong under mpirun, signals during start-up: one line, once ----------
+
+def test_settings_that_fail_under_mpirun_are_one_line_naming_the_setting(tmp_path, text_file):
+    """The NCCL backend without a GPU: on every rank, one line from rank 0 (exit 2); on one
+    rank, one line named with that rank. Never a traceback or "this is a bug"."""
+    r = run(2, tmp_path / "a", text_file, "--max_iters", "2", "--dist_backend", "nccl", "--device", "auto")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert error_lines(r) == ["error: dist_backend 'nccl' sums gradients GPU to GPU, but this "
+                              "rank's device is cpu (--device auto): use --dist_backend mpi, or "
+                              "--device cuda with CuPy and a GPU on every rank"], r.stderr[-2000:]
+    r = run_mpmd(tmp_path / "b", text_file, ("--dist_backend", "nccl"))
+    assert r.returncode == 2 and len(error_lines(r)) == 1, r.stderr[-2000:]
+    assert error_lines(r)[0].startswith("rank 1: error: dist_backend 'nccl' sums gradients")
+    assert "this is a bug" not in r.stderr
+
+
+def test_a_signal_during_start_up_is_one_line(tmp_path):
+    """SIGTERM to mpirun while rank 0 tokenizes the text (the other rank waits for it in a
+    collective): one `error:` line, exit 143, no temporary file left."""
+    big = tmp_path / "big.txt"
+    line = "First Citizen: before we proceed any further, hear me speak. 0123456789\n"
+    big.write_text(line * 1_000_000, encoding="utf-8")  # 72 MB: seconds of tokenizing
+    out = tmp_path / "o"
+    cmd = [MPIRUN, "-n", "2", sys.executable, str(TRAIN), "--data", str(big), "--out_dir", str(out),
+           *TINY, "--max_iters", "4"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        for _ in range(600):  # until rank 0 has started writing the token files
+            if (out / "tokens").is_dir() and any(n.endswith(".tmp") for n in os.listdir(out / "tokens")):
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("rank 0 never started tokenizing")
+        p.send_signal(signal.SIGTERM)
+        stdout, stderr = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    r = subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)
+    assert r.returncode == 143, stderr[-2000:]
+    assert error_lines(r) == ["rank 0: error: interrupted by SIGTERM before this run wrote a "
+                              "checkpoint"], stderr[-2000:]
+    assert not [n for n in os.listdir(out / "tokens") if n.endswith(".tmp")]

@@ -18,6 +18,7 @@ import resource
 import signal
 import socket
 import sys
+import time
 import traceback
 
 from tinytensor import distributed as dist
@@ -295,6 +296,10 @@ def exit_code(e, known):
     return None
 
 
+# seconds a rank other than 0 waits before reporting a signal itself (rank 0 usually has it too)
+SIGNAL_GRACE_S = 3 * dist.ABORT_DRAIN_S
+
+
 def boundary(body, known, every_rank=(), stopped=None):
     """Run body() and return its exit status; every exception becomes one `error:` line.
 
@@ -314,6 +319,10 @@ def boundary(body, known, every_rank=(), stopped=None):
                      every_rank=False)
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
+        if dist.world_size() > 1 and not dist.is_main():
+            # mpirun forwards a signal to every rank: rank 0 says it once and ends the job;
+            # this rank speaks only if rank 0 has not ended it by then (the signal was its own)
+            time.sleep(SIGNAL_GRACE_S)
         return _fail(stopped(f"interrupted by {signal.Signals(signum).name}"), 128 + signum,
                      every_rank=False)
     except Exception as e:

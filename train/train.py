@@ -72,7 +72,7 @@ def run(argv, stop):
                        KNOWN_ERRORS)
         dataset, model, optimizer = guard.together(
             lambda: prepare_model(cfg, ckpt, init, device), KNOWN_ERRORS)
-        dist.configure(cfg.threads_per_rank, cfg.dist_backend)  # BLAS threads, GPU backend
+        guard.together(lambda: configure(cfg), KNOWN_ERRORS)  # BLAS threads, GPU backend
         return train(cfg, ckpt, dataset, model, optimizer, device, stop)
     finally:
         lock.release()
@@ -96,6 +96,10 @@ def prepare_config(preset, overrides, lock):
         device = backend.check_device(cfg.device)
     except (ValueError, RuntimeError) as e:
         raise ConfigError(str(e)) from None
+    if cfg.dist_backend == "nccl" and dist.world_size() > 1 and device != "cuda":
+        raise ConfigError(f"dist_backend 'nccl' sums gradients GPU to GPU, but this rank's device "
+                          f"is {device} (--device {cfg.device}): use --dist_backend mpi, or "
+                          f"--device cuda with CuPy and a GPU on every rank")
     if cfg.data:
         data_path(cfg.data)  # on every rank: each must see the text it was told of (rank 0 reads it)
     kernels.use(ACCELERATORS[cfg.accelerators])
@@ -106,6 +110,16 @@ def prepare_config(preset, overrides, lock):
         lock.acquire()  # held until run() ends
         remove_stale_temps(cfg.out_dir)
     return cfg, ckpt, init, device
+
+
+def configure(cfg):
+    """This rank's BLAS threads and GPU gradient backend (dist.configure); what fails (NCCL
+    without a usable GPU, say) is a one-line ConfigError naming the setting."""
+    try:
+        dist.configure(cfg.threads_per_rank, cfg.dist_backend)
+    except (ValueError, RuntimeError, ImportError) as e:
+        raise ConfigError(f"--threads_per_rank {cfg.threads_per_rank}, --dist_backend "
+                          f"{cfg.dist_backend}: {e}") from None
 
 
 def token_folder(cfg):
