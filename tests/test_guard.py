@@ -344,3 +344,87 @@ def test_a_signal_before_training_is_said_once_under_mpi(monkeypatch, rank):
     said = ("abort", "error: interrupted by SIGTERM", 143)
     assert events == ([said] if rank == 0 else [("sleep", guard.SIGNAL_GRACE_S), said])
     assert guard.SIGNAL_GRACE_S > dist.ABORT_DRAIN_S
+
+
+def test_a_stop_signal_during_a_long_evaluation_ends_it_between_batches(tmp_path, text_file):
+    """SIGTERM while evaluating 20,000 batches (a minute or more): the run stops after the
+    batch in hand with a checkpoint (exit 143, seconds later); the resume evaluates that step
+    again, then trains on."""
+    out = tmp_path / "o"
+    cmd = [sys.executable, TRAIN, *TINY, "--data", text_file, "--out_dir", str(out),
+           "--max_iters", "4", "--eval_interval", "2", "--eval_iters", "20000"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        for line in p.stdout:  # the header's last line: the evaluation at step 0 starts
+            if line.startswith("model: "):
+                break
+        time.sleep(1.0)
+        p.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        stdout, stderr = p.communicate(timeout=60)
+        waited = time.monotonic() - t0
+    finally:
+        p.kill()
+    assert p.returncode == 143, stderr
+    assert waited < 5, waited
+    assert f"stopped by SIGTERM during the evaluation at step 0: wrote {out}/ckpt.npz" in stdout
+    meta = load_checkpoint(str(out / "ckpt.npz"))[0]
+    assert meta["step"] == 0 and meta["val_loss"] is None
+    r = run_train("--out_dir", out, "--resume", "--eval_iters", 2)
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"^step 0: train loss", r.stdout, re.M), r.stdout  # evaluated again
+    assert re.search(r"^step 4: train loss", r.stdout, re.M)
+
+
+def in_process(monkeypatch, capsys, argv):
+    """train.main(argv) in this process: (exit status, stderr)."""
+    from train import train as T
+    code = T.main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def test_a_full_disk_names_the_file_and_where_the_checkpoint_stands(tmp_path, text_file, monkeypatch, capsys):
+    import errno
+    from train import report
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+    rows = []
+
+    def fake_open(path, *args, **kwargs):
+        f = open(path, *args, **kwargs)
+        rows.append(path)
+        return Full(f) if len(rows) > 6 else f  # the disk fills after six rows (steps 0-4, eval)
+    monkeypatch.setattr(report, "open", fake_open, raising=False)
+    out = tmp_path / "o"
+    code, err = in_process(monkeypatch, capsys, [*TINY, "--data", text_file, "--out_dir", out,
+                                                 "--max_iters", 20, "--eval_interval", 4,
+                                                 "--log_interval", 1])
+    assert code == 1
+    assert err.strip() == (f"error: {out}/metrics.jsonl: cannot append to it (No space left on "
+                           f"device); the last checkpoint {out}/ckpt.npz (step 4) is intact")
+
+
+def test_out_of_memory_while_tokenizing_names_what_does_not_fit(tmp_path, text_file, monkeypatch, capsys):
+    from gpt import token_files
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError()
+    monkeypatch.setattr(token_files, "encode_file", no_memory)
+    code, err = in_process(monkeypatch, capsys, [*TINY, "--data", text_file, "--out_dir",
+                                                 tmp_path / "o", "--max_iters", 2])
+    assert code == 1
+    assert err.strip().startswith(f"error: out of memory while tokenizing {text_file} into "
+                                  f"{tmp_path / 'o'}/tokens (it is read in blocks of 16 MB)")
+    assert "n_embd" not in err

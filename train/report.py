@@ -119,8 +119,11 @@ class Report:
 
     def _write(self, row):
         """Append a row to metrics.jsonl (one JSON object per line) and to the plot's history."""
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:  # name the file (a write's error has no name)
+            raise OSError(e.errno, f"cannot append to it ({e.strerror or e})", self.path) from None
         self._remember(row)
 
     def _remember(self, row):

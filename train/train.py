@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import tinytensor as tt  # noqa: E402
 from gpt.data import DataError, data_path  # noqa: E402
 from gpt.model import MODELS, build_model  # noqa: E402
-from gpt.token_files import TokenDataset, TokenizerSpec, build_token_files  # noqa: E402
+from gpt.token_files import BLOCK_BYTES, TokenDataset, TokenizerSpec, build_token_files  # noqa: E402
 from tinytensor import backend, environment, kernels  # noqa: E402
 from tinytensor import distributed as dist  # noqa: E402
 from tinytensor.optim import AdamW, clip_grad_norm_, lr_schedule  # noqa: E402
@@ -136,6 +136,10 @@ def prepare_tokens(cfg, ckpt, init):
     spec = TokenizerSpec(cfg.tokenizer, cfg.vocab_size, given)
     try:
         build_token_files(path, token_folder(cfg), spec)
+    except MemoryError:  # name what does not fit: the model is not made yet
+        raise DataError(f"out of memory while tokenizing {path} into {token_folder(cfg)} (it is "
+                        f"read in blocks of {BLOCK_BYTES >> 20} MB): free memory, or split "
+                        f"lines longer than that") from None
     except DataError as e:
         if given is None or "not in the vocabulary" not in str(e):
             raise
@@ -205,6 +209,8 @@ def train(cfg, ckpt, dataset, model, optimizer, device, stop):
     dist.check_consistent(cfg.to_dict(), list(model.parameters()))
     reducer = GradientReducer(optimizer.flat, cfg.bucket_mb or None, cfg.overlap)
     run = Run(cfg, dataset, model, optimizer, device, best_val, start if ckpt else None)
+    if ckpt and ckpt[0].get("val_loss") is not None:
+        run.last_evaluated = start  # else (a signal stopped it before) evaluate it now
     stop.saved = (run.ckpt_path, start) if ckpt else None
     run.report = report = Report(cfg, start, ckpt is not None, dist.is_main())
     report.header(dataset, model, device, reducer, run.ckpt_path, ckpt is not None,
@@ -218,8 +224,9 @@ def train(cfg, ckpt, dataset, model, optimizer, device, stop):
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"), stop.armed_here():
         try:
             for step in range(start, cfg.max_iters):
-                if step % cfg.eval_interval == 0 and step != run.last_saved:
-                    run.evaluate(step, stop)
+                if step % cfg.eval_interval == 0 and step != run.last_evaluated:
+                    if not run.evaluate(step, stop):  # a signal came during the evaluation
+                        return run.stopped(step, stop, "during the evaluation at")
                 # one optimizer step on the global batch of `step`: this rank's rows
                 lr = get_lr(step, cfg)
                 for group in optimizer.param_groups:
@@ -235,11 +242,11 @@ def train(cfg, ckpt, dataset, model, optimizer, device, stop):
                 optimizer.step()
                 report.step(step, float(step_loss), lr)
                 if stop.signum is not None:  # every rank knows it (the collective above)
-                    run.save(step + 1, stop)
-                    report.say(f"stopped by {stop.name} at step {step + 1}: wrote "
-                               f"{run.ckpt_path}; continue with --resume")
-                    return stop.exit_code
-            run.evaluate(cfg.max_iters, stop)
+                    return run.stopped(step + 1, stop, "at")
+            if not run.evaluate(cfg.max_iters, stop):
+                return run.stopped(cfg.max_iters, stop, "during the evaluation at")
+        except OSError as e:  # a file that cannot be written (a full disk): say where things stand
+            raise OSError(e.errno, f"{e.strerror or e}; {run.where()}", e.filename) from None
         finally:
             report.close()
     report.say(f"done: {cfg.max_iters} steps; best val loss {run.best_val:.4f}; wrote "
@@ -256,6 +263,7 @@ class Run:
             cfg, dataset, model, optimizer, device)
         self.best_val = math.inf if best_val is None else best_val
         self.last_saved = last_saved  # the step of the last checkpoint (None: none yet)
+        self.last_evaluated = None    # the step of the last evaluation
         self.ckpt_path = os.path.join(cfg.out_dir, "ckpt.npz")
         self.best_path = os.path.join(cfg.out_dir, "best.npz")
         self.report = None
@@ -296,23 +304,36 @@ class Run:
         from stream (seed, EVAL_STREAM, step, s, k), so evaluating never consumes training
         randomness; under MPI rank r evaluates batches r, r+W, ..., averaged over the ranks.
         With gradient accumulation a batch goes through the model in K pieces (the mean of
-        their losses), so evaluating needs no more memory than a training micro-batch would."""
+        their losses), so evaluating needs no more memory than a training micro-batch would.
+        Returns False, having evaluated only part, when a signal asked to stop: every round of
+        W batches ends with the ranks agreeing on that (a long evaluation would otherwise
+        outlast a scheduler's grace period)."""
         cfg, losses = self.cfg, {}
         piece = cfg.batch_size // cfg.gradient_accumulation_steps
+        W = dist.world_size()
+        self.last_evaluated = step
         self.model.eval()
-        with tt.no_grad():
-            for split_id, split in enumerate(("train", "val")):
-                total, count = 0.0, 0
-                for k in range(dist.rank(), cfg.eval_iters, dist.world_size()):
-                    x, y = self.dataset.get_batch(split, cfg.batch_size, cfg.block_size,
-                                                  stream(cfg.seed, EVAL_STREAM, step, split_id, k))
-                    for i in range(0, cfg.batch_size, piece):
-                        _, loss = self.model(backend.to_device(x[i:i + piece], self.device),
-                                             backend.to_device(y[i:i + piece], self.device))
-                        total, count = total + loss.item(), count + 1
-                s, n = dist.allreduce_mean(np.array([total, count], dtype=np.float64))
-                losses[split] = float(s / n)  # the ratio of the means: the mean over all batches
-        self.model.train()
+        try:
+            with tt.no_grad():
+                for split_id, split in enumerate(("train", "val")):
+                    total, count = 0.0, 0
+                    for first in range(0, cfg.eval_iters, W):  # a round: batch first + r on rank r
+                        k = first + dist.rank()
+                        if k < cfg.eval_iters:
+                            x, y = self.dataset.get_batch(split, cfg.batch_size, cfg.block_size,
+                                                          stream(cfg.seed, EVAL_STREAM, step, split_id, k))
+                            for i in range(0, cfg.batch_size, piece):
+                                _, loss = self.model(backend.to_device(x[i:i + piece], self.device),
+                                                     backend.to_device(y[i:i + piece], self.device))
+                                total, count = total + loss.item(), count + 1
+                        stop.agree(dist.allreduce_mean(np.array(stop.flags())))
+                        if stop.signum is not None:
+                            self.last_evaluated = None
+                            return False
+                    s, n = dist.allreduce_mean(np.array([total, count], dtype=np.float64))
+                    losses[split] = float(s / n)  # the ratio of the means: the mean over all batches
+        finally:
+            self.model.train()
         self.report.say(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         if not (math.isfinite(losses["train"]) and math.isfinite(losses["val"])):
             raise TrainingError(self.nonfinite(step, "evaluation loss"))
@@ -323,6 +344,21 @@ class Run:
         self.save(step, stop, losses)
         self.report.plot()
         self.report.restart_clock()  # not step time
+        return True
+
+    def stopped(self, step, stop, when):
+        """After a stop signal that every rank agreed on: ckpt.npz at `step`, the line that says
+        so, and the exit status (130 for SIGINT, 143 for SIGTERM)."""
+        self.save(step, stop)
+        self.report.say(f"stopped by {stop.name} {when} step {step}: wrote {self.ckpt_path}; "
+                        f"continue with --resume")
+        return stop.exit_code
+
+    def where(self):
+        """Where the last checkpoint stands, for an error line."""
+        if self.last_saved is None:
+            return "no checkpoint was written"
+        return f"the last checkpoint {self.ckpt_path} (step {self.last_saved}) is intact"
 
     def save(self, step, stop, losses=None):
         """ckpt.npz at `step` (rank 0), with the optimizer's state; losses None when a signal
