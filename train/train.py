@@ -103,8 +103,6 @@ def prepare_config(preset, overrides, lock):
     if cfg.data:
         data_path(cfg.data)  # on every rank: each must see the text it was told of (rank 0 reads it)
     kernels.use(ACCELERATORS[cfg.accelerators])
-    if cfg.malloc_tuning:
-        tt.malloc.keep_freed_memory()  # reuse freed temporaries from step to step
     environment.use_tf32(cfg.tf32)
     if dist.is_main():
         lock.acquire()  # held until run() ends
@@ -149,6 +147,8 @@ def prepare_tokens(cfg, ckpt, init):
 def prepare_model(cfg, ckpt, init, device):
     """The data (the token files), the model and the optimizer, restored from the checkpoint
     when resuming, or the model from --init_from's."""
+    if cfg.malloc_tuning:  # after tokenizing: its large blocks would stay in the heap
+        tt.malloc.keep_freed_memory()  # reuse freed temporaries from step to step
     dataset = TokenDataset(token_folder(cfg))
     dataset.check_block_size(cfg.block_size)
     if ckpt:
