@@ -21,7 +21,7 @@ import math
 import numpy as np
 
 from . import backend, fused
-from .tensor import Tensor
+from .tensor import Tensor, increment_version
 
 
 class Optimizer:
@@ -185,6 +185,8 @@ class AdamW(Optimizer):
                 for p, st in todo:
                     fused.adamw_update(p.data, p.grad, st["exp_avg"], st["exp_avg_sq"],
                                        st["step"], *hyper)
+            for p, _ in todo:  # torch's step writes each parameter twice with weight decay
+                increment_version(p, 2 if group["weight_decay"] else 1)
             i += len(params)
 
 
@@ -224,6 +226,7 @@ class SGD(Optimizer):
                     buf += d if g["dampening"] == 0 else (1 - g["dampening"]) * d
                 d = d + m * buf if g["nesterov"] else buf
             p.data -= g["lr"] * d
+            increment_version(p)
 
 
 def clip_grad_norm_(params, max_norm, error_if_nonfinite=False):

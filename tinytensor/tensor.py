@@ -6,6 +6,13 @@ subclass (see ops.py) with `forward` on raw arrays and `backward` right below it
 as the output's creator. `Tensor.backward()` sorts the graph topologically (iteratively, so
 deep graphs never hit the recursion limit), walks it in reverse, un-broadcasts each gradient
 to its input's shape (the only place that happens) and accumulates it.
+
+In-place writes are counted as torch counts them: every tensor has a version counter
+(`x._version`), shared with its views and its detach(), that each in-place write bumps
+(increment_version). A Function records its inputs' versions when it is applied, and backward
+refuses, with torch's RuntimeError, to run a Function whose kept arrays were written in place
+since (_check_versions); a count of all writes (_writes) lets it skip the check when nothing
+was written since the Function was applied, as in a training step.
 """
 import functools
 import weakref
@@ -16,6 +23,7 @@ from . import backend
 from .dtypes import get_default_dtype, set_default_dtype  # noqa: F401 - re-exported
 
 _grad_enabled = True
+_writes = 0  # in-place writes so far, into any tensor (increment_version)
 
 
 def is_grad_enabled():
@@ -75,7 +83,9 @@ class Tensor:
     """An n-dimensional array with reverse-mode automatic differentiation."""
 
     # _post_hooks: {id: hook} of register_post_accumulate_grad_hook; unset until one is registered
-    __slots__ = ("data", "grad", "requires_grad", "_ctx", "_post_hooks", "__weakref__")
+    # _version_counter: [the number of in-place writes], one list shared with the tensor's views
+    __slots__ = ("data", "grad", "requires_grad", "_ctx", "_post_hooks", "_version_counter",
+                 "__weakref__")
     __array_priority__ = 1000  # so ndarray + Tensor defers to Tensor.__radd__
 
     def __init__(self, data, requires_grad=False, dtype=None):
@@ -83,6 +93,7 @@ class Tensor:
         self.grad = None
         self.requires_grad = bool(requires_grad)
         self._ctx = None  # the Function that produced this tensor (None for leaves)
+        self._version_counter = [0]
         if self.requires_grad and self.data.dtype.kind not in "fc":
             raise TypeError(f"only floating point tensors can require gradients, got {self.data.dtype}")
 
@@ -130,6 +141,12 @@ class Tensor:
     @property
     def device(self):
         return backend.device_obj(self.data)
+
+    @property
+    def _version(self):
+        """How many times this tensor's data has been written in place (through it or through a
+        view of the same data), as torch's x._version."""
+        return self._version_counter[0]
 
     @property
     def is_leaf(self):
@@ -192,8 +209,11 @@ class Tensor:
         return int(self._one_value("an index"))
 
     def detach(self):
-        """A new leaf tensor sharing this tensor's data, cut from the graph."""
-        return Tensor(self.data)
+        """A new leaf tensor sharing this tensor's data (and its version counter, as torch),
+        cut from the graph."""
+        out = Tensor(self.data)
+        out._version_counter = self._version_counter
+        return out
 
     def to(self, device):
         """This tensor on `device` ('cpu' or 'cuda'): itself when already there, else a copy."""
@@ -254,6 +274,8 @@ class Tensor:
         functions, uses = _graph(self._ctx)
         grads = {id(self): (self, grad)}  # tensor id -> (the tensor, its gradient so far)
         for fn in reversed(functions):
+            if fn.writes != _writes:  # something was written in place since fn was applied
+                _check_versions(fn)
             gys = [None if out is None else grads.pop(id(out), (None, None))[1]
                    for out in fn.outputs()]
             if any(g is not None for g in gys):
@@ -320,6 +342,53 @@ def _graph(root):
     return order, uses
 
 
+def increment_version(tensor, n=1):
+    """Count n in-place writes into tensor's data (torch.autograd.graph.increment_version): every
+    in-place op, x[i] = v and an optimizer's update call it."""
+    global _writes
+    tensor._version_counter[0] += n
+    _writes += n
+
+
+def _check_versions(fn):
+    """torch's check before running fn's backward: no array that fn kept for it (an input or
+    an output, or a view of one) was written in place since fn was applied. RuntimeError, in
+    torch's words, naming the tensor and its versions."""
+    kept = list(zip([p for p in fn.parents if p is not None], fn.versions))
+    if not isinstance(fn, ViewFunction):  # (a view keeps nothing of its outputs)
+        kept += [(out, 0) for out in fn.outputs() if out is not None]  # outputs start at 0
+    for t, version in kept:
+        if t._version_counter[0] != version and _keeps(fn, t.data):
+            kind = "torch.cuda." if backend.is_cuda(t.data) else "torch."
+            made = t._ctx if isinstance(t._ctx, Function) else None
+            made_by = "" if made is None else \
+                f", which is output {[o is t for o in made.outputs()].index(True)} of " \
+                f"{type(made).__name__},"
+            raise RuntimeError(
+                f"one of the variables needed for gradient computation has been modified by an "
+                f"inplace operation: [{kind}{_TENSOR_TYPES.get(t.dtype.name, t.dtype.name)} "
+                f"{list(t.shape)}]{made_by} is at version {t._version}; expected version "
+                f"{version} instead. Hint: the backward of {type(fn).__name__} reads it; write "
+                f"into it after backward(), or into a copy")
+
+
+def _keeps(fn, array):
+    """Whether the Function fn keeps, among what its forward stored on it (one level into lists
+    and tuples), `array` or an array sharing memory with it."""
+    for v in fn.__dict__.values():
+        for a in (v if isinstance(v, (list, tuple)) else (v,)):
+            if a is array or (type(a) is type(array) and np.may_share_memory(a, array)):
+                return True
+    return False
+
+
+# the names torch's messages give tensor types, by dtype
+_TENSOR_TYPES = {"float32": "FloatTensor", "float64": "DoubleTensor", "float16": "HalfTensor",
+                 "bfloat16": "BFloat16Tensor", "int64": "LongTensor", "int32": "IntTensor",
+                 "int16": "ShortTensor", "int8": "CharTensor", "uint8": "ByteTensor",
+                 "bool": "BoolTensor"}
+
+
 def _accumulate(leaf, g):
     """leaf.grad += g (a copy of g the first time: g may be shared with other gradients), then
     the leaf's post-accumulate hooks."""
@@ -353,28 +422,37 @@ class Function:
     forward receives raw arrays (Tensor inputs unwrapped) plus keyword arguments and
     returns an array; it may store what backward needs on self. backward receives the
     output gradient and returns one gradient (or None) per positional input.
-    `self.needs_grad[i]` says whether input i wants a gradient.
+    `self.needs_grad[i]` says whether input i wants a gradient; it is set before forward runs, so
+    that forward keeps only what backward will need (as torch saves an operand of a product only
+    for the other operand's gradient): backward refuses to run when an array it keeps was
+    written in place since (see _check_versions).
 
     A Function with several outputs (split) returns a tuple of arrays from forward and gets a
     tuple of their gradients in backward (None for an output that got none); apply returns a
     tuple of Tensors. Integer and bool outputs (indices) never require gradients.
     """
 
-    __slots__ = ("parents", "needs_grad", "_outputs", "__dict__")
+    # versions: the Tensor inputs' versions when the Function was applied; writes: _writes then
+    __slots__ = ("parents", "needs_grad", "_outputs", "versions", "writes", "__dict__")
+    view = False  # True for a ViewFunction
 
     @classmethod
     def apply(cls, *inputs, **kwargs):
         ctx = cls()
         parents = [x if isinstance(x, Tensor) else None for x in inputs]
+        ctx.needs_grad = [p is not None and p.requires_grad for p in parents]
         out = ctx.forward(*(x.data if isinstance(x, Tensor) else x for x in inputs), **kwargs)
-        record = _grad_enabled and any(p is not None and p.requires_grad for p in parents)
+        record = _grad_enabled and any(ctx.needs_grad)
         results = tuple(_output(o, record and o.dtype.kind in "fc", ctx) for o in out) \
             if isinstance(out, tuple) else _output(out, record, ctx)
         if record:
             ctx.parents = parents
-            ctx.needs_grad = [p is not None and p.requires_grad for p in parents]
             # weak references: the graph links outputs to their Function, not back
             ctx._outputs = [weakref.ref(r) for r in (results if isinstance(out, tuple) else (results,))]
+            ctx.versions = [p._version_counter[0] for p in parents if p is not None]
+            ctx.writes = _writes
+        if cls.view:
+            _share_version_counter(inputs[0], results)
         return results
 
     def forward(self, *arrays, **kwargs):  # pragma: no cover - abstract
@@ -397,6 +475,27 @@ class Function:
         self.__dict__.clear()
 
 
+class ViewFunction(Function):
+    """A Function whose outputs may be views of its first input's array (reshape, permute,
+    expand, basic indexing, split): an output that is one shares the input's version counter,
+    as torch's views share their base's, so a write through either counts for both."""
+
+    view = True
+
+
+def _share_version_counter(x, results):
+    """Each of results (a Tensor or a tuple of them) that is a view of x's array gets x's
+    version counter."""
+    for r in (results if type(results) is tuple else (results,)):
+        if type(r.data) is np.ndarray:  # a NumPy view's base is the array owning the memory
+            base = r.data.base
+            is_view = base is not None and (base is x.data or base is x.data.base)
+        else:
+            is_view = bool(np.may_share_memory(r.data, x.data))  # cupy's, through NumPy's dispatch
+        if is_view:
+            r._version_counter = x._version_counter
+
+
 class _Released:
     """What a tensor's _ctx becomes when backward has freed the Function that made it: a graph
     through it cannot be walked again (_graph raises)."""
@@ -416,6 +515,7 @@ def _output(out, record, ctx):
     result.grad = None
     result.requires_grad = record
     result._ctx = ctx if record else None
+    result._version_counter = [0]
     return result
 
 
