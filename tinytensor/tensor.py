@@ -62,14 +62,20 @@ def _as_array(data, dtype=None):
     if isinstance(data, Tensor):
         data = data.data
     if isinstance(data, np.ndarray) or backend.is_cuda(data):
+        _check_array_dtype(data)
         return data if dtype is None else data.astype(dtype, copy=False)
-    if isinstance(data, np.generic):
+    if isinstance(data, np.generic) and not isinstance(data, (str, bytes)):
+        _check_array_dtype(data)
         return np.asarray(data, dtype=dtype)
-    arr = np.asarray(data)
-    kind = arr.dtype.kind
-    if kind not in "biuf":
+    try:
+        arr = np.asarray(data)
+    except ValueError:  # nested lists of different lengths
+        arr = None
+    if arr is None or arr.dtype.kind not in "biuf":
+        _check_python_data(data)
         raise TypeError(f"tensor(): cannot make a tensor from {type(data).__name__} {data!r:.60}: "
-                        f"expected numbers, bools, (nested) lists of them or an array")
+                        f"tinytensor has no complex tensors; give real numbers or bools")
+    kind = arr.dtype.kind
     if dtype is not None:
         return arr.astype(dtype, copy=False)
     if kind == "f":
@@ -77,6 +83,72 @@ def _as_array(data, dtype=None):
     if kind in "iu":
         return arr.astype(np.int64, copy=False)
     return arr
+
+
+_TORCH_NUMPY_TYPES = ("float64, float32, float16, complex64, complex128, int64, int32, int16, "
+                      "int8, uint64, uint32, uint16, uint8, and bool")
+
+
+def _check_array_dtype(a):
+    """TypeError, in torch's words, for an array (or NumPy scalar) of strings, objects, dates
+    or records: torch.tensor takes arrays of numbers and bools only."""
+    if a.dtype.kind not in "biufc":
+        raise TypeError(f"can't convert np.ndarray of type numpy.{a.dtype.type.__name__}. The "
+                        f"only supported types are: {_TORCH_NUMPY_TYPES}: convert the array to "
+                        f"numbers first (text: encode it to token ids)")
+
+
+def _check_python_data(data):
+    """torch.tensor's errors for Python data that is not (nested) sequences of numbers and
+    bools, in torch's order: a str where the shape has a dimension (ValueError), then the first
+    element that is no number (TypeError for str and bytes, RuntimeError for anything else),
+    then sequences of different lengths (ValueError) or a number beside a sequence (TypeError)."""
+    sizes, x = [], data
+    while isinstance(x, (list, tuple)) or isinstance(x, np.ndarray) and x.ndim:  # the shape,
+        sizes.append(len(x))                                                   # as torch reads it
+        if not len(x):
+            break
+        x = x[0]
+        if isinstance(x, str):
+            raise ValueError("too many dimensions 'str': tensor() takes numbers and bools, not "
+                             "strings (text: encode it to token ids first)")
+    floats = _check_elements(data)
+    _check_lengths(data, sizes, 0, floats)
+
+
+def _check_elements(x):
+    """Raise for the first element of x that is no number or bool; whether there are floats."""
+    if isinstance(x, (list, tuple)):
+        return any([_check_elements(e) for e in x])
+    if isinstance(x, (str, bytes)):
+        name = type(x).__name__ if type(x).__module__ == "builtins" else \
+            f"{type(x).__module__}.{type(x).__name__}"
+        raise TypeError(f"new(): invalid data type '{name}': tensor() takes numbers and bools "
+                        f"(text: encode it to token ids first)")
+    if isinstance(x, (np.ndarray, np.generic, Tensor)):
+        _check_array_dtype(x)
+        return x.dtype.kind in "fc"
+    if isinstance(x, (bool, int, float, complex)):
+        return isinstance(x, (float, complex))
+    raise RuntimeError(f"Could not infer dtype of {type(x).__name__}: tensor() takes numbers, "
+                       f"bools and (nested) lists of them")
+
+
+def _check_lengths(x, sizes, dim, floats):
+    """ValueError or TypeError, as torch's, where x does not have the shape `sizes` from
+    dimension dim on."""
+    if dim == len(sizes):
+        if isinstance(x, (list, tuple)):
+            raise TypeError(f"must be real number, not {type(x).__name__}" if floats else
+                            f"'{type(x).__name__}' object cannot be interpreted as an integer")
+        return
+    if not isinstance(x, (list, tuple, np.ndarray)):
+        raise TypeError("not a sequence: nested lists need the same depth everywhere")
+    if len(x) != sizes[dim]:
+        raise ValueError(f"expected sequence of length {sizes[dim]} at dim {dim} (got {len(x)}): "
+                         f"nested lists need the same length at each level")
+    for e in x if isinstance(x, (list, tuple)) else ():
+        _check_lengths(e, sizes, dim + 1, floats)
 
 
 class Tensor:
