@@ -431,15 +431,13 @@ def _check_versions(fn):
         kept += [(out, 0) for out in fn.outputs() if out is not None]  # outputs start at 0
     for t, version in kept:
         if t._version_counter[0] != version and _keeps(fn, t.data):
-            kind = "torch.cuda." if backend.is_cuda(t.data) else "torch."
             made = t._ctx if isinstance(t._ctx, Function) else None
             made_by = "" if made is None else \
                 f", which is output {[o is t for o in made.outputs()].index(True)} of " \
                 f"{type(made).__name__},"
             raise RuntimeError(
                 f"one of the variables needed for gradient computation has been modified by an "
-                f"inplace operation: [{kind}{_TENSOR_TYPES.get(t.dtype.name, t.dtype.name)} "
-                f"{list(t.shape)}]{made_by} is at version {t._version}; expected version "
+                f"inplace operation: [{tensor_type_name(t)} {list(t.shape)}]{made_by} is at version {t._version}; expected version "
                 f"{version} instead. Hint: the backward of {type(fn).__name__} reads it; write "
                 f"into it after backward(), or into a copy")
 
@@ -454,7 +452,14 @@ def _keeps(fn, array):
     return False
 
 
-# the names torch's messages give tensor types, by dtype
+def tensor_type_name(t):
+    """The name torch gives the type of a tensor like t (x.type()): torch.FloatTensor for
+    float32 on the CPU, torch.cuda.LongTensor for int64 on a GPU."""
+    kind = "torch.cuda." if backend.is_cuda(t.data) else "torch."
+    return kind + _TENSOR_TYPES.get(t.dtype.name, t.dtype.name)
+
+
+# the names torch gives tensor types, by dtype
 _TENSOR_TYPES = {"float32": "FloatTensor", "float64": "DoubleTensor", "float16": "HalfTensor",
                  "bfloat16": "BFloat16Tensor", "int64": "LongTensor", "int32": "IntTensor",
                  "int16": "ShortTensor", "int8": "CharTensor", "uint8": "ByteTensor",
