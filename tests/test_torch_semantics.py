@@ -459,6 +459,7 @@ NOT_NUMBERS = [
 ]
 
 
+@pytest.mark.filterwarnings("ignore:Creating a tensor from a list of numpy.ndarrays")  # torch's
 @pytest.mark.parametrize("i", range(len(NOT_NUMBERS)))
 def test_tensor_refuses_what_torch_refuses_at_creation(i):
     """Strings, objects, dates, None, ragged lists: torch.tensor's exception type and words,
