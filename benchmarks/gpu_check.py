@@ -2,7 +2,13 @@
 """The whole GPU visit in one command: checks and measurements of the CUDA path, under 5 min.
 
     python benchmarks/gpu_check.py --out $OUT          # on a machine with a GPU (docs/gpu.md)
-    python benchmarks/gpu_check.py --dry-run --out DIR # the same steps on the cupy stand-in
+    python benchmarks/gpu_check.py --dry-run           # the same steps on the cupy stand-in
+
+It needs nothing but the repository: no network (a GPU machine has none) and no data/ folder
+(git-ignored, so absent unless carried). The steps that train (3 and 5) train on tiny
+Shakespeare where data/tinyshakespeare/input.txt is there, else on a text generated over its
+65 characters (the same model sizes); the first line printed says which, and how to bring the
+corpus. Nothing downloads: train.py is always given --data.
 
 Steps, each a subprocess with its own timeout (a failure or a hang costs that step only),
 each writing its output to --out as it goes (NN_name.log, and .json where there are numbers):
@@ -26,9 +32,11 @@ scripts, small sizes, bench on the CPU): CI runs it so the visit cannot fail on 
 import argparse
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,11 +49,39 @@ OP_SUITE = ["tests/test_ops.py", "tests/test_losses.py", "tests/test_attention.p
 TINY = ["--n_embd", 16, "--n_head", 2, "--n_layer", 1, "--block_size", 8, "--batch_size", 4]
 # on --dry-run a few cases only: tests/test_cuda_standin.py runs the op suite on the stand-in
 DRY_OP_SUITE = ["tests/test_ops.py", "-k", "matmul or cross_entropy or layer_norm"]
+CORPUS = os.path.join("data", "tinyshakespeare", "input.txt")   # git-ignored: carry ["data"]
+# tiny Shakespeare's 65 characters: a generated text over them gives the lecture's model sizes
+CORPUS_CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def training_text(tmp):
+    """(the --data file of the steps that train, the line saying so): the corpus where it is
+    there, else a text generated into the folder tmp."""
+    corpus = os.path.join(ROOT, CORPUS)
+    if os.path.isfile(corpus):
+        return corpus, f"data: tiny Shakespeare ({CORPUS}) for the train and mpirun steps"
+    path = os.path.join(tmp, "generated.txt")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(generated_text())
+    return path, (f"data: {CORPUS} is not here (git-ignored, and a GPU machine has no network to "
+                  f"download it): the train and mpirun steps train on a text generated over its "
+                  f"65 characters; for tiny Shakespeare put the file there and carry it "
+                  f"(carry: [\"data\"])")
+
+
+def generated_text(n_chars=300_000, seed=0):
+    """n_chars of made-up text over CORPUS_CHARS, each of them at least once: mostly lowercase
+    letters and spaces, some capitals, punctuation and newlines."""
+    weights = [3 if ch == "\n" else 16 if ch == " " else 5 if ch.islower() else 0.5
+               for ch in CORPUS_CHARS]
+    rng = random.Random(seed)
+    return CORPUS_CHARS + "".join(rng.choices(CORPUS_CHARS, weights, k=n_chars))
 
 
 class Check:
     def __init__(self, args):
         self.args, self.out, self.rows = args, args.out, []
+        self.data = None  # the text the steps that train train on (main: training_text)
         self.deadline = time.time() + args.budget
         os.makedirs(self.out, exist_ok=True)
 
@@ -204,7 +240,7 @@ def train_step(c):
         out = c.path("3_train_out")
         common = ["--config", "lecture", "--dropout", "0", "--max_iters", a.train_steps,
                   "--eval_interval", a.train_steps, "--eval_iters", 2, "--log_interval", 1,
-                  "--out_dir", out]
+                  "--out_dir", out, "--data", c.data]
         if a.dry_run:
             common += TINY
         t0 = time.time()
@@ -342,7 +378,7 @@ def mpi_step(c):
                                               "--block_size", 32, "--batch_size", 8])
         n_steps = 6 if c.args.dry_run else 20
         small += ["--max_iters", n_steps, "--eval_interval", n_steps, "--eval_iters", 2,
-                  "--log_interval", 1, "--dropout", 0, "--device", "cuda"]
+                  "--log_interval", 1, "--dropout", 0, "--device", "cuda", "--data", c.data]
         losses = {}
         for n in (1, 2):
             out = c.path(f"5_mpi_{n}_out")
@@ -367,7 +403,9 @@ def mpi_step(c):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="folder for every result (created)")
+    p.add_argument("--out", default=os.environ.get("OUT") or None,
+                   help="folder for every result (created; default $OUT, else a new temporary "
+                        "folder)")
     p.add_argument("--dry-run", action="store_true", help="the cupy stand-in, small sizes")
     p.add_argument("--budget", type=float, default=280, help="seconds for all steps together")
     p.add_argument("--train-steps", type=int, default=None, help="step 3 (default 300; dry 10)")
@@ -387,11 +425,15 @@ def main(argv=None):
     if argv and argv[0] == "--_torch_train":
         return torch_train(argv[1], argv[3:])
     args = parse_args(argv)
+    args.out = args.out or tempfile.mkdtemp(prefix="gpu_check_")
     c = Check(args)
     steps = {"env": env_step, "ops": ops_step, "train": train_step, "bench": bench_step,
              "mpirun": mpi_step}
-    for name in args.steps.split(","):
-        c.step(name, steps[name](c))
+    with tempfile.TemporaryDirectory(prefix="gpu_check_data_") as tmp:
+        c.data, line = training_text(tmp)
+        print(line, flush=True)
+        for name in args.steps.split(","):
+            c.step(name, steps[name](c))
     print("\n" + table(c.rows) + f"\n(everything is in {args.out})")
     return 1 if any(r["status"] in ("FAILED", "timeout") for r in c.rows) else 0
 

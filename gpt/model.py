@@ -242,21 +242,28 @@ class GPTConfig:
 def sample_next(logits, temperature=1.0, top_k=None, rng=None, top_p=None):
     """One token per row of logits (B, V), as an int64 array (B,).
 
-    In the order torch-based samplers apply them: logits / temperature; only the top_k largest
-    kept (ties with the k-th kept too); then only the nucleus, the smallest set of the likeliest
-    tokens whose probability reaches top_p (always at least one); then inverse-CDF sampling with
-    one rng.random() draw per row - so two computations of the same logits (cached and
-    recomputed) draw the same tokens from the same rng.
+    In the order torch-based samplers apply them: only the top_k largest logits kept (ties with
+    the k-th kept too; the same set before or after the temperature), softmax(logits /
+    temperature), then only the nucleus, the smallest set of the likeliest tokens whose
+    probability reaches top_p (always at least one); then inverse-CDF sampling with one
+    rng.random() draw per row - so two computations of the same logits (cached and recomputed)
+    draw the same tokens from the same rng. The softmax is computed as
+    exp((logits - max) / temperature): a temperature so small that this overflows (1e-320)
+    leaves only the likeliest tokens, the greedy choice that is the limit as the temperature goes
+    to 0, without NumPy's overflow warnings.
     """
+    check_sampling(temperature, top_k, top_p)
     rng = rng if rng is not None else tt.random.rng()
-    logits = np.asarray(logits, dtype=np.float64) / temperature   # (B, V)
+    logits = np.asarray(logits, dtype=np.float64)                      # (B, V)
     if top_k is not None and top_k < logits.shape[1]:
         kth = np.partition(logits, -top_k, axis=1)[:, -top_k, None]   # (B, 1) the k-th largest
         logits = np.where(logits < kth, -np.inf, logits)
-    probs = np.exp(logits - logits.max(axis=1, keepdims=True))       # (B, V), unnormalised
+    with np.errstate(over="ignore"):  # a tiny temperature: -inf, probability 0
+        z = (logits - logits.max(axis=1, keepdims=True)) / temperature  # (B, V), <= 0
+    probs = np.exp(z)                                                  # (B, V), unnormalised
     if top_p is not None and top_p < 1.0:
         probs = nucleus(probs, top_p)
-    cdf = np.cumsum(probs, axis=1)                                   # (B, V)
+    cdf = np.cumsum(probs, axis=1)                                     # (B, V)
     u = (1.0 - rng.random(len(cdf)))[:, None] * cdf[:, -1:]          # (B, 1), in (0, total]
     return np.minimum((cdf < u).sum(axis=1), cdf.shape[1] - 1).astype(np.int64)
 
@@ -273,6 +280,21 @@ def nucleus(probs, top_p):
     keep = np.zeros(probs.shape, dtype=bool)
     np.put_along_axis(keep, order, before < top_p, axis=1)
     return np.where(keep, probs, 0.0)
+
+
+def check_sampling(temperature, top_k, top_p=None):
+    """ValueError, in one line, unless temperature is a positive finite number, top_k a
+    positive integer or None (no limit; one larger than the vocabulary is no limit either) and
+    top_p a number in (0, 1] or None (1 and None: no limit)."""
+    if isinstance(temperature, bool) or not (isinstance(temperature, numbers.Real)
+                                             and np.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
+                              or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, numbers.Real) and not isinstance(top_p, bool)
+                                  and 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
 
 
 def _index_array(idx, what="idx", shape=None):
@@ -335,14 +357,7 @@ class LanguageModel(nn.Module):
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
                 or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-        if not (isinstance(temperature, numbers.Real) and np.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
-                                  or top_k < 1):
-            raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-        if top_p is not None and not (isinstance(top_p, numbers.Real) and not isinstance(top_p, bool)
-                                      and 0.0 < top_p <= 1.0):
-            raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
+        check_sampling(temperature, top_k, top_p)
         block = self.block_size
         use_cache = use_cache and self.n_attention_layers > 0
         cache = None

@@ -104,7 +104,11 @@ def pytest_configure(config):
 def pytest_sessionfinish(session):
     helper = sys.modules.get("torch_helper")
     worst = dict(helper.WORST) if helper is not None else {}
-    worker, run = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("TT_WORST_ERRORS_RUN", "")
+    # a worker by its config, not by PYTEST_XDIST_WORKER: a pytest that a test starts (the ops
+    # step of benchmarks/gpu_check.py) inherits that variable from the worker running the test,
+    # and would write its worker file instead of TT_WORST_ERRORS
+    worker = getattr(session.config, "workerinput", {}).get("workerid")
+    run = os.environ.get("TT_WORST_ERRORS_RUN", "")
     if worker:  # a pytest-xdist worker: the main process merges the files
         if worst:
             with open(_worker_files(run).replace("*", worker), "w") as f:

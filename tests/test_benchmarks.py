@@ -129,3 +129,47 @@ def test_gpu_check_dry_run_runs_every_step_and_writes_everything(tmp_path):
     assert "matmul" in worst and worst["matmul"]["float32"] <= 1e-5
     for name in ("1_env.json", "4_bench_fp32.json", "4_bench_tf32.json"):
         assert (out / name).exists(), name
+
+
+# what a fresh checkout lacks: the git-ignored folders and files (.gitignore)
+UNTRACKED = shutil.ignore_patterns("data", ".git", "__pycache__", "*.pyc", "*.egg-info", ".venv*",
+                                   "out*", ".pytest_cache", ".hypothesis", "build", "dist",
+                                   "*.npz", "*.png", ".wheels")
+NO_NETWORK = {name: "http://127.0.0.1:9" for name in ("http_proxy", "https_proxy", "HTTP_PROXY",
+                                                     "HTTPS_PROXY", "all_proxy", "ALL_PROXY")}
+
+
+def test_gpu_check_dry_run_needs_no_data_folder_and_no_network(tmp_path):
+    """A GPU machine has no network and no data/ (git-ignored) unless carried: gpu_check says
+    so in its first line, and its steps that train run on a generated text (no download)."""
+    repo = tmp_path / "checkout"
+    shutil.copytree(ROOT, repo, ignore=UNTRACKED)
+    assert not (repo / "data").exists()
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "no_proxy", "NO_PROXY")}
+    env.update(NO_NETWORK, PYTHONPATH=str(repo))
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--out", str(out),
+                        "--steps", "train,mpirun"], cwd=repo, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    first = p.stdout.splitlines()[0]
+    assert first.startswith("data: data/tinyshakespeare/input.txt is not here") and \
+        'carry: ["data"]' in first, first
+    status = {r["step"]: r["status"] for r in json.loads((out / "summary.json").read_text())["steps"]}
+    assert status == {"train": "ok", "mpirun": "ok" if MPIRUN else "skipped"}, p.stdout
+    logs = "".join(f.read_text() for f in out.glob("*.log"))
+    assert "--data" in logs and "download" not in logs
+    assert not (repo / "data").exists()
+    curves = json.loads((out / "3_train_losses.json").read_text())
+    assert max(abs(a - b) for a, b in zip(curves["tinytensor"], curves["torch"])) < 1e-5
+
+
+def test_gpu_check_generated_text_has_the_corpus_characters():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(BENCH))
+    text = gpu_check.generated_text()
+    assert set(text) == set(gpu_check.CORPUS_CHARS) and len(gpu_check.CORPUS_CHARS) == 65
+    assert text == gpu_check.generated_text() and len(text) > 100_000

@@ -1,6 +1,8 @@
 """gpt.model: config checks, every lecture stage forward/backward/training, the fused causal
 softmax, and generate() (shapes, cropping, temperature, top_k, the KV cache)."""
 import math
+import re
+import warnings
 
 import numpy as np
 import pytest
@@ -296,6 +298,34 @@ def test_top_p_1_changes_nothing_and_tiny_top_p_is_greedy():
     d = model.generate(prompt, 12, top_p=0.7, temperature=1.3, rng=np.random.default_rng(3),
                        use_cache=False)
     np.testing.assert_array_equal(c, d)
+
+
+def test_a_tiny_temperature_is_greedy_without_warnings():
+    """exp((logits - max) / temperature): a temperature whose logits / temperature overflows
+    (1e-320 is a subnormal) picks the likeliest token, the limit as it goes to 0, where
+    logits / temperature first gave inf - inf = nan and token 0 forever."""
+    logits = np.random.default_rng(3).standard_normal((50, 9)) * 5
+    for temperature in (1e-320, 5e-324, 1e-300, 1e-30):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            draws = sample_next(logits, temperature, None, np.random.default_rng(0))
+        np.testing.assert_array_equal(draws, logits.argmax(1), err_msg=str(temperature))
+    assert sample_next(logits, 1e-320, 20, np.random.default_rng(0)).tolist() == \
+        logits.argmax(1).tolist()                        # a top_k above the vocabulary: all
+
+
+@pytest.mark.parametrize("temperature, top_k, message", [
+    (0.0, None, "temperature must be a positive number, got 0.0"),
+    (-1.0, None, "temperature must be a positive number"),
+    (float("inf"), None, "temperature must be a positive number, got inf"),
+    (float("nan"), None, "temperature must be a positive number, got nan"),
+    (True, None, "temperature must be a positive number, got True"),
+    (1.0, 0, "top_k must be a positive integer or None, got 0"),
+    (1.0, 2.5, "top_k must be a positive integer or None, got 2.5"),
+])
+def test_sample_next_argument_errors(temperature, top_k, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        sample_next(np.zeros((1, 4)), temperature, top_k, np.random.default_rng(0))
 
 
 def test_generate_top_k_1_is_greedy():

@@ -111,16 +111,38 @@ def test_prompt_outside_the_vocabulary(out_dir):
 
 @pytest.mark.parametrize("args, needle", [
     (["--temperature", "0"], "--temperature"),
+    (["--temperature", "1e400"], "--temperature must be a positive number, got inf"),
     (["--top_k", "-1"], "--top_k"),
     (["--top_p", "0"], "--top_p must be in (0, 1]"),
     (["--top_p", "1.01"], "--top_p must be in (0, 1]"),
     (["--top_p", "nan"], "--top_p must be in (0, 1]"),
     (["--num_samples", "0"], "--num_samples"),
     (["--max_new_tokens", "many"], "--max_new_tokens"),
+    (["--max_new_tokens", str(10**20)], "--max_new_tokens must be 0 to 1,000,000 (a sample is "
+                                        "kept in memory and printed when complete), got 1000"),
+    (["--seed", str(2**64)], "--seed must be in [0, 2**64 - 1] (64 bits, what "
+                             "tinytensor.manual_seed and torch.manual_seed take), got 18446"),
+    (["--seed", "-1"], "--seed must be in [0, 2**64 - 1]"),
     (["--bogus"], "--bogus"),
 ])
 def test_bad_arguments(out_dir, args, needle):
     assert_one_line_error(run(SAMPLE, "--out_dir", out_dir, *args), 2, needle)
+
+
+def test_numbers_at_the_ends_of_their_ranges_work(out_dir):
+    """The largest seed; a top_k above the vocabulary (all tokens); a temperature so small that
+    logits / temperature overflows picks the likeliest token (what --top_k 1 picks), without
+    NumPy's overflow warnings."""
+    common = ["--out_dir", out_dir, "--start", "Th", "--max_new_tokens", 30]
+    p = run(SAMPLE, *common, "--seed", 2**64 - 1)
+    assert p.returncode == 0 and len(p.stdout) == 2 + 30 + 1, p.stderr
+    huge_k, no_k = (run(SAMPLE, *common, "--top_k", k).stdout for k in (10**20, 0))
+    assert huge_k == no_k
+    greedy = run(SAMPLE, *common, "--top_k", 1).stdout
+    for temperature in ("1e-320", "5e-324", "1e-300"):
+        p = run(SAMPLE, *common, "--temperature", temperature)
+        assert p.returncode == 0 and p.stderr == "", p.stderr
+        assert p.stdout == greedy, temperature
 
 
 def test_missing_checkpoint(tmp_path):

@@ -411,10 +411,66 @@ def test_to_and_dtype_methods():
     assert x.long().dtype == np.int64 and x.int().dtype == np.int32 and x.bool().dtype == np.bool_
     assert x.type_as(tt.tensor([1])).dtype == np.int64
     assert tt.tensor([1, 2]).is_floating_point() is False and x.dim() == 1 and x.numel() == 2
-    with pytest.raises(TypeError, match="cannot make a tensor"):
+    with pytest.raises(RuntimeError, match="Could not infer dtype of NoneType"):
         tt.tensor(None)
-    with pytest.raises(TypeError, match="cannot make a tensor"):
+    with pytest.raises(TypeError, match="invalid data type 'str'"):
         tt.tensor("abc")
+
+
+# what torch.tensor refuses at creation: (data, the start of torch's message)
+NOT_NUMBERS = [
+    (lambda: np.array(["a"]), "can't convert np.ndarray of type numpy.str_. The only supported"),
+    (lambda: np.array([b"a"]), "can't convert np.ndarray of type numpy.bytes_"),
+    (lambda: np.array("a"), "can't convert np.ndarray of type numpy.str_"),
+    (lambda: np.array([], dtype="U1"), "can't convert np.ndarray of type numpy.str_"),
+    (lambda: np.array([1, 2], dtype=object), "can't convert np.ndarray of type numpy.object_"),
+    (lambda: np.array(["a", 1], dtype=object), "can't convert np.ndarray of type numpy.object_"),
+    (lambda: np.array(["2020-01-01"], dtype="datetime64[D]"),
+     "can't convert np.ndarray of type numpy.datetime64"),
+    (lambda: np.array([1], dtype="timedelta64[s]"),
+     "can't convert np.ndarray of type numpy.timedelta64"),
+    (lambda: np.zeros(2, dtype=[("a", "f4")]), "can't convert np.ndarray of type numpy.void"),
+    (lambda: np.datetime64("2020-01-01"), "can't convert np.ndarray of type numpy.datetime64"),
+    (lambda: "a", "new(): invalid data type 'str'"),
+    (lambda: b"ab", "new(): invalid data type 'bytes'"),
+    (lambda: np.str_("a"), "new(): invalid data type 'numpy.str_'"),
+    (lambda: ["a"], "too many dimensions 'str'"),
+    (lambda: [["a", "b"]], "too many dimensions 'str'"),
+    (lambda: ("a",), "too many dimensions 'str'"),
+    (lambda: ["a", None], "too many dimensions 'str'"),
+    (lambda: [np.array(["a"])], "too many dimensions 'str'"),
+    (lambda: [1, "a"], "new(): invalid data type 'str'"),
+    (lambda: [[1, 2], [3, "a"]], "new(): invalid data type 'str'"),
+    (lambda: [[1, 2], ["a"]], "new(): invalid data type 'str'"),
+    (lambda: [b"a"], "new(): invalid data type 'bytes'"),
+    (lambda: [np.array([1]), np.array(["a"])], "can't convert np.ndarray of type numpy.str_"),
+    (lambda: None, "Could not infer dtype of NoneType"),
+    (lambda: [1, None], "Could not infer dtype of NoneType"),
+    (lambda: [[1, 2], [None]], "Could not infer dtype of NoneType"),
+    (lambda: {1: 2}, "Could not infer dtype of dict"),
+    (lambda: {1, 2}, "Could not infer dtype of set"),
+    (lambda: object(), "Could not infer dtype of object"),
+    (lambda: [[1, 2], [3]], "expected sequence of length 2 at dim 1 (got 1)"),
+    (lambda: [[[1]], [[1, 2]]], "expected sequence of length 1 at dim 2 (got 2)"),
+    (lambda: [np.array([1, 2]), np.array([1])], "expected sequence of length 2 at dim 1"),
+    (lambda: [[1.5], 2.5], "not a sequence"),
+    (lambda: [1.5, [2.5]], "must be real number, not list"),
+    (lambda: [True, [1]], "'list' object cannot be interpreted as an integer"),
+]
+
+
+@pytest.mark.filterwarnings("ignore:Creating a tensor from a list of numpy.ndarrays")  # torch's
+@pytest.mark.parametrize("i", range(len(NOT_NUMBERS)))
+def test_tensor_refuses_what_torch_refuses_at_creation(i):
+    """Strings, objects, dates, None, ragged lists: torch.tensor's exception type and words,
+    in one line, at creation (not at the first op)."""
+    make, words = NOT_NUMBERS[i]
+    with pytest.raises(Exception) as theirs:
+        torch.tensor(make())
+    assert str(theirs.value).startswith(words), str(theirs.value)
+    with pytest.raises(theirs.type) as ours:
+        tt.tensor(make())
+    assert str(ours.value).startswith(words) and "\n" not in str(ours.value), str(ours.value)
 
 
 @pytest.mark.parametrize("seed", [0, -1, -2**63, 2**63, 2**64 - 1, True, 7.9])

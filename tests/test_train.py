@@ -503,11 +503,39 @@ def test_bad_data_file(tmp_path, bad_files, name, needle):
     (["--max_iters"], ["--max_iters needs a value"]),
     (["--learning_rate", "1e-4", "--min_lr", "1e-3"],
      ["min_lr (0.001) is above learning_rate (0.0001)", "--min_lr of at most 0.0001"]),
+    (["--seed", str(2**64)], ["seed must be in [0, 2**64 - 1] (64 bits, what "
+                              "tinytensor.manual_seed and torch.manual_seed take), got "
+                              "18446744073709551616"]),
+    (["--seed", str(10**30)], ["seed must be in [0, 2**64 - 1]", str(10**30)]),
+    (["--n_head", str(10**20)], ["n_embd (16) must be divisible by n_head (1000"]),
+    (["--beta2", "0.99999999999999999"], ["beta2 must be in [0, 1), got 1.0"]),
 ])
 def test_bad_config_is_a_one_line_error(tmp_path, text_file, args, needles):
     p = run_train(*TINY, "--data", text_file, "--out_dir", tmp_path / "o", *args)
     assert_one_line_error(p, 2, *needles)
     assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")
+
+
+def test_numbers_at_the_ends_of_their_ranges_work(tmp_path, text_file):
+    """The largest seed, intervals and schedule lengths far beyond max_iters, a vanishing
+    dropout and a huge clipping norm: a run of 2 steps (these used to end with a traceback)."""
+    p = run_train(*TINY, "--data", text_file, "--out_dir", tmp_path / "o", "--max_iters", 2,
+                  "--seed", 2**64 - 1, "--eval_interval", 10**20, "--log_interval", 10**20,
+                  "--warmup_iters", 10**20, "--lr_decay_iters", 10**20, "--dropout", "1e-320",
+                  "--grad_clip", "1e308")
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    assert load_checkpoint(str(tmp_path / "o" / "ckpt.npz"))[0]["config"]["seed"] == 2**64 - 1
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--n_layer", str(10**20)], ["the model needs about", "use a smaller --n_embd"]),
+    (["--batch_size", str(10**20)], ["the model needs about", "batch 100000000000000000000"]),
+    (["--block_size", str(10**20)], ["too short for block_size 100000000000000000000"]),
+])
+def test_sizes_beyond_the_machine_or_the_data_are_one_line_errors(tmp_path, text_file, args,
+                                                                  needles):
+    p = run_train(*TINY, "--data", text_file, "--out_dir", tmp_path / "o", *args)
+    assert_one_line_error(p, 1, *needles)
 
 
 @pytest.mark.parametrize("args, needles", [

@@ -41,7 +41,7 @@ class Linear(Function):
     all leading dimensions."""
 
     def forward(self, x, w, b=None):
-        self.x, self.w = x, w
+        self.keep(x, w)
         y = x.reshape(-1, x.shape[-1]) @ w.T                        # (N, out)
         if b is not None:
             y += b
@@ -55,10 +55,17 @@ class Linear(Function):
         """Whether input i (x, w, b) wants a gradient."""
         return self.needs_grad[i]
 
+    def keep(self, x, w):
+        """Keep what backward needs, as torch saves it: x only for w's gradient, w only for
+        x's."""
+        self.x_shape = x.shape
+        self.x = x if self.wants(1) else None
+        self.w = w if self.wants(0) else None
+
     def input_grads(self, g, gb):
         """(gx, gw, gb) from the gradient g (N, out) of the product x @ w.T."""
         x, w = self.x, self.w
-        gx = (g @ w).reshape(x.shape) if self.wants(0) else None
+        gx = (g @ w).reshape(self.x_shape) if self.wants(0) else None
         gw = g.T @ x.reshape(-1, x.shape[-1]) if self.wants(1) else None
         return gx, gw, gb
 

@@ -17,31 +17,63 @@ each p.grad at its view of flat.grad (PyTorch's DDP with gradient_as_bucket_view
 Nothing finds these buffers behind the caller's back: whoever needs them is given them.
 """
 import math
+import warnings
 
 import numpy as np
 
 from . import backend, fused
-from .tensor import Tensor
+from .tensor import Tensor, increment_version, tensor_type_name
 
 
 class Optimizer:
+    """The base of AdamW and SGD: parameter groups (a list of Tensors, or of dicts with "params"
+    and per-group overrides of the defaults), checked as torch.optim checks them."""
+
     defaults = {}
 
     def __init__(self, params, **defaults):
+        if isinstance(params, Tensor):
+            raise TypeError(f"params argument given to the optimizer should be an iterable of "
+                            f"Tensors or dicts, but got {_typename(params)}: pass [tensor] or "
+                            f"model.parameters()")
         params = list(params)
         if not params:
             raise ValueError("optimizer got an empty parameter list")
         if not isinstance(params[0], dict):
             params = [{"params": params}]
         self.param_groups = []
+        seen = set()
         for g in params:
+            if not isinstance(g, dict):
+                raise TypeError(f"param_group must be a dict, but got {type(g)}: give every "
+                                f"group as a dict with 'params', or no group at all")
             g = dict(g)
+            if isinstance(g["params"], Tensor):
+                g["params"] = [g["params"]]
+            elif isinstance(g["params"], set):
+                raise TypeError("optimizer parameters need to be organized in ordered "
+                                "collections, but the ordering of tensors in sets will change "
+                                "between runs. Please use a list instead.")
             g["params"] = list(g["params"])
             for k, v in defaults.items():
                 g.setdefault(k, v)
             for p in g["params"]:
-                if not isinstance(p, Tensor) or not p.requires_grad:
-                    raise TypeError("optimizer params must be Tensors with requires_grad=True")
+                if not isinstance(p, Tensor):
+                    raise TypeError(f"optimizer can only optimize Tensors, but one of the params "
+                                    f"is {_typename(p)}: pass the model's parameters()")
+                if not p.is_leaf:
+                    raise ValueError("can't optimize a non-leaf Tensor: pass the leaf tensors "
+                                     "(a model's parameters()), not results computed from them")
+            ids = {id(p) for p in g["params"]}
+            if len(ids) != len(g["params"]):
+                warnings.warn("optimizer contains a parameter group with duplicate parameters; "
+                              "in future, this will cause an error; see "
+                              "github.com/pytorch/pytorch/issues/40967 for more information",
+                              stacklevel=3)
+            if ids & seen:
+                raise ValueError("some parameters appear in more than one parameter group: give "
+                                 "each parameter to one group only")
+            seen |= ids
             self.param_groups.append(g)
         self.state = {}  # id(param) -> dict of state arrays
 
@@ -117,10 +149,10 @@ class AdamW(Optimizer):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
-        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"invalid AdamW hyperparameters: lr={lr}, betas={betas}, eps={eps}, "
-                             f"weight_decay={weight_decay}")
+        _check_adamw(lr, betas, eps, weight_decay)
         super().__init__(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        for i, g in enumerate(self.param_groups):  # (torch checks only the defaults)
+            _check_adamw(g["lr"], g["betas"], g["eps"], g["weight_decay"], i)
         self._build_flat()
 
     def _build_flat(self):
@@ -185,7 +217,36 @@ class AdamW(Optimizer):
                 for p, st in todo:
                     fused.adamw_update(p.data, p.grad, st["exp_avg"], st["exp_avg_sq"],
                                        st["step"], *hyper)
+            for p, _ in todo:  # torch's step writes each parameter twice with weight decay
+                increment_version(p, 2 if group["weight_decay"] else 1)
             i += len(params)
+
+
+def _check_adamw(lr, betas, eps, weight_decay, group=None):
+    """ValueError, in torch.optim.AdamW's words and order, for a learning rate, epsilon or
+    weight decay that is negative or NaN, or betas outside [0, 1) or not floats; `group`, the
+    index of a parameter group whose own values these are."""
+    where = "" if group is None else f" in parameter group {group}"
+    for ok, what, value, want in (
+            (0.0 <= lr, "learning rate", lr, "a number >= 0"),
+            (0.0 <= eps, "epsilon value", eps, "a number >= 0"),
+            (0.0 <= betas[0] < 1.0, "beta parameter at index 0", betas[0], "a float in [0, 1)"),
+            (0.0 <= betas[1] < 1.0, "beta parameter at index 1", betas[1], "a float in [0, 1)"),
+            (0.0 <= weight_decay, "weight_decay value", weight_decay, "a number >= 0")):
+        if not ok:
+            raise ValueError(f"Invalid {what}: {value}{where}: give {want}")
+    if not (isinstance(betas[0], float) and isinstance(betas[1], float)):
+        raise ValueError(f"betas must be either both floats or both Tensors{where}, got "
+                         f"{tuple(betas)!r}: write them as floats, e.g. (0.9, 0.999)")
+
+
+def _typename(x):
+    """What torch.typename calls x: torch.FloatTensor for a float32 tensor, float for 1.0,
+    numpy.ndarray for an array."""
+    if isinstance(x, Tensor):
+        return tensor_type_name(x)
+    t = type(x)
+    return t.__name__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
 class SGD(Optimizer):
@@ -224,6 +285,7 @@ class SGD(Optimizer):
                     buf += d if g["dampening"] == 0 else (1 - g["dampening"]) * d
                 d = d + m * buf if g["nesterov"] else buf
             p.data -= g["lr"] * d
+            increment_version(p)
 
 
 def clip_grad_norm_(params, max_norm, error_if_nonfinite=False):

@@ -6,6 +6,13 @@ subclass (see ops.py) with `forward` on raw arrays and `backward` right below it
 as the output's creator. `Tensor.backward()` sorts the graph topologically (iteratively, so
 deep graphs never hit the recursion limit), walks it in reverse, un-broadcasts each gradient
 to its input's shape (the only place that happens) and accumulates it.
+
+In-place writes are counted as torch counts them: every tensor has a version counter
+(`x._version`), shared with its views and its detach(), that each in-place write bumps
+(increment_version). A Function records its inputs' versions when it is applied, and backward
+refuses, with torch's RuntimeError, to run a Function whose kept arrays were written in place
+since (_check_versions); a count of all writes (_writes) lets it skip the check when nothing
+was written since the Function was applied, as in a training step.
 """
 import functools
 import weakref
@@ -16,6 +23,7 @@ from . import backend
 from .dtypes import get_default_dtype, set_default_dtype  # noqa: F401 - re-exported
 
 _grad_enabled = True
+_writes = 0  # in-place writes so far, into any tensor (increment_version)
 
 
 def is_grad_enabled():
@@ -54,14 +62,20 @@ def _as_array(data, dtype=None):
     if isinstance(data, Tensor):
         data = data.data
     if isinstance(data, np.ndarray) or backend.is_cuda(data):
+        _check_array_dtype(data)
         return data if dtype is None else data.astype(dtype, copy=False)
-    if isinstance(data, np.generic):
+    if isinstance(data, np.generic) and not isinstance(data, (str, bytes)):
+        _check_array_dtype(data)
         return np.asarray(data, dtype=dtype)
-    arr = np.asarray(data)
-    kind = arr.dtype.kind
-    if kind not in "biuf":
+    try:
+        arr = np.asarray(data)
+    except ValueError:  # nested lists of different lengths
+        arr = None
+    if arr is None or arr.dtype.kind not in "biuf":
+        _check_python_data(data)
         raise TypeError(f"tensor(): cannot make a tensor from {type(data).__name__} {data!r:.60}: "
-                        f"expected numbers, bools, (nested) lists of them or an array")
+                        f"tinytensor has no complex tensors; give real numbers or bools")
+    kind = arr.dtype.kind
     if dtype is not None:
         return arr.astype(dtype, copy=False)
     if kind == "f":
@@ -71,11 +85,79 @@ def _as_array(data, dtype=None):
     return arr
 
 
+_TORCH_NUMPY_TYPES = ("float64, float32, float16, complex64, complex128, int64, int32, int16, "
+                      "int8, uint64, uint32, uint16, uint8, and bool")
+
+
+def _check_array_dtype(a):
+    """TypeError, in torch's words, for an array (or NumPy scalar) of strings, objects, dates
+    or records: torch.tensor takes arrays of numbers and bools only."""
+    if a.dtype.kind not in "biufc":
+        raise TypeError(f"can't convert np.ndarray of type numpy.{a.dtype.type.__name__}. The "
+                        f"only supported types are: {_TORCH_NUMPY_TYPES}: convert the array to "
+                        f"numbers first (text: encode it to token ids)")
+
+
+def _check_python_data(data):
+    """torch.tensor's errors for Python data that is not (nested) sequences of numbers and
+    bools, in torch's order: a str where the shape has a dimension (ValueError), then the first
+    element that is no number (TypeError for str and bytes, RuntimeError for anything else),
+    then sequences of different lengths (ValueError) or a number beside a sequence (TypeError)."""
+    sizes, x = [], data
+    while isinstance(x, (list, tuple)) or isinstance(x, np.ndarray) and x.ndim:  # the shape,
+        sizes.append(len(x))                                                   # as torch reads it
+        if not len(x):
+            break
+        x = x[0]
+        if isinstance(x, str):
+            raise ValueError("too many dimensions 'str': tensor() takes numbers and bools, not "
+                             "strings (text: encode it to token ids first)")
+    floats = _check_elements(data)
+    _check_lengths(data, sizes, 0, floats)
+
+
+def _check_elements(x):
+    """Raise for the first element of x that is no number or bool; whether there are floats."""
+    if isinstance(x, (list, tuple)):
+        return any([_check_elements(e) for e in x])
+    if isinstance(x, (str, bytes)):
+        name = type(x).__name__ if type(x).__module__ == "builtins" else \
+            f"{type(x).__module__}.{type(x).__name__}"
+        raise TypeError(f"new(): invalid data type '{name}': tensor() takes numbers and bools "
+                        f"(text: encode it to token ids first)")
+    if isinstance(x, (np.ndarray, np.generic, Tensor)):
+        _check_array_dtype(x)
+        return x.dtype.kind in "fc"
+    if isinstance(x, (bool, int, float, complex)):
+        return isinstance(x, (float, complex))
+    raise RuntimeError(f"Could not infer dtype of {type(x).__name__}: tensor() takes numbers, "
+                       f"bools and (nested) lists of them")
+
+
+def _check_lengths(x, sizes, dim, floats):
+    """ValueError or TypeError, as torch's, where x does not have the shape `sizes` from
+    dimension dim on."""
+    if dim == len(sizes):
+        if isinstance(x, (list, tuple)):
+            raise TypeError(f"must be real number, not {type(x).__name__}" if floats else
+                            f"'{type(x).__name__}' object cannot be interpreted as an integer")
+        return
+    if not isinstance(x, (list, tuple, np.ndarray)):
+        raise TypeError("not a sequence: nested lists need the same depth everywhere")
+    if len(x) != sizes[dim]:
+        raise ValueError(f"expected sequence of length {sizes[dim]} at dim {dim} (got {len(x)}): "
+                         f"nested lists need the same length at each level")
+    for e in x if isinstance(x, (list, tuple)) else ():
+        _check_lengths(e, sizes, dim + 1, floats)
+
+
 class Tensor:
     """An n-dimensional array with reverse-mode automatic differentiation."""
 
     # _post_hooks: {id: hook} of register_post_accumulate_grad_hook; unset until one is registered
-    __slots__ = ("data", "grad", "requires_grad", "_ctx", "_post_hooks", "__weakref__")
+    # _version_counter: [the number of in-place writes], one list shared with the tensor's views
+    __slots__ = ("data", "grad", "requires_grad", "_ctx", "_post_hooks", "_version_counter",
+                 "__weakref__")
     __array_priority__ = 1000  # so ndarray + Tensor defers to Tensor.__radd__
 
     def __init__(self, data, requires_grad=False, dtype=None):
@@ -83,6 +165,7 @@ class Tensor:
         self.grad = None
         self.requires_grad = bool(requires_grad)
         self._ctx = None  # the Function that produced this tensor (None for leaves)
+        self._version_counter = [0]
         if self.requires_grad and self.data.dtype.kind not in "fc":
             raise TypeError(f"only floating point tensors can require gradients, got {self.data.dtype}")
 
@@ -130,6 +213,12 @@ class Tensor:
     @property
     def device(self):
         return backend.device_obj(self.data)
+
+    @property
+    def _version(self):
+        """How many times this tensor's data has been written in place (through it or through a
+        view of the same data), as torch's x._version."""
+        return self._version_counter[0]
 
     @property
     def is_leaf(self):
@@ -192,8 +281,11 @@ class Tensor:
         return int(self._one_value("an index"))
 
     def detach(self):
-        """A new leaf tensor sharing this tensor's data, cut from the graph."""
-        return Tensor(self.data)
+        """A new leaf tensor sharing this tensor's data (and its version counter, as torch),
+        cut from the graph."""
+        out = Tensor(self.data)
+        out._version_counter = self._version_counter
+        return out
 
     def to(self, device):
         """This tensor on `device` ('cpu' or 'cuda'): itself when already there, else a copy."""
@@ -254,6 +346,8 @@ class Tensor:
         functions, uses = _graph(self._ctx)
         grads = {id(self): (self, grad)}  # tensor id -> (the tensor, its gradient so far)
         for fn in reversed(functions):
+            if fn.writes != _writes:  # something was written in place since fn was applied
+                _check_versions(fn)
             gys = [None if out is None else grads.pop(id(out), (None, None))[1]
                    for out in fn.outputs()]
             if any(g is not None for g in gys):
@@ -320,6 +414,58 @@ def _graph(root):
     return order, uses
 
 
+def increment_version(tensor, n=1):
+    """Count n in-place writes into tensor's data (torch.autograd.graph.increment_version): every
+    in-place op, x[i] = v and an optimizer's update call it."""
+    global _writes
+    tensor._version_counter[0] += n
+    _writes += n
+
+
+def _check_versions(fn):
+    """torch's check before running fn's backward: no array that fn kept for it (an input or
+    an output, or a view of one) was written in place since fn was applied. RuntimeError, in
+    torch's words, naming the tensor and its versions."""
+    kept = list(zip([p for p in fn.parents if p is not None], fn.versions))
+    if not isinstance(fn, ViewFunction):  # (a view keeps nothing of its outputs)
+        kept += [(out, 0) for out in fn.outputs() if out is not None]  # outputs start at 0
+    for t, version in kept:
+        if t._version_counter[0] != version and _keeps(fn, t.data):
+            made = t._ctx if isinstance(t._ctx, Function) else None
+            made_by = "" if made is None else \
+                f", which is output {[o is t for o in made.outputs()].index(True)} of " \
+                f"{type(made).__name__},"
+            raise RuntimeError(
+                f"one of the variables needed for gradient computation has been modified by an "
+                f"inplace operation: [{tensor_type_name(t)} {list(t.shape)}]{made_by} is at version {t._version}; expected version "
+                f"{version} instead. Hint: the backward of {type(fn).__name__} reads it; write "
+                f"into it after backward(), or into a copy")
+
+
+def _keeps(fn, array):
+    """Whether the Function fn keeps, among what its forward stored on it (one level into lists
+    and tuples), `array` or an array sharing memory with it."""
+    for v in fn.__dict__.values():
+        for a in (v if isinstance(v, (list, tuple)) else (v,)):
+            if a is array or (type(a) is type(array) and np.may_share_memory(a, array)):
+                return True
+    return False
+
+
+def tensor_type_name(t):
+    """The name torch gives the type of a tensor like t (x.type()): torch.FloatTensor for
+    float32 on the CPU, torch.cuda.LongTensor for int64 on a GPU."""
+    kind = "torch.cuda." if backend.is_cuda(t.data) else "torch."
+    return kind + _TENSOR_TYPES.get(t.dtype.name, t.dtype.name)
+
+
+# the names torch gives tensor types, by dtype
+_TENSOR_TYPES = {"float32": "FloatTensor", "float64": "DoubleTensor", "float16": "HalfTensor",
+                 "bfloat16": "BFloat16Tensor", "int64": "LongTensor", "int32": "IntTensor",
+                 "int16": "ShortTensor", "int8": "CharTensor", "uint8": "ByteTensor",
+                 "bool": "BoolTensor"}
+
+
 def _accumulate(leaf, g):
     """leaf.grad += g (a copy of g the first time: g may be shared with other gradients), then
     the leaf's post-accumulate hooks."""
@@ -353,28 +499,37 @@ class Function:
     forward receives raw arrays (Tensor inputs unwrapped) plus keyword arguments and
     returns an array; it may store what backward needs on self. backward receives the
     output gradient and returns one gradient (or None) per positional input.
-    `self.needs_grad[i]` says whether input i wants a gradient.
+    `self.needs_grad[i]` says whether input i wants a gradient; it is set before forward runs, so
+    that forward keeps only what backward will need (as torch saves an operand of a product only
+    for the other operand's gradient): backward refuses to run when an array it keeps was
+    written in place since (see _check_versions).
 
     A Function with several outputs (split) returns a tuple of arrays from forward and gets a
     tuple of their gradients in backward (None for an output that got none); apply returns a
     tuple of Tensors. Integer and bool outputs (indices) never require gradients.
     """
 
-    __slots__ = ("parents", "needs_grad", "_outputs", "__dict__")
+    # versions: the Tensor inputs' versions when the Function was applied; writes: _writes then
+    __slots__ = ("parents", "needs_grad", "_outputs", "versions", "writes", "__dict__")
+    view = False  # True for a ViewFunction
 
     @classmethod
     def apply(cls, *inputs, **kwargs):
         ctx = cls()
         parents = [x if isinstance(x, Tensor) else None for x in inputs]
+        ctx.needs_grad = [p is not None and p.requires_grad for p in parents]
         out = ctx.forward(*(x.data if isinstance(x, Tensor) else x for x in inputs), **kwargs)
-        record = _grad_enabled and any(p is not None and p.requires_grad for p in parents)
+        record = _grad_enabled and any(ctx.needs_grad)
         results = tuple(_output(o, record and o.dtype.kind in "fc", ctx) for o in out) \
             if isinstance(out, tuple) else _output(out, record, ctx)
         if record:
             ctx.parents = parents
-            ctx.needs_grad = [p is not None and p.requires_grad for p in parents]
             # weak references: the graph links outputs to their Function, not back
             ctx._outputs = [weakref.ref(r) for r in (results if isinstance(out, tuple) else (results,))]
+            ctx.versions = [p._version_counter[0] for p in parents if p is not None]
+            ctx.writes = _writes
+        if cls.view:
+            _share_version_counter(inputs[0], results)
         return results
 
     def forward(self, *arrays, **kwargs):  # pragma: no cover - abstract
@@ -397,6 +552,27 @@ class Function:
         self.__dict__.clear()
 
 
+class ViewFunction(Function):
+    """A Function whose outputs may be views of its first input's array (reshape, permute,
+    expand, basic indexing, split): an output that is one shares the input's version counter,
+    as torch's views share their base's, so a write through either counts for both."""
+
+    view = True
+
+
+def _share_version_counter(x, results):
+    """Each of results (a Tensor or a tuple of them) that is a view of x's array gets x's
+    version counter."""
+    for r in (results if type(results) is tuple else (results,)):
+        if type(r.data) is np.ndarray:  # a NumPy view's base is the array owning the memory
+            base = r.data.base
+            is_view = base is not None and (base is x.data or base is x.data.base)
+        else:
+            is_view = bool(np.may_share_memory(r.data, x.data))  # cupy's, through NumPy's dispatch
+        if is_view:
+            r._version_counter = x._version_counter
+
+
 class _Released:
     """What a tensor's _ctx becomes when backward has freed the Function that made it: a graph
     through it cannot be walked again (_graph raises)."""
@@ -416,6 +592,7 @@ def _output(out, record, ctx):
     result.grad = None
     result.requires_grad = record
     result._ctx = ctx if record else None
+    result._version_counter = [0]
     return result
 
 

@@ -106,6 +106,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value < 0:
                 raise ConfigError(f"{name} must be >= 0, got {value}")
+        if self.seed > 2**64 - 1:
+            raise ConfigError(f"seed must be in [0, 2**64 - 1] (64 bits, what tinytensor."
+                              f"manual_seed and torch.manual_seed take), got {self.seed}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ConfigError(f"learning_rate must be a positive finite number, got {self.learning_rate}")
         for name in ("min_lr", "weight_decay", "grad_clip"):

@@ -30,6 +30,9 @@ class UsageError(ValueError):
     """A bad command line; the message is one line for the user."""
 
 
+MAX_NEW_TOKENS = 1_000_000  # per sample: generate() keeps them all and returns at the end
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of argparse's usage + message
         raise UsageError(message)
@@ -40,18 +43,23 @@ def parse_args(argv):
     p.add_argument("--out_dir", default="out", help="folder holding ckpt.npz / best.npz (default: out)")
     p.add_argument("--best", action="store_true", help="use best.npz (lowest val loss) instead of ckpt.npz")
     p.add_argument("--start", default=None, help="the prompt (default: token 0, as in the lecture)")
-    p.add_argument("--max_new_tokens", type=int, default=500, help="characters to generate per sample")
-    p.add_argument("--temperature", type=float, default=1.0, help="> 0; lower is more conservative")
-    p.add_argument("--top_k", type=int, default=0, help="sample among the k likeliest (0 = all)")
+    p.add_argument("--max_new_tokens", type=int, default=500,
+                   help=f"characters to generate per sample, 0 to {MAX_NEW_TOKENS:,}")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="> 0; lower is more conservative (a tiny one picks the likeliest)")
+    p.add_argument("--top_k", type=int, default=0,
+                   help="sample among the k likeliest (0, or more than the vocabulary: all)")
     p.add_argument("--top_p", type=float, default=1.0,
                    help="sample among the likeliest tokens whose probability reaches p, in (0, 1] "
                         "(1 = all; applied after --temperature and --top_k)")
-    p.add_argument("--seed", type=int, default=1337, help="random seed of the sampling")
+    p.add_argument("--seed", type=int, default=1337,
+                   help="random seed of the sampling, 0 to 2**64 - 1")
     p.add_argument("--num_samples", type=int, default=1, help="how many samples to print")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     a = p.parse_args(argv)
-    if a.max_new_tokens < 0:
-        raise UsageError(f"--max_new_tokens must be >= 0, got {a.max_new_tokens}")
+    if not 0 <= a.max_new_tokens <= MAX_NEW_TOKENS:
+        raise UsageError(f"--max_new_tokens must be 0 to {MAX_NEW_TOKENS:,} (a sample is kept in "
+                         f"memory and printed when complete), got {a.max_new_tokens}")
     if not (a.temperature > 0 and np.isfinite(a.temperature)):
         raise UsageError(f"--temperature must be a positive number, got {a.temperature}")
     if a.top_k < 0:
@@ -60,8 +68,9 @@ def parse_args(argv):
         raise UsageError(f"--top_p must be in (0, 1] (1 = no limit), got {a.top_p}")
     if a.num_samples < 1:
         raise UsageError(f"--num_samples must be >= 1, got {a.num_samples}")
-    if a.seed < 0:
-        raise UsageError(f"--seed must be >= 0, got {a.seed}")
+    if not 0 <= a.seed <= 2**64 - 1:
+        raise UsageError(f"--seed must be in [0, 2**64 - 1] (64 bits, what tinytensor.manual_seed "
+                         f"and torch.manual_seed take), got {a.seed}")
     return a
 
 

@@ -202,7 +202,7 @@ class _BiasReLU(fused.LinearReLU):
     gradient by relu_grad(gy, y, need_bias) -> (g, gb)."""
 
     def forward(self, x, w, b=None):
-        self.x, self.w = x, w
+        self.keep(x, w)
         self.y = self.bias_relu(x.reshape(-1, x.shape[-1]) @ w.T, b)   # (N, out)
         return self.y.reshape(x.shape[:-1] + (w.shape[0],))            # (..., out)
 
@@ -238,7 +238,7 @@ class NumbaLinear(fused.Linear):
         return numpy_floats(x, w, b) and numba_loops() is not None
 
     def forward(self, x, w, b=None):
-        self.x, self.w = x, w
+        self.keep(x, w)
         y = x.reshape(-1, x.shape[-1]) @ w.T                             # (N, out)
         if b is not None:
             add_bias_numba(y, b)

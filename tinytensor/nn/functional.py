@@ -73,7 +73,7 @@ def _class_indices(fn, t, shape, ignore_index, probs_allowed):
     if t.size and bool(bad.any()):
         raise IndexError(f"{fn} target {int(t[bad][0])} is out of range: targets must be in "
                          f"[0, {c}) or equal ignore_index={ignore_index}")
-    return t.reshape(-1)
+    return t if t.ndim == 1 else t.reshape(-1)
 
 
 def _classes_last(x):
@@ -125,6 +125,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
                                f"class-probability (float) targets")
         if isinstance(target, Tensor) and target.requires_grad:
             t = target
+        elif isinstance(target, Tensor) and np.may_share_memory(t, target.data):
+            t = target.detach()  # its version counter: backward sees a write into target
         dtype = np.result_type(x.dtype, t.dtype)         # as torch promotes input * target
         if x.dtype != dtype:
             x = x.astype(dtype)
@@ -134,6 +136,10 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
                                    label_smoothing=eps)
     else:
         t = _class_indices("cross_entropy", t, x.shape, ignore_index, probs_allowed=True)
+        if isinstance(target, Tensor) and np.may_share_memory(t, target.data):
+            # the targets as a Tensor sharing target's version counter (so backward sees a
+            # write into target): target itself where it is (rows,) already
+            t = target if t is target.data else target.detach().reshape(-1)
         loss = fused.cross_entropy(_classes_last(x), t, reduction=reduction,
                                    ignore_index=ignore_index, label_smoothing=eps)
     if reduction == "none" and x.ndim != 2:
@@ -218,7 +224,9 @@ def embedding(idx, weight):
     if i.size and bool(((i < 0) | (i >= n)).any()):  # where i is: on a GPU one read, not two
         raise IndexError(f"embedding index out of range: indices must be in [0, {n}), "
                          f"got min {int(i.min())}, max {int(i.max())}")
-    return fused.embedding(weight, backend.to_device(i, weight.device))
+    i = backend.to_device(i, weight.device)
+    # the index Tensor itself where it is already there, so that backward sees a write into it
+    return fused.embedding(weight, idx if isinstance(idx, Tensor) and idx.data is i else i)
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,

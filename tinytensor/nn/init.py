@@ -18,6 +18,7 @@ import warnings
 
 from .. import backend
 from .. import random as _random
+from ..tensor import increment_version
 
 _LINEAR_GAINS = ("linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
                  "conv_transpose3d", "sigmoid")
@@ -90,6 +91,7 @@ def _fill_uniform(name, tensor, low, high):
         raise RuntimeError(f"{name} expects a range [from, to) with from <= to, but found "
                            f"from={low} > to={high}: swap the bounds")
     tensor.data[...] = low + (high - low) * gen.random(tensor.data.shape)
+    increment_version(tensor)
     return tensor
 
 
@@ -100,6 +102,7 @@ def _fill_normal(name, tensor, mean, std):
         raise RuntimeError(f"normal expects std >= 0.0, but found std {std}: give a "
                            f"non-negative standard deviation")
     tensor.data[...] = mean + std * gen.standard_normal(tensor.data.shape)
+    increment_version(tensor)
     return tensor
 
 
@@ -155,6 +158,7 @@ def trunc_normal_(tensor, mean=0.0, std=1.0, a=-2.0, b=2.0, generator=None):
         out = xp.where(pending, x, out)
         pending &= ~accepted(x)
     tensor.data[...] = out
+    increment_version(tensor)
     return tensor
 
 
@@ -162,6 +166,7 @@ def constant_(tensor, val):
     """Fill with val (a number or a one-element tensor), cast to the tensor's dtype as torch's
     fill_ does (2.7 into an integer tensor gives 2)."""
     tensor.data[...] = val.item() if hasattr(val, "item") else val
+    increment_version(tensor)
     return tensor
 
 
@@ -183,6 +188,7 @@ def eye_(tensor):
                          f"{tuple(tensor.data.shape)}: eye_ fills a matrix")
     xp = backend.get_array_module(tensor.data)
     tensor.data[...] = xp.eye(*tensor.data.shape)
+    increment_version(tensor)
     return tensor
 
 

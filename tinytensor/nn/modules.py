@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import backend
 from .. import random as _random
-from ..tensor import Tensor, get_default_dtype
+from ..tensor import Tensor, get_default_dtype, increment_version
 from . import functional as F
 
 
@@ -27,6 +27,8 @@ class Parameter(Tensor):
         if data is None:
             data = np.empty(0, dtype=get_default_dtype())
         super().__init__(data, requires_grad=requires_grad)
+        if isinstance(data, Tensor):  # a parameter of a tensor's data shares its version counter
+            self._version_counter = data._version_counter
 
     def __repr__(self):
         return "Parameter(" + super().__repr__() + ")"
@@ -298,6 +300,7 @@ class Module:
                 v = v.data if isinstance(v, Tensor) else v
                 p.data[...] = xp.asarray(backend.to_device(np.asarray(v) if not hasattr(v, "dtype") else v,
                                                            p.device), dtype=p.dtype)
+                increment_version(p)  # an in-place copy, as torch's copy_
         return missing, unexpected
 
     # ----- modes and devices ----------------------------------------------------------
@@ -458,6 +461,14 @@ def _uniform(shape, bound):
     return _random.rng().uniform(-bound, bound, size=shape).astype(get_default_dtype())
 
 
+def _initialised(*params):
+    """Count the initialisation of a layer's parameters as the one in-place write it is in
+    torch (reset_parameters fills them in place): they start at version 1, as there."""
+    for p in params:
+        if p is not None:
+            increment_version(p)
+
+
 class Linear(Module):
     """y = x @ weight.T + bias; weight (out_features, in_features), PyTorch's init."""
 
@@ -468,6 +479,7 @@ class Linear(Module):
         bound = 1.0 / math.sqrt(in_features)
         self.weight = Parameter(_uniform((out_features, in_features), bound))
         self.bias = Parameter(_uniform((out_features,), bound)) if bias else None
+        _initialised(self.weight, self.bias)
 
     def forward(self, x):
         return F.linear(x, self.weight, self.bias)
@@ -485,6 +497,7 @@ class Embedding(Module):
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.weight = Parameter(_random.rng().standard_normal((num_embeddings, embedding_dim))
                                 .astype(get_default_dtype()))
+        _initialised(self.weight)
 
     def forward(self, idx):
         return F.embedding(idx, self.weight)
@@ -502,6 +515,7 @@ class LayerNorm(Module):
         dt = get_default_dtype()
         self.weight = Parameter(np.ones(self.normalized_shape, dtype=dt)) if elementwise_affine else None
         self.bias = Parameter(np.zeros(self.normalized_shape, dtype=dt)) if elementwise_affine and bias else None
+        _initialised(self.weight, self.bias)
 
     def forward(self, x):
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)

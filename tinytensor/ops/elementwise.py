@@ -71,7 +71,9 @@ def sub(a, b):
 
 class Mul(Function):
     def forward(self, a, b):
-        self.a, self.b = a, b
+        # each operand kept only for the other's gradient, as torch saves them
+        self.a = a if self.needs_grad[1] else None
+        self.b = b if self.needs_grad[0] else None
         return a * b
 
     def backward(self, gy):
@@ -86,7 +88,8 @@ def mul(a, b):
 
 class Div(Function):
     def forward(self, a, b):
-        self.a, self.b = a, b
+        self.a = a if self.needs_grad[1] else None  # only b's gradient reads a (as torch)
+        self.b = b
         return a / b
 
     def backward(self, gy):

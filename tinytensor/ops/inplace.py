@@ -9,12 +9,14 @@ they view, so writing into a slice writes into the tensor, as in torch.
 Autograd, as torch: in place on a leaf that requires grad is an error while gradients are
 recorded (use `with no_grad():`, as optimizers and initialisers do). tinytensor records no
 in-place ops in the graph, so in place on a tensor computed from one that requires grad, or
-with an operand that requires grad, is refused with an error that names it.
+with an operand that requires grad, is refused with an error that names it. Each write counts
+in x's version (x._version, shared with its views), so a backward that needs x's old values
+raises torch's RuntimeError instead of using the new ones.
 """
 import numpy as np
 
 from .. import backend, dtypes
-from ..tensor import Tensor, is_grad_enabled
+from ..tensor import Tensor, increment_version, is_grad_enabled
 from ._common import result_type
 from .elementwise import add, check_sub_operands, clamp, div, mul, sub
 from .reduce import _torch_dtype_name
@@ -44,6 +46,7 @@ def _write(x, result, name):
         raise RuntimeError(f"{name}: output with shape {list(x.shape)} doesn't match the "
                            f"broadcast shape {list(result.shape)}")
     x.data[...] = result.data
+    increment_version(x)
     return x
 
 
@@ -74,6 +77,7 @@ div_ = _binary(div, "div_")
 def zero_(x):
     _check_autograd(x, "zero_")
     x.data[...] = 0
+    increment_version(x)
     return x
 
 
@@ -86,6 +90,7 @@ def fill_(x, value):
                                f"with {value.ndim} dimensions")
         value = value.item()
     x.data[...] = value
+    increment_version(x)
     return x
 
 
@@ -102,6 +107,7 @@ def copy_(x, src):
         raise RuntimeError(f"copy_: the source of shape {list(src.shape)} does not broadcast to "
                            f"the destination's shape {list(x.shape)}")
     x.data[...] = backend.to_device(src, x.device)
+    increment_version(x)
     return x
 
 

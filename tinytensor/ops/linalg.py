@@ -9,30 +9,33 @@ class MatMul(Function):
     """a @ b with numpy.matmul semantics (1-D operands, broadcast batch dimensions)."""
 
     def forward(self, a, b):
-        self.a, self.b = a, b
+        # each operand kept only for the other's gradient, as torch saves them
+        self.a = a if self.needs_grad[1] else None
+        self.b = b if self.needs_grad[0] else None
+        self.ndims = a.ndim, b.ndim
         return a @ b
 
     def backward(self, gy):
         xp = _xp(gy)
-        a, b = self.a, self.b
-        a2 = a[None, :] if a.ndim == 1 else a           # (.., m, k)
-        b2 = b[:, None] if b.ndim == 1 else b           # (.., k, n)
+        a_ndim, b_ndim = self.ndims
         g2 = gy
-        if b.ndim == 1:                                 # b's axis first: gy may be 0-d
+        if b_ndim == 1:                                 # b's axis first: gy may be 0-d
             g2 = xp.expand_dims(g2, -1)
-        if a.ndim == 1:
+        if a_ndim == 1:
             g2 = xp.expand_dims(g2, -2)                 # (.., m, n)
         ga = gb = None
         if self.needs_grad[0]:
+            b2 = self.b[:, None] if b_ndim == 1 else self.b     # (.., k, n)
             ga = g2 @ xp.swapaxes(b2, -1, -2)           # (.., m, k)
-            if a.ndim == 1:
+            if a_ndim == 1:
                 ga = ga.reshape(ga.shape[:-2] + (ga.shape[-1],))
-            ga = _sum_to_ndim(ga, a.ndim)
+            ga = _sum_to_ndim(ga, a_ndim)
         if self.needs_grad[1]:
+            a2 = self.a[None, :] if a_ndim == 1 else self.a     # (.., m, k)
             gb = xp.swapaxes(a2, -1, -2) @ g2           # (.., k, n)
-            if b.ndim == 1:
+            if b_ndim == 1:
                 gb = gb[..., 0]
-            gb = _sum_to_ndim(gb, b.ndim)
+            gb = _sum_to_ndim(gb, b_ndim)
         return ga, gb
 
 

@@ -9,7 +9,7 @@ from operator import index as _as_index
 import numpy as np
 
 from .. import backend
-from ..tensor import Function, Tensor, is_grad_enabled
+from ..tensor import Function, Tensor, ViewFunction, increment_version, is_grad_enabled
 from ._common import _xp, as_tensor, promote, wrap_dim, wrap_dims
 
 
@@ -25,7 +25,7 @@ def _sizes(args, what):
     return tuple(int(n) for n in args)
 
 
-class Reshape(Function):
+class Reshape(ViewFunction):
     def forward(self, x, shape, view=False):
         self.shape = x.shape
         if view and type(x) is np.ndarray and not x.flags.c_contiguous:
@@ -83,7 +83,7 @@ def contiguous(x):
     return x if x.data.flags.c_contiguous else Contiguous.apply(x)
 
 
-class Permute(Function):
+class Permute(ViewFunction):
     def forward(self, x, dims):
         self.dims = dims
         return x.transpose(dims)
@@ -162,7 +162,7 @@ def unflatten(x, dim, sizes):
     return Reshape.apply(x, shape=x.shape[:d] + sizes + x.shape[d + 1:])
 
 
-class Expand(Function):
+class Expand(ViewFunction):
     """A broadcast view of x; the engine sums the gradient back to x's shape."""
 
     def forward(self, x, shape):
@@ -438,13 +438,16 @@ def _whole(i):
                              and i.step is None)
 
 
-class GetItem(Function):
+class GetItem(ViewFunction):
     """x[idx] for an index that NumPy and torch read alike: ints, slices, None and ... (a view),
     or slices and int64 arrays (a gather: the gradients of repeated indices accumulate)."""
 
     def forward(self, x, idx):
         self.shape, self.idx = x.shape, idx
-        return x[idx]
+        y = x[idx]
+        if isinstance(y, np.generic):  # an int for every dim: a 0-d view, as torch's x[i]
+            y = x[idx + (Ellipsis,)]
+        return y
 
     def backward(self, gy):
         xp = _xp(gy)
@@ -591,7 +594,7 @@ def stack(tensors, dim=0):
     return Stack.apply(*tensors, axis=wrap_dim(dim, tensors[0].ndim + 1))
 
 
-class Split(Function):
+class Split(ViewFunction):
     """x cut along `axis` into consecutive pieces of the given sizes (views): several outputs."""
 
     def forward(self, x, sizes, axis):
@@ -655,11 +658,13 @@ def setitem(x, idx, value):
 
     Outside autograd only (tinytensor has no in-place autograd): writing into a tensor that
     requires grad is refused, as torch refuses it for leaves, except under no_grad() into a leaf
-    (a Parameter's initialisation); a value that requires grad is refused unless under no_grad()."""
+    (a Parameter's initialisation); a value that requires grad is refused unless under no_grad().
+    The write counts in x's version (x._version), as every in-place write."""
     _check_assignable(x, value)
     basic, advanced = _torch_order(_unwrap_index(idx), x.ndim)
     if advanced is None:
         x.data[basic] = _assigned(value, x, x.data[basic].shape)
+        increment_version(x)
         return
     target = x.data[basic]  # the basic step keeps a dim for each array or bool: a view
     index = _advanced(advanced, target.shape, x.device)
@@ -672,6 +677,7 @@ def setitem(x, idx, value):
                            f"{x.dtype} for the destination and {value.dtype} for the source: "
                            f"convert the value with .to({x.dtype})")
     target[index] = _assigned(value, x, shape)
+    increment_version(x)
 
 
 def _check_assignable(x, value):
