@@ -410,6 +410,30 @@ def test_a_killed_rank_ends_the_job_within_60_seconds():
     assert "unreachable" not in out
 
 
+# ----- the collective timeout (tinytensor/watchdog.py; tests/mpi/watchdog.py) -------------------
+
+def test_only_waiting_for_the_other_ranks_is_timed():
+    """Every rank sleeps 2.5 s (as a long step) between collectives, with a 1 s timeout."""
+    expect_ok(run_mpi(3, "watchdog.py", "slow", timeout=60), "2.5 s between collectives")
+
+
+@pytest.mark.parametrize("mode, line", [
+    # rank 2 sleeps: ranks 0 and 1 both time out; one line, from rank 0
+    ("late", r"error: rank 0 waited [12] s for the other ranks in a barrier in the test: rank 2 "
+             r"runs but has not got there \(it is in the test\); ending the job \(collective "
+             r"timeout 1 s\)"),
+    # a rank that ends (or is killed) while the others wait for it: the job ends at once
+    ("exit", r"error: rank 2 has exited while rank 0 waited for it in a barrier in the test"),
+    ("died", r"error: rank 2 died \(its process is gone\) while rank 0 waited for it in a "
+             r"barrier in the test"),
+])
+def test_a_rank_that_keeps_the_others_waiting_ends_the_job_named_once(mode, line):
+    code, out, err, seconds = run_mpi(3, "watchdog.py", mode, timeout=90)
+    said = [x for x in err.splitlines() if "error:" in x]
+    assert code == 1 and len(said) == 1 and re.fullmatch(line, said[0]), (code, err)
+    assert seconds < 30 and "unreachable" not in out and "Traceback" not in err
+
+
 @pytest.mark.parametrize("how", [[], ["--configure"]])
 def test_bad_init_argument_ends_every_rank_named_by_each_rank_that_has_it(how):
     """The settings are arguments now (train.py checks its config's values first: one line,

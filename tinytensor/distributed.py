@@ -13,10 +13,18 @@ ranks, so every rank takes the same optimizer step and the parameters stay ident
 tinytensor.reducer.GradientReducer does the last while backward runs (PyTorch DDP's overlap).
 Without mpirun nothing here touches MPI: world_size() is 1 and every collective is the identity.
 
+The collective timeout (tinytensor/watchdog.py): with more than one rank, init() starts a
+watchdog thread that ends the job when this rank has waited too long in a collective, or waits
+for a rank that died or stopped; every collective below tells it that this rank waits:
+
+    dist.watch(timeout=600, describe=None)      # seconds (0: never); describe(why): the line
+    dist.progress("step 12")                    # where the program is, named in that line
+
 Fail-fast: after init() an uncaught exception on any rank prints its traceback and the line
 "rank R: ErrorType: message" once, from that rank, and ends every rank through abort(). End
 one rank with abort(message), never sys.exit(): the other ranks would wait for it forever.
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -30,6 +38,7 @@ import numpy as np
 from . import backend, environment
 from .kernels import threads
 from .optim import FlatParameters
+from .watchdog import DEFAULT_TIMEOUT, Watchdog, check_timeout
 
 MPI = None            # the mpi4py.MPI module, once init() has imported it
 _comm = None          # MPI.COMM_WORLD while running under MPI, else None
@@ -38,7 +47,8 @@ _local_rank = 0       # rank among the ranks on this node
 _local_size = 1       # number of ranks on this node
 _threads = None       # BLAS threads per rank configure() set (None: left to the library)
 _nccl_comm = None     # a cupy NcclCommunicator with the backend 'nccl'
-_aborting = False     # abort() runs once, even when threads fail together
+_watchdog = None      # this rank's Watchdog, under MPI with more than one rank
+_aborting = threading.Lock()  # held by the first thread that ends the job (_end runs once)
 
 BACKENDS = ("mpi", "nccl")  # how GPU gradients are summed: through host memory, or GPU to GPU
 DEFAULT_BUCKET_MB = 25      # allreduce_gradients: pieces as large as PyTorch DDP's buckets
@@ -60,9 +70,10 @@ class RankMismatchError(DistributedError):
 
 def init(threads_per_rank=0, backend_name="mpi", force=False):
     """Start MPI when launched under mpirun (or force=True), then configure(threads_per_rank,
-    backend_name); a no-op in a single process. Starting installs the fail-fast hooks and
-    makes local rank r use GPU r % n_gpus; later calls only configure."""
-    global MPI, _comm, _node, _local_rank, _local_size
+    backend_name); a no-op in a single process. Starting installs the fail-fast hooks, starts
+    the watchdog (more than one rank: the collective timeout, 600 s until watch() says
+    otherwise) and makes local rank r use GPU r % n_gpus; later calls only configure."""
+    global MPI, _comm, _node, _local_rank, _local_size, _watchdog
     if _comm is None and (force or environment.launched_under_mpi()):
         try:
             from mpi4py import MPI as _MPI
@@ -76,6 +87,8 @@ def init(threads_per_rank=0, backend_name="mpi", force=False):
             a.exc_type, a.exc_value, a.exc_traceback)
         _node = _comm.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks sharing this node's memory
         _local_rank, _local_size = _node.Get_rank(), _node.Get_size()
+        if _comm.Get_size() > 1:
+            _watchdog = Watchdog(_comm, _node, _end, DEFAULT_TIMEOUT).start()
         if backend.cuda_available():
             backend.use_device(_local_rank % backend.device_count())
     configure(threads_per_rank, backend_name)
@@ -96,12 +109,36 @@ def configure(threads_per_rank=0, backend_name="mpi"):
     if _comm is None:
         return
     cores = sorted(threads.usable_cores())
-    bound = len(set(map(tuple, _node.allgather(cores)))) > 1  # the launcher bound each rank
+    with _waiting("an allgather"):
+        bound = len(set(map(tuple, _node.allgather(cores)))) > 1  # the launcher bound each rank
     if threads_per_rank or not environment.blas_threads_given():
         n = threads_per_rank or (len(cores) if bound else max(1, len(cores) // _local_size))
         _threads = n if threads.limit_blas(n) else None
     if backend_name == "nccl" and _nccl_comm is None and world_size() > 1:
-        _nccl_comm = backend.nccl_communicator(_comm)
+        with _waiting("the set-up of NCCL"):
+            _nccl_comm = backend.nccl_communicator(_comm)
+
+
+def watch(timeout=DEFAULT_TIMEOUT, describe=None):
+    """The collective timeout: the job ends when this rank has waited `timeout` seconds for
+    the others in one collective (0: never; else at least 1). describe(why), when given, makes
+    the line the job ends with (e.g. adding where the last checkpoint stands). Without MPI, or
+    with one rank, it only checks the value."""
+    timeout = check_timeout(timeout)
+    if _watchdog is not None:
+        _watchdog.timeout, _watchdog.describe = timeout, describe
+
+
+def progress(where):
+    """Tell the watchdog where the program is ("step 12", "the evaluation of step 250"): a
+    rank that waits too long names it. One assignment: cheap enough for every step."""
+    if _watchdog is not None:
+        _watchdog.where = where
+
+
+def _waiting(what):
+    """`with _waiting("an allreduce"):` this rank waits for the others (the watchdog times it)."""
+    return _watchdog.waiting(what) if _watchdog is not None else contextlib.nullcontext()
 
 
 def rank():
@@ -162,10 +199,8 @@ def abort(message, code=1):
 def _end(text, code):
     """Write text (None: wait for a rank that has something to say to end the job first),
     then MPI Abort, which ends every rank, once mpirun has had time to forward the text."""
-    global _aborting
-    if _aborting:  # a second failure (another thread) while aborting: stay quiet
+    if not _aborting.acquire(blocking=False):  # a second failure (another thread): stay quiet
         return
-    _aborting = True
     if text is None:
         time.sleep(10)
     else:
@@ -182,12 +217,16 @@ def _end(text, code):
 
 def barrier():  # every rank waits here for the others
     if world_size() > 1:
-        _comm.Barrier()
+        with _waiting("a barrier"):
+            _comm.Barrier()
 
 
 def allgather(obj):
     """[obj of rank 0, obj of rank 1, ...] on every rank (small picklable objects); [obj] alone."""
-    return [obj] if world_size() == 1 else _comm.allgather(obj)
+    if world_size() == 1:
+        return [obj]
+    with _waiting("an allgather"):
+        return _comm.allgather(obj)
 
 
 def broadcast_parameters(model, root=0):
@@ -195,11 +234,12 @@ def broadcast_parameters(model, root=0):
     if world_size() == 1:
         return
     params = model.parameters() if hasattr(model, "parameters") else model
-    for p in params:
-        host = np.ascontiguousarray(backend.to_numpy(p.data))  # the array itself on the CPU
-        _comm.Bcast(host, root=root)
-        if host is not p.data:  # a GPU array or a non-contiguous one: copy back
-            p.data[...] = backend.to_device(host, p.device)
+    with _waiting("the broadcast of the parameters"):
+        for p in params:
+            host = np.ascontiguousarray(backend.to_numpy(p.data))  # the array itself on the CPU
+            _comm.Bcast(host, root=root)
+            if host is not p.data:  # a GPU array or a non-contiguous one: copy back
+                p.data[...] = backend.to_device(host, p.device)
 
 
 def allreduce_mean(value):
@@ -210,11 +250,13 @@ def allreduce_mean(value):
         host = backend.to_numpy(value)
         dtype = host.dtype if host.dtype.kind in "fc" else np.float64
         out = np.empty(host.shape, dtype=dtype)
-        _comm.Allreduce(np.ascontiguousarray(host, dtype=dtype), out)
+        with _waiting("an allreduce"):
+            _comm.Allreduce(np.ascontiguousarray(host, dtype=dtype), out)
         out /= world_size()
         return backend.to_device(out, backend.device_of(value))
     buf = np.array([float(value)], dtype=np.float64)
-    _comm.Allreduce(MPI.IN_PLACE, buf)
+    with _waiting("an allreduce"):
+        _comm.Allreduce(MPI.IN_PLACE, buf)
     return float(buf[0] / world_size())
 
 
@@ -224,7 +266,8 @@ def all_true(flag):
     if world_size() == 1:
         return bool(flag)
     buf = np.array([1 if flag else 0], dtype=np.int32)
-    _comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.MIN)
+    with _waiting("an allreduce"):
+        _comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.MIN)
     return bool(buf[0])
 
 
@@ -263,7 +306,8 @@ def check_consistent(config, params):
             "params": [(name, tuple(p.shape), hashlib.sha256(
                 np.ascontiguousarray(backend.to_numpy(p.data)).tobytes()).hexdigest())
                 for name, p in named]}
-    everyone = _comm.allgather(mine)
+    with _waiting("the consistency check"):
+        everyone = _comm.allgather(mine)
     problems = []
     for r, theirs in enumerate(everyone[1:], start=1):
         ours = everyone[0]
@@ -304,7 +348,8 @@ def allreduce_gradients(flat, bucket_mb=DEFAULT_BUCKET_MB):
     flat.gather_grads()
     flat.flags[...] = backend.to_device(present, backend.device_of(flat.flags))
     backend.get_array_module(flat.grad).divide(flat.grad, world_size(), out=flat.grad)
-    staged = sum_over_ranks(flat, bucket_mb)
+    with _waiting("the gradient allreduce"):
+        staged = sum_over_ranks(flat, bucket_mb)
     # the summed flags: on a GPU staged through the host they are there already (no transfer)
     present = (staged[flat.grad.size:] if staged is not None else backend.to_numpy(flat.flags)) > 0
     for p, view, ok in zip(flat.params, flat.grad_views, present):

@@ -159,6 +159,10 @@ class GradientReducer:
             raise RuntimeError("GradientReducer: the parameters' data was replaced (Module.to, "
                                "astype) after the reducer was built; build a new one from "
                                "optimizer.flat")
+        with dist._waiting("the gradient allreduce"):  # timed by the watchdog from here
+            self._finish(flat)
+
+    def _finish(self, flat):
         try:
             present = np.ones(len(flat), dtype=flat.flags.dtype)
             for i, (p, view) in enumerate(zip(flat.params, flat.grad_views)):
