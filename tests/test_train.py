@@ -426,6 +426,13 @@ def test_resume_with_fused_off_and_from_a_checkpoint_without_fused(tmp_path, tra
     assert meta["step"] == 24 and meta["config"]["fused"] is True
 
 
+def test_a_saved_config_without_collective_timeout_gets_the_default():
+    """collective_timeout came later: a checkpoint written before it resumes with 600 s."""
+    saved = C.make_config().to_dict()
+    del saved["collective_timeout"]
+    assert C.config_from_dict(saved).collective_timeout == 600.0
+
+
 def test_resume_already_finished_does_nothing(tmp_path, trained):
     out = copy_run(trained, tmp_path)
     before = sha256(os.path.join(out, "ckpt.npz"))
@@ -546,6 +553,9 @@ def test_sizes_beyond_the_machine_or_the_data_are_one_line_errors(tmp_path, text
     (["--dist_backend", "nccl", "--device", "cpu"], ["dist_backend 'nccl' sums GPU gradients",
                                                      "--device cuda"]),
     (["--malloc_tuning", "sometimes"], ["--malloc_tuning", "'sometimes'", "bool"]),
+    (["--collective_timeout", "0.5"],
+     ["collective_timeout must be 0 (never) or at least 1 second, got 0.5"]),
+    (["--collective_timeout", "nan"], ["collective_timeout must be 0 (never) or at least 1"]),
 ])
 def test_bad_run_time_setting_is_a_one_line_error(tmp_path, text_file, args, needles):
     """The run-time settings (config fields, once environment variables) are checked with the

@@ -1,5 +1,6 @@
 """train.py under mpirun: N ranks train the same model as one process, resume works with a
 different number of ranks, and a failure on any rank ends the job (issue: data parallel)."""
+import contextlib
 import json
 import os
 import re
@@ -240,6 +241,102 @@ def _is_rank(pid, out_dir, rank):
         return False
     return (out_dir.encode() in cmdline and str(TRAIN).encode() in cmdline
             and f"PMI_RANK={rank}".encode() in environ)
+
+
+# ----- ranks that stop answering: the collective timeout (tinytensor/watchdog.py) ---------------
+
+class Job:
+    """mpirun -n 2 train.py in its own session, stopped at `step N: train loss` of rank 0's
+    output; every process of it is ended when the test ends (a stopped one too)."""
+
+    def __init__(self, out_dir, text_file, *extra, until="step 6: train loss"):
+        cmd = [MPIRUN, "-n", "2", sys.executable, str(TRAIN), "--data", str(text_file),
+               "--out_dir", str(out_dir), *TINY, "--max_iters", "100000", *extra]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                                     start_new_session=True)
+        self.pids = []
+        for line in self.proc.stdout:
+            if line.startswith("config:") and not self.pids:  # the ranks run by now
+                self.pids = [int(next(p for p in os.listdir("/proc")
+                                      if p.isdigit() and _is_rank(p, str(out_dir), r)))
+                             for r in (0, 1)]
+            if line.startswith(until):
+                break
+
+    def finish(self, timeout=60):
+        """(exit status, stdout, stderr, seconds it took)."""
+        start = time.monotonic()
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out, err, time.monotonic() - start
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for pid in self.pids:
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.communicate()
+
+
+def the_error_line(err):
+    lines = [x for x in err.splitlines() if "error:" in x]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def saved_step(out_dir):
+    return json.loads(str(np.load(Path(out_dir) / "ckpt.npz", allow_pickle=False)["meta"]))["step"]
+
+
+@pytest.mark.parametrize("silent", [1, 0])
+def test_a_stopped_rank_ends_the_job_after_the_collective_timeout(silent, tmp_path, text_file):
+    """kill -STOP of one rank: the other waits --collective_timeout 3 s in its next collective,
+    then ends the job with one line naming the stopped rank, and says where the checkpoint
+    stands (checked against the file)."""
+    with Job(tmp_path, text_file, "--collective_timeout", "3") as job:
+        os.kill(job.pids[silent], signal.SIGSTOP)
+        code, out, err, seconds = job.finish()
+    line, other = the_error_line(err), 1 - silent
+    m = re.fullmatch(rf"error: rank {other} waited [34] s for the other ranks in "
+                     rf"(the gradient allreduce|an allreduce) in step (\d+): rank {silent} has not "
+                     rf"run for \d+ s \(its process is stopped\); ending the job \(collective "
+                     rf"timeout 3 s\); (\S+) \(step (\d+)\) is intact: continue with --resume",
+                     line)
+    assert code == 1 and m and seconds < 30, (code, seconds, line)
+    assert m[3] == str(tmp_path / "ckpt.npz") and int(m[4]) == saved_step(tmp_path)
+
+
+def test_a_signal_ends_a_job_that_waits_for_a_stopped_rank(tmp_path, text_file):
+    """kill -STOP of rank 1, then SIGTERM to mpirun (the default 600 s timeout): rank 0, stuck
+    in a collective, cannot reach the step boundary where it would stop; the job ends within
+    seconds, exit 143, one line, the checkpoint named (checked against the file)."""
+    with Job(tmp_path, text_file) as job:
+        os.kill(job.pids[1], signal.SIGSTOP)
+        time.sleep(4)  # rank 0 waits for rank 1, which has not run for more than 3 s
+        os.kill(job.proc.pid, signal.SIGTERM)
+        code, out, err, seconds = job.finish()
+    line = the_error_line(err)
+    m = re.fullmatch(r"error: interrupted by SIGTERM while rank 0 waited for the other ranks in "
+                     r"(the gradient allreduce|an allreduce) in step (\d+): rank 1 has not run for "
+                     r"\d+ s \(its process is stopped\); (\S+) \(step (\d+)\) is intact: "
+                     r"continue with --resume", line)
+    assert code == 143 and m and seconds < 10, (code, seconds, line)
+    assert m[3] == str(tmp_path / "ckpt.npz") and int(m[4]) == saved_step(tmp_path)
+    assert "stopped by SIGTERM" not in out
+
+
+def test_a_run_longer_than_the_collective_timeout_is_not_ended(tmp_path, text_file):
+    """--collective_timeout 2 on a run of 120 steps and 21 evaluations, which takes longer
+    than that: the ranks keep meeting, so nothing ends it."""
+    start = time.monotonic()
+    r = run(2, tmp_path, text_file, "--max_iters", "120", "--collective_timeout", "2")
+    assert r.returncode == 0 and "error:" not in r.stderr, r.stderr[-2000:]
+    assert time.monotonic() - start > 2 and saved_step(tmp_path) == 120
 
 
 # ----- gradient accumulation: the number of processes and micro-batches never changes the run --

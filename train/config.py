@@ -76,6 +76,8 @@ class TrainConfig:
     threads_per_rank: int = 0       # under mpirun: BLAS threads per rank (0 = cores / ranks per node)
     dist_backend: str = "mpi"       # under mpirun: how GPU gradients are summed: mpi (through host
                                     # memory) | nccl (GPU to GPU)
+    collective_timeout: float = 600.0  # under mpirun: seconds a rank may wait for the others in one
+                                    # collective before the job is ended (0 = never, else >= 1)
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -137,6 +139,9 @@ class TrainConfig:
                               f"{self.threads_per_rank}")
         if self.dist_backend not in ("mpi", "nccl"):
             raise ConfigError(f"dist_backend must be 'mpi' or 'nccl', got {self.dist_backend!r}")
+        if not (self.collective_timeout == 0 or 1 <= self.collective_timeout < math.inf):
+            raise ConfigError(f"collective_timeout must be 0 (never) or at least 1 second, got "
+                              f"{self.collective_timeout}")
         if self.dist_backend == "nccl" and self.device == "cpu":
             raise ConfigError("dist_backend 'nccl' sums GPU gradients: it needs --device cuda "
                               "(or use --dist_backend mpi)")
@@ -349,7 +354,7 @@ def make_config(preset=None, overrides=None):
 # Every other field must be there: a default would silently change the run (n_embd 128 -> 32).
 LATER_FIELDS = ("fused", "accelerators", "malloc_tuning", "tf32", "overlap", "bucket_mb",
                 "threads_per_rank", "dist_backend", "gradient_accumulation_steps", "init_from",
-                "tokenizer", "vocab_size", "allow_data_change")
+                "tokenizer", "vocab_size", "allow_data_change", "collective_timeout")
 
 
 def config_from_dict(d):

@@ -129,6 +129,7 @@ class StopSignals:
         self.signum = None     # the signal that asked to stop, once one has
         self.armed = False
         self.saved = None      # (path, step) of the last checkpoint written or resumed from
+        self.writing = None    # (path, step) another rank (0) writes: saved after the next agree()
         self._before = {}
 
     def __enter__(self):
@@ -161,7 +162,10 @@ class StopSignals:
         return [float(self.signum == signal.SIGTERM), float(self.signum == signal.SIGINT)]
 
     def agree(self, flags):
-        """flags averaged over the ranks: True (and the signal set) when any rank was asked."""
+        """flags averaged over the ranks: True (and the signal set) when any rank was asked.
+        The ranks met here, so a checkpoint rank 0 was writing before is written."""
+        if self.writing is not None:
+            self.saved, self.writing = self.writing, None
         term, intr = flags
         if term > 0:
             self.signum = signal.SIGTERM

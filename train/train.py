@@ -68,8 +68,11 @@ def run(argv, stop):
         # together() is also where the ranks wait for rank 0 (which writes the token files)
         cfg, ckpt, init, device = guard.together(
             lambda: prepare_config(preset, overrides, lock), KNOWN_ERRORS)
+        dist.watch(cfg.collective_timeout, stop.describe)  # a rank waiting longer ends the job
+        dist.progress("the start-up, while rank 0 writes the token files")
         guard.together(lambda: prepare_tokens(cfg, ckpt, init) if dist.is_main() else None,
                        KNOWN_ERRORS)
+        dist.progress("the start-up")
         dataset, model, optimizer = guard.together(
             lambda: prepare_model(cfg, ckpt, init, device), KNOWN_ERRORS)
         guard.together(lambda: configure(cfg), KNOWN_ERRORS)  # BLAS threads, GPU backend
@@ -227,6 +230,7 @@ def train(cfg, ckpt, dataset, model, optimizer, device, stop):
                 if step % cfg.eval_interval == 0 and step != run.last_evaluated:
                     if not run.evaluate(step, stop):  # a signal came during the evaluation
                         return run.stopped(step, stop, "during the evaluation at")
+                dist.progress(f"step {step}")  # named by the watchdog if the ranks stop meeting
                 # one optimizer step on the global batch of `step`: this rank's rows
                 lr = get_lr(step, cfg)
                 for group in optimizer.param_groups:
@@ -309,6 +313,7 @@ class Run:
         W batches ends with the ranks agreeing on that (a long evaluation would otherwise
         outlast a scheduler's grace period)."""
         cfg, losses = self.cfg, {}
+        dist.progress(f"the evaluation of step {step}")
         piece = cfg.batch_size // cfg.gradient_accumulation_steps
         W = dist.world_size()
         self.last_evaluated = step
@@ -365,8 +370,10 @@ class Run:
         stopped the run (no time to evaluate)."""
         if dist.is_main():
             save_checkpoint(self.ckpt_path, self.meta(step, losses), self.model, self.optimizer)
+            stop.saved = (self.ckpt_path, step)
+        else:  # rank 0 writes it: certainly written once the ranks have met again (stop.agree)
+            stop.writing = (self.ckpt_path, step)
         self.last_saved = step
-        stop.saved = (self.ckpt_path, step)
 
     def meta(self, step, losses=None):
         src = self.dataset.source
