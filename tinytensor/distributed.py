@@ -22,7 +22,8 @@ for a rank that died or stopped; every collective below tells it that this rank 
 
 Fail-fast: after init() an uncaught exception on any rank prints its traceback and the line
 "rank R: ErrorType: message" once, from that rank, and ends every rank through abort(). End
-one rank with abort(message), never sys.exit(): the other ranks would wait for it forever.
+one rank with abort(message), never sys.exit(): the other ranks would wait for it until the
+watchdog ends the job.
 """
 import contextlib
 import hashlib
