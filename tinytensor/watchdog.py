@@ -131,14 +131,13 @@ class Watchdog:
                 os.close(w)
         self._thread = threading.Thread(target=self._run, name="Watchdog", daemon=True)
         self._thread.start()
-        atexit.register(self.close)  # before MPI is finalized (atexit runs last-in first)
+        atexit.register(self.close)  # at a clean exit: the others see this rank exited
         return self
 
     def close(self):
-        """Stop the thread and mark this rank as exited (not dead) for the others."""
+        """Stop the thread (at its next look; it touches the shared window only while Python
+        runs, and mpi4py ends MPI after Python) and mark this rank as exited, not dead."""
         self._closed = True
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=2 * TICK_S)
         if self._slots:
             self._slots[self._mine][STATE] = FINISHED
         if self._wakeup is not None and threading.current_thread() is threading.main_thread():
