@@ -21,7 +21,8 @@ The ranks of a node share a small MPI window: each watchdog writes there, every 
 it last ran, what its rank waits in (or where it is), how many stop signals it got, its pid.
 So a rank names the rank it waits for without that rank's help: one that has not run for
 SILENT_S (its process state from /proc: stopped, ...), one whose process is gone, one that is
-elsewhere ("is at step 11"). Ranks on other nodes cannot be seen: "a rank on another node".
+elsewhere ("runs but has not got there (it is in step 11)"). Ranks on other nodes cannot be
+seen: "a rank on another node".
 
 One line, not one per rank: a rank that decides to end the job marks it in its slot and waits
 a tick; of the ranks that marked within a tick of the first, the lowest speaks. The others
