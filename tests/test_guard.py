@@ -154,6 +154,20 @@ def test_an_interrupt_before_the_first_checkpoint_claims_none(monkeypatch, capsy
     assert signal.getsignal(signal.SIGTERM) == before
 
 
+def test_a_checkpoint_rank_0_writes_is_claimed_by_another_rank_once_the_ranks_met():
+    """Under MPI rank 0 writes the checkpoints; another rank that must say where they stand
+    (the collective timeout, a second signal) vouches for one only after the next per-step
+    collective (stop.agree), else names both."""
+    stop = guard.StopSignals()
+    stop.writing = ("out/ckpt.npz", 6)
+    assert stop.describe("x") == "x; out/ckpt.npz holds step 6 if rank 0 finished writing it, else none"
+    stop.agree([0.0, 0.0])
+    assert stop.describe("x") == "x; out/ckpt.npz (step 6) is intact: continue with --resume"
+    stop.writing = ("out/ckpt.npz", 12)
+    assert stop.describe("x") == ("x; out/ckpt.npz holds step 12 if rank 0 finished writing it, "
+                                  "else step 6")
+
+
 def test_only_a_bug_prints_a_traceback_and_asks_for_a_report(monkeypatch, capsys):
     import train.train as T
     for error, code, expected in ((ZeroDivisionError("oops"), 1, None),

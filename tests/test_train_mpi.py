@@ -297,7 +297,8 @@ def saved_step(out_dir):
 def test_a_stopped_rank_ends_the_job_after_the_collective_timeout(silent, tmp_path, text_file):
     """kill -STOP of one rank: the other waits --collective_timeout 3 s in its next collective,
     then ends the job with one line naming the stopped rank, and says where the checkpoint
-    stands (checked against the file)."""
+    stands, checked against the file (rank 1 cannot know whether rank 0, stopped, finished
+    writing the one it was writing: it names both)."""
     with Job(tmp_path, text_file, "--collective_timeout", "3") as job:
         os.kill(job.pids[silent], signal.SIGSTOP)
         code, out, err, seconds = job.finish()
@@ -305,10 +306,11 @@ def test_a_stopped_rank_ends_the_job_after_the_collective_timeout(silent, tmp_pa
     m = re.fullmatch(rf"error: rank {other} waited [34] s for the other ranks in "
                      rf"(the gradient allreduce|an allreduce) in step (\d+): rank {silent} has not "
                      rf"run for \d+ s \(its process is stopped\); ending the job \(collective "
-                     rf"timeout 3 s\); (\S+) \(step (\d+)\) is intact: continue with --resume",
-                     line)
+                     rf"timeout 3 s\); (\S+) (\(step (\d+)\) is intact: continue with --resume|"
+                     rf"holds step (\d+) if rank 0 finished writing it, else step (\d+))", line)
     assert code == 1 and m and seconds < 30, (code, seconds, line)
-    assert m[3] == str(tmp_path / "ckpt.npz") and int(m[4]) == saved_step(tmp_path)
+    assert m[3] == str(tmp_path / "ckpt.npz")
+    assert saved_step(tmp_path) in ({int(m[5])} if m[5] else {int(m[6]), int(m[7])}), line
 
 
 def test_a_signal_ends_a_job_that_waits_for_a_stopped_rank(tmp_path, text_file):

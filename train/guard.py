@@ -175,7 +175,13 @@ class StopSignals:
 
     def describe(self, why):
         """The error line for a run that a signal or a closed pipe ended: `why`, and where the
-        last checkpoint stands."""
+        last checkpoint stands (on a rank other than 0, while rank 0 may still be writing one,
+        both that one and the one before)."""
+        if self.writing is not None:
+            path, step = self.writing
+            before = f"step {self.saved[1]}" if self.saved is not None else "none"
+            return (f"{why}; {path} holds step {step} if rank 0 finished writing it, else "
+                    f"{before}")
         if self.saved is None:
             return f"{why} before this run wrote a checkpoint"
         path, step = self.saved
