@@ -442,3 +442,20 @@ def test_out_of_memory_while_tokenizing_names_what_does_not_fit(tmp_path, text_f
     assert err.strip().startswith(f"error: out of memory while tokenizing {text_file} into "
                                   f"{tmp_path / 'o'}/tokens (it is read in blocks of 16 MB)")
     assert "n_embd" not in err
+
+
+def test_a_signal_is_acted_on_only_once_the_ranks_agree():
+    """The handler records the signal; only agree() (after the collective every rank runs)
+    makes it the run's: a signal that lands between the collective and the check must not
+    stop one rank while the others go on to the next collective."""
+    stop = guard.StopSignals()
+    with stop, stop.armed_here():
+        agreed = stop.agree([0.0, 0.0])       # the collective: nobody had asked yet
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives now, on this rank only
+        time.sleep(0.01)
+        assert not agreed and stop.signum is None and stop.asked == signal.SIGTERM
+        assert stop.flags() == [1.0, 0.0]     # it rides along the next collective
+        assert stop.agree([0.5, 0.0]) and stop.signum == signal.SIGTERM and stop.exit_code == 143
+        with pytest.raises(guard.Interrupted):  # a second signal: at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)

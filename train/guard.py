@@ -126,7 +126,8 @@ class StopSignals:
     """
 
     def __init__(self):
-        self.signum = None     # the signal that asked to stop, once one has
+        self.asked = None      # the signal this rank received (set by the handler)
+        self.signum = None     # the signal every rank agreed to stop for (set by agree())
         self.armed = False
         self.saved = None      # (path, step) of the last checkpoint written or resumed from
         self.writing = None    # (path, step) another rank (0) writes: saved after the next agree()
@@ -153,21 +154,21 @@ class StopSignals:
             self.armed = False
 
     def _handler(self, signum, frame):
-        if not self.armed or self.signum is not None:
+        if not self.armed or self.asked is not None:
             raise Interrupted(signum)
-        self.signum = signum
+        self.asked = signum  # acted on once the ranks agree (agree()), never on one rank alone
 
     def flags(self):
         """[SIGTERM asked, SIGINT asked] as floats, to ride along the per-step collective."""
-        return [float(self.signum == signal.SIGTERM), float(self.signum == signal.SIGINT)]
+        return [float(self.asked == signal.SIGTERM), float(self.asked == signal.SIGINT)]
 
     def agree(self, flags):
         """flags averaged over the ranks: True (and the signal set) when any rank was asked.
         The ranks met here, so a checkpoint rank 0 was writing before is written."""
         if self.writing is not None:
             self.saved, self.writing = self.writing, None
-        term, intr = flags
-        if term > 0:
+        term, intr = flags  # the same on every rank: a signal that came after the collective
+        if term > 0:        # is seen at the next one, by every rank alike
             self.signum = signal.SIGTERM
         elif intr > 0:
             self.signum = signal.SIGINT
