@@ -127,7 +127,43 @@ def get_batch(data, batch_size, block_size, rng):
     return np.ascontiguousarray(chunk[:, :-1]), np.ascontiguousarray(chunk[:, 1:])
 
 
-class CharDataset:
+class Splits:
+    """What a dataset with a tokenizer and `train` / `val` token arrays offers the training
+    loop: vocab_size, split(name), check_block_size and get_batch (CharDataset in memory,
+    token_files.TokenDataset on disk)."""
+
+    def __len__(self):
+        return len(self.train) + len(self.val)
+
+    @property
+    def vocab_size(self):
+        return self.tokenizer.vocab_size
+
+    def split(self, name):
+        if name == "train":
+            return self.train
+        if name == "val":
+            return self.val
+        raise ValueError(f"split must be 'train' or 'val', got {name!r}")
+
+    def check_block_size(self, block_size):
+        """Raise DataError unless both splits hold at least block_size + 1 tokens."""
+        for name in ("train", "val"):
+            n = len(self.split(name))
+            if n < block_size + 1:
+                raise DataError(f"the text is too short for block_size {block_size}: its {name} "
+                                f"split has {n} tokens (of {len(self):,} in all) and needs at "
+                                f"least {block_size + 1}; use a longer text or a smaller block_size")
+
+    def get_batch(self, split, batch_size, block_size, rng):
+        """x, y int64 (batch_size, block_size) from the 'train' or 'val' split (see get_batch)."""
+        data = self.split(split)
+        if len(data) < block_size + 1:
+            self.check_block_size(block_size)
+        return get_batch(data, batch_size, block_size, rng)
+
+
+class CharDataset(Splits):
     """A text encoded character by character, split 90/10 into train and val.
 
     `data` holds the whole text as compact integers (uint8 for up to 256 characters);
@@ -148,30 +184,3 @@ class CharDataset:
         self.train = self.data[:n]
         self.val = self.data[n:]
 
-    @property
-    def vocab_size(self):
-        return self.tokenizer.vocab_size
-
-    def split(self, name):
-        if name == "train":
-            return self.train
-        if name == "val":
-            return self.val
-        raise ValueError(f"split must be 'train' or 'val', got {name!r}")
-
-    def check_block_size(self, block_size):
-        """Raise DataError unless both splits hold at least block_size + 1 tokens."""
-        for name in ("train", "val"):
-            n = len(self.split(name))
-            if n < block_size + 1:
-                raise DataError(f"the text is too short for block_size {block_size}: its {name} "
-                                f"split has {n} tokens (of {len(self.data)} characters in all) and "
-                                f"needs at least {block_size + 1}; use a longer text or a smaller "
-                                f"block_size")
-
-    def get_batch(self, split, batch_size, block_size, rng):
-        """x, y int64 (batch_size, block_size) from the 'train' or 'val' split (see get_batch)."""
-        data = self.split(split)
-        if len(data) < block_size + 1:
-            self.check_block_size(block_size)
-        return get_batch(data, batch_size, block_size, rng)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import DataError, get_batch
+from .data import DataError, Splits
 from .tokenizer import BPETokenizer, CharTokenizer, tokenizer_from_json
 
 BLOCK_BYTES = 1 << 24          # 16 MB of the text at a time
@@ -295,10 +295,9 @@ def stale(path, folder, spec):
         m = read_manifest(folder)
     except DataError as e:
         return "none yet" if "no manifest.json" in str(e) else str(e)
-    src = m["source"]
-    if src["path"] != source_info(path)["path"]:
+    src, info = m["source"], source_info(path)
+    if src["path"] != info["path"]:
         return f"they were made from {src['path']}"
-    info = source_info(path)
     if (src["size"], src["mtime_ns"]) != (info["size"], info["mtime_ns"]) \
             and (src["size"] != info["size"] or file_sha256(path) != src["sha256"]):
         return "the text changed"
@@ -321,9 +320,9 @@ def stale(path, folder, spec):
 
 
 # ---------------------------------------------------------------- reading batches
-class TokenDataset:
-    """The token files of a folder (build_token_files), read through np.memmap: the same
-    interface as CharDataset (tokenizer, train, val, split, check_block_size, get_batch), with
+class TokenDataset(Splits):
+    """The token files of a folder (build_token_files), read through np.memmap: CharDataset's
+    interface (data.Splits: tokenizer, train, val, split, check_block_size, get_batch), with
     the text never in memory. `source` is the manifest's description of the text (its sha256
     included: the data's fingerprint)."""
 
@@ -342,37 +341,7 @@ class TokenDataset:
                              else np.zeros(0, dtype=dtype))
         self.train, self.val = splits["train"], splits["val"]
 
-    def __len__(self):
-        return len(self.train) + len(self.val)
-
-    @property
-    def vocab_size(self):
-        return self.tokenizer.vocab_size
-
     def fingerprint(self):
         """What identifies the data: the text's sha256, the tokenizer and the token counts."""
         return {"text sha256": self.source["sha256"], "tokens": [len(self.train), len(self.val)],
                 "tokenizer": self.tokenizer.to_json()}
-
-    def split(self, name):
-        if name == "train":
-            return self.train
-        if name == "val":
-            return self.val
-        raise ValueError(f"split must be 'train' or 'val', got {name!r}")
-
-    def check_block_size(self, block_size):
-        """Raise DataError unless both splits hold at least block_size + 1 tokens."""
-        for name in ("train", "val"):
-            n = len(self.split(name))
-            if n < block_size + 1:
-                raise DataError(f"the text is too short for block_size {block_size}: its {name} "
-                                f"split has {n} tokens (of {len(self):,} in all) and needs at "
-                                f"least {block_size + 1}; use a longer text or a smaller block_size")
-
-    def get_batch(self, split, batch_size, block_size, rng):
-        """x, y int64 (batch_size, block_size) from the 'train' or 'val' split (data.get_batch)."""
-        data = self.split(split)
-        if len(data) < block_size + 1:
-            self.check_block_size(block_size)
-        return get_batch(data, batch_size, block_size, rng)

@@ -360,13 +360,9 @@ def test_a_signal_before_training_is_said_once_under_mpi(monkeypatch, rank):
     assert guard.SIGNAL_GRACE_S > dist.ABORT_DRAIN_S
 
 
-def test_a_stop_signal_during_a_long_evaluation_ends_it_between_batches(tmp_path, text_file):
-    """SIGTERM while evaluating 20,000 batches (a minute or more): the run stops after the
-    batch in hand with a checkpoint (exit 143, seconds later); the resume evaluates that step
-    again, then trains on."""
-    out = tmp_path / "o"
-    cmd = [sys.executable, TRAIN, *TINY, "--data", text_file, "--out_dir", str(out),
-           "--max_iters", "4", "--eval_interval", "2", "--eval_iters", "20000"]
+def sigterm_during_evaluation(cmd):
+    """Run cmd (train.py, or mpirun of it), send it SIGTERM a second into the evaluation at
+    step 0 (after the header's last line); (exit status, stdout, stderr, seconds it then took)."""
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:
@@ -377,10 +373,20 @@ def test_a_stop_signal_during_a_long_evaluation_ends_it_between_batches(tmp_path
         p.send_signal(signal.SIGTERM)
         t0 = time.monotonic()
         stdout, stderr = p.communicate(timeout=60)
-        waited = time.monotonic() - t0
+        return p.returncode, stdout, stderr, time.monotonic() - t0
     finally:
         p.kill()
-    assert p.returncode == 143, stderr
+
+
+def test_a_stop_signal_during_a_long_evaluation_ends_it_between_batches(tmp_path, text_file):
+    """SIGTERM while evaluating 20,000 batches (a minute or more): the run stops after the
+    batch in hand with a checkpoint (exit 143, seconds later); the resume evaluates that step
+    again, then trains on."""
+    out = tmp_path / "o"
+    code, stdout, stderr, waited = sigterm_during_evaluation(
+        [sys.executable, TRAIN, *TINY, "--data", text_file, "--out_dir", str(out),
+         "--max_iters", "4", "--eval_interval", "2", "--eval_iters", "20000"])
+    assert code == 143, stderr
     assert waited < 5, waited
     assert f"stopped by SIGTERM during the evaluation at step 0: wrote {out}/ckpt.npz" in stdout
     meta = load_checkpoint(str(out / "ckpt.npz"))[0]

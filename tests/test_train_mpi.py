@@ -458,23 +458,12 @@ def test_a_signal_during_start_up_is_one_line(tmp_path):
 def test_a_signal_during_a_long_evaluation_stops_every_rank_between_batches(tmp_path, text_file):
     """SIGTERM to mpirun while 2 ranks evaluate 20,000 batches: every rank stops after the
     round in hand, rank 0 writes the checkpoint and says so once (exit 143, seconds later)."""
+    from test_guard import sigterm_during_evaluation
     out = tmp_path / "o"
-    cmd = [MPIRUN, "-n", "2", sys.executable, str(TRAIN), "--data", str(text_file), "--out_dir",
-           str(out), *TINY, "--max_iters", "4", "--eval_interval", "2", "--eval_iters", "20000"]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    try:
-        for line in p.stdout:
-            if line.startswith("model: "):
-                break
-        time.sleep(1.0)
-        p.send_signal(signal.SIGTERM)
-        t0 = time.monotonic()
-        stdout, stderr = p.communicate(timeout=60)
-        waited = time.monotonic() - t0
-    finally:
-        p.kill()
-    assert p.returncode == 143, stderr[-2000:]
+    code, stdout, stderr, waited = sigterm_during_evaluation(
+        [MPIRUN, "-n", "2", sys.executable, str(TRAIN), "--data", str(text_file), "--out_dir",
+         str(out), *TINY, "--max_iters", "4", "--eval_interval", "2", "--eval_iters", "20000"])
+    assert code == 143, stderr[-2000:]
     assert waited < 8, waited
     assert stdout.count("stopped by SIGTERM during the evaluation at step 0") == 1, stdout[-2000:]
     assert "error:" not in stderr, stderr[-2000:]
