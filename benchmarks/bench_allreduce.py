@@ -73,7 +73,7 @@ def main():
         if name not in PRESETS:
             sys.exit(f"unknown preset {name!r}: choose from {', '.join(PRESETS)}")
 
-    tinytensor.malloc.keep_freed_memory()  # as train.py does
+    tinytensor.malloc.keep_freed_memory()  # (its AdamW would do it too)
     dist.init()
     if not dist.launched_under_mpi() or dist.world_size() < 2:
         sys.exit("run under MPI with two or more ranks: mpirun -n 2 python benchmarks/bench_allreduce.py")

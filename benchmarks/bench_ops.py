@@ -92,7 +92,7 @@ def tinytensor_ops(cfg):
     import tinytensor.nn.functional as F
     from gpt.model import GPTConfig, GPTLanguageModel
     from tinytensor.optim import AdamW
-    tt.malloc.keep_freed_memory()  # as train.py does
+    tt.malloc.keep_freed_memory()  # now: the ops run before any optimizer would do it
     B, T, C, nh = cfg["batch_size"], cfg["block_size"], cfg["n_embd"], cfg["n_head"]
     p_att = cfg["dropout"]
     p_drop = cfg["dropout"] or 0.5

@@ -67,7 +67,6 @@ def tinytensor_worker(cfg, seed, lr, weights):
     from gpt.interop import lecture_state_dict
     from gpt.model import GPTConfig, GPTLanguageModel
     from tinytensor.optim import AdamW
-    tt.malloc.keep_freed_memory()  # as train.py does
     w = {}
 
     def setup():

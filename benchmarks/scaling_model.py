@@ -51,7 +51,6 @@ def measure(preset, steps):
     import tinytensor as tt
     from gpt.model import GPTConfig, GPTLanguageModel
     from tinytensor.optim import AdamW
-    tt.malloc.keep_freed_memory()
     tt.manual_seed(0)
     model = GPTLanguageModel(GPTConfig(vocab_size=65, dropout=0.0, **MODEL_SHAPES[preset]))
     opt = AdamW(model.parameters(), lr=1e-3)

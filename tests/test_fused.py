@@ -501,17 +501,50 @@ def test_attention_in_parallel_parts_equals_serial(monkeypatch):
         np.testing.assert_array_equal(other[1], outs[0][1])
 
 
-def test_malloc_tuning_is_an_explicit_call():
-    """import tinytensor leaves malloc alone (in a fresh process); keep_freed_memory() tunes it
-    (train.py calls it unless --malloc_tuning false: tests/test_train.py)."""
+_OPTIMIZER_TUNES = """
+import sys, tinytensor as tt, tinytensor.malloc as m
+imported = m.tuned
+w = tt.zeros(3, requires_grad=True)
+model_made = m.tuned                          # tensors and models leave it alone
+if sys.argv[1] == "off":
+    m.automatic = False
+tt.optim.{opt}([w], lr=0.1)
+print(imported, model_made, m.tuned)
+"""
+
+
+@pytest.mark.parametrize("opt", ["AdamW", "SGD"])
+@pytest.mark.parametrize("setting", ["default", "off"])
+def test_malloc_is_tuned_by_the_first_optimizer_not_by_import(opt, setting):
+    """import tinytensor leaves malloc alone (in a fresh process); the first optimizer tunes it
+    (a loop written with the library is as fast as train.py), unless malloc.automatic is False
+    (train.py's --malloc_tuning false: tests/test_train.py)."""
     import platform
     import subprocess
     import sys
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
-    code = ("import tinytensor, tinytensor.malloc as m; before = m.tuned; "
+    out = subprocess.run([sys.executable, "-c", _OPTIMIZER_TUNES.replace("{opt}", opt), setting],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False", str(glibc and setting == "default")]
+
+
+def test_malloc_keep_freed_memory_tunes_it_at_any_time():
+    import platform
+    import subprocess
+    import sys
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    code = ("import tinytensor, tinytensor.malloc as m; m.automatic = False; before = m.tuned; "
             "print(before, m.keep_freed_memory(), m.tuned)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", str(glibc), str(glibc)]
+
+
+def test_malloc_automatic_must_be_a_bool(monkeypatch):
+    import tinytensor as tt
+    import tinytensor.malloc as m
+    monkeypatch.setattr(m, "automatic", "no")
+    with pytest.raises(TypeError, match="malloc.automatic must be True or False, got 'no'"):
+        tt.optim.AdamW([tt.zeros(2, requires_grad=True)])
 
 
 _REUSE_SCRIPT = """

@@ -874,11 +874,13 @@ import tinytensor.malloc as m
 from train.train import main
 untouched = m.tuned
 code = main(sys.argv[2:])
-print(untouched, m.tuned, code)
+print(untouched, m.automatic, m.tuned, code)
 """
 
 
 def test_train_py_tunes_malloc_and_importing_does_not(tmp_path, text_file):
+    """train.py's optimizer tunes malloc (tinytensor.malloc), and --malloc_tuning false turns
+    that off before the optimizer is made."""
     import platform
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     args = [*TINY, "--data", text_file, "--max_iters", 1, "--eval_iters", 1]
@@ -888,7 +890,8 @@ def test_train_py_tunes_malloc_and_importing_does_not(tmp_path, text_file):
                               "--out_dir", str(tmp_path / f"o{setting}")], capture_output=True,
                              text=True, timeout=300)
         assert out.returncode == 0, out.stderr
-        assert out.stdout.split()[-3:] == ["False", str(tuned), "0"], out.stdout[-500:]
+        assert out.stdout.split()[-4:] == ["False", str(setting is None), str(tuned), "0"], \
+            out.stdout[-500:]
 
 
 def test_weight_decay_only_on_2d_parameters():

@@ -16,7 +16,7 @@ from .ops import (abs, all, allclose, amax, amin, any, arange, argmax, argmin, c
 from .random import manual_seed
 from .tensor import (Function, Tensor, get_default_dtype, is_grad_enabled, no_grad,
                      set_default_dtype, tensor)
-# importing changes nothing in the process: malloc.keep_freed_memory() is the program's own call
+# importing changes nothing in the process (malloc's tuning waits for the first optimizer)
 from . import cuda, malloc, nn, optim  # noqa: E402
 
 __version__ = "0.1.0"

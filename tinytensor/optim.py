@@ -21,13 +21,14 @@ import warnings
 
 import numpy as np
 
-from . import backend, fused
+from . import backend, fused, malloc
 from .tensor import Tensor, increment_version, tensor_type_name
 
 
 class Optimizer:
     """The base of AdamW and SGD: parameter groups (a list of Tensors, or of dicts with "params"
-    and per-group overrides of the defaults), checked as torch.optim checks them."""
+    and per-group overrides of the defaults), checked as torch.optim checks them. Making one
+    starts a training loop: it keeps freed memory for the next steps (malloc.training_starts)."""
 
     defaults = {}
 
@@ -76,6 +77,7 @@ class Optimizer:
             seen |= ids
             self.param_groups.append(g)
         self.state = {}  # id(param) -> dict of state arrays
+        malloc.training_starts()  # steps reuse the memory the step before freed
 
     def _params(self):
         for g in self.param_groups:

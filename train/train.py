@@ -150,8 +150,9 @@ def prepare_tokens(cfg, ckpt, init):
 def prepare_model(cfg, ckpt, init, device):
     """The data (the token files), the model and the optimizer, restored from the checkpoint
     when resuming, or the model from --init_from's."""
-    if cfg.malloc_tuning:  # after tokenizing: its large blocks would stay in the heap
-        tt.malloc.keep_freed_memory()  # reuse freed temporaries from step to step
+    # the optimizer keeps freed memory for the next steps (tt.malloc), made after tokenizing:
+    # its large blocks would stay in the heap
+    tt.malloc.automatic = cfg.malloc_tuning
     dataset = TokenDataset(token_folder(cfg))
     dataset.check_block_size(cfg.block_size)
     if ckpt:
