@@ -8,7 +8,8 @@ a process of its own, taking turns.
 
 A user who writes a training loop with tinytensor (benchmarks/library_loop.py, as README's
 "tinytensor in brief": model, AdamW, get_batch, backward, step; nothing else) should get
-train.py's speed: no speed may depend on a call only train.py makes. Variants:
+train.py's speed: no speed may depend on a call only train.py makes. Both train the same model
+on the same batches, so their losses agree step by step (the JSON has them). Variants:
 
     train            train/train.py itself on tiny Shakespeare (--log_interval 1: the time of
                      every step from metrics.jsonl; one evaluation of one batch at each end)
@@ -39,7 +40,8 @@ SKIP = 10  # first steps not counted: compiling, filling caches and malloc's fre
 
 
 def run_variant(variant, preset, steps, tmp):
-    """{"ms": median ms/step after SKIP, "faults_per_step": ... or None} of one run."""
+    """{"ms": median ms/step after SKIP, "losses": every step's, "faults_per_step": ... or
+    None} of one run."""
     env = dict(os.environ, PYTHONPATH=common.ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     if variant == "train":
         out_dir = os.path.join(tmp, "out")
@@ -49,16 +51,18 @@ def run_variant(variant, preset, steps, tmp):
         subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
         with open(os.path.join(out_dir, "metrics.jsonl")) as f:
             rows = [json.loads(line) for line in f]
-        ms = [r["ms"] for r in rows if "ms" in r][SKIP:]
+        steps = [r for r in rows if "ms" in r]
         for name in os.listdir(out_dir):  # the next run starts afresh (the token files stay)
             if name != "tokens":
                 os.remove(os.path.join(out_dir, name))
-        return {"ms": statistics.median(ms), "faults_per_step": None}
+        return {"ms": statistics.median(r["ms"] for r in steps[SKIP:]),
+                "losses": [r["loss"] for r in steps], "faults_per_step": None}
     cmd = [sys.executable, os.path.join(HERE, "library_loop.py"), "--preset", preset,
            "--steps", str(steps), "--malloc", "off" if variant == "loop-no-malloc" else "auto"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     got = json.loads(out.strip().splitlines()[-1])
-    return {"ms": statistics.median(got["ms"][SKIP:]), "faults_per_step": got["faults_per_step"]}
+    return {"ms": statistics.median(got["ms"][SKIP:]), "losses": got["losses"],
+            "faults_per_step": got["faults_per_step"]}
 
 
 def main(argv=None):

@@ -5,9 +5,10 @@
     python benchmarks/library_loop.py --preset small --steps 200      # one JSON line
 
 It trains the preset's model on tiny Shakespeare as train.py does (the same model, AdamW with
-weight decay on the 2-D weights, the preset's cosine learning rate, batches drawn with a
-numpy Generator) and prints one JSON line: the milliseconds of every
-step, the last loss, and the page faults per step after the first 10 (a step that allocates
+weight decay on the 2-D weights, the preset's cosine learning rate, seed 1337, and batch i
+drawn from np.random.default_rng([1337, 0, i]) as train.py draws it), so its losses are
+train.py's, step for step. It prints one JSON line: the milliseconds and the loss of every
+step, and the page faults per step after the first 10 (a step that allocates
 fresh memory from the kernel pays for each page it touches). bench_loop.py times it against
 train.py itself; --malloc off shows what the library's malloc tuning is worth.
 """
@@ -55,8 +56,7 @@ def main(argv=None):
     opt = tt.optim.AdamW([{"params": [w for w in params if w.ndim >= 2], "weight_decay": 0.01},
                           {"params": [w for w in params if w.ndim < 2], "weight_decay": 0.0}],
                          lr=1e-3)
-    rng = np.random.default_rng(1337)
-    times, faults = [], None
+    times, losses, faults = [], [], None
     for step in range(args.steps):
         if step == 10:
             faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -64,17 +64,17 @@ def main(argv=None):
         lr = tt.optim.lr_schedule(step, 1e-3, 1e-4, 0, args.steps)
         for group in opt.param_groups:
             group["lr"] = lr
-        x, y = data.get_batch("train", B, T, rng)
+        x, y = data.get_batch("train", B, T, np.random.default_rng([1337, 0, step]))
         _, loss = model(x, y)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        last = loss.item()
+        losses.append(loss.item())
         times.append(1000.0 * (time.perf_counter() - t0))
     per_step = None
     if faults is not None:
         per_step = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / (args.steps - 10)
-    print(json.dumps({"ms": times, "loss": last, "faults_per_step": per_step}))
+    print(json.dumps({"ms": times, "losses": losses, "faults_per_step": per_step}))
 
 
 if __name__ == "__main__":

@@ -72,6 +72,21 @@ def test_bench_generate_cache_gives_the_same_tokens():
     assert small["torch_tokens_per_s"] > 0
 
 
+def test_bench_loop_times_the_library_loop_against_train_py_on_the_same_steps():
+    """A loop written with the library directly (benchmarks/library_loop.py) trains what
+    train.py trains: the same losses step by step; and both are timed."""
+    r = run_json("bench_loop.py", "--steps", "16", "--rounds", "1")
+    (got,) = r["rounds"]
+    assert set(got) == {"train", "loop", "loop-no-malloc"}
+    assert len(got["train"]["losses"]) == 16
+    for name in ("loop", "loop-no-malloc"):
+        assert got[name]["losses"] == pytest.approx(got["train"]["losses"], rel=1e-5), name
+        assert got[name]["faults_per_step"] >= 0
+    for name, m in got.items():
+        assert m["ms"] > 0, name
+        assert r["ratio_to_train"][name] == pytest.approx(m["ms"] / got["train"]["ms"]), name
+
+
 def test_bench_accumulation_times_train_py_at_each_k():
     p = subprocess.run([sys.executable, str(BENCH / "bench_accumulation.py"), "--preset", "gpt",
                         "--ks", "1,2", "--steps", "3", "--rounds", "1"],
