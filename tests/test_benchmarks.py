@@ -3,7 +3,7 @@
 These are not speed tests: no timing is asserted, only that each script finishes, reports
 what it promises, and that what it compares is the same computation (the same model,
 weights and batches give the same losses in tinytensor and PyTorch; the KV cache gives the
-same tokens as recomputing).
+same tokens as recomputing, and greedy decoding the same tokens as PyTorch's KV-cache model).
 """
 import json
 import os
@@ -65,11 +65,27 @@ def test_bench_ops_times_every_op():
 
 
 def test_bench_generate_cache_gives_the_same_tokens():
-    r = run_json("bench_generate.py", "--preset", "small", "--tokens", "8")
-    small = r["presets"]["small"]
-    assert small["same_tokens"] is True
-    assert small["cache_tokens_per_s"] > 0 and small["recompute_tokens_per_s"] > 0
-    assert small["torch_tokens_per_s"] > 0
+    """The KV cache draws the same tokens as recomputing, and greedy decoding gives the same
+    tokens in tinytensor and in the PyTorch KV-cache model with the same weights."""
+    r = run_json("bench_generate.py", "--preset", "small", "--batch", "1,8", "--tokens", "8",
+                 "--repeat", "1", "--gap", "0")
+    batches = r["presets"]["small"]["batches"]
+    assert set(batches) == {"1", "8"}
+    for b, row in batches.items():
+        assert row["batch"] == int(b) and row["tokens"] == 8 and row["checked_tokens"] == 8
+        assert row["same_tokens"] is True, b
+        assert row["same_tokens_as_torch"] is True, b
+        assert row["cache_tokens_per_s"] > 0 and row["recompute_tokens_per_s"] > 0
+        assert row["torch_tokens_per_s"] > 0
+        assert row["tinytensor_over_torch"] == pytest.approx(
+            row["cache_tokens_per_s"] / row["torch_tokens_per_s"])
+        assert row["peak_mb"] > 0 and row["torch_peak_mb"] > 0
+
+
+def test_bench_generate_refuses_more_tokens_than_the_torch_cache_holds():
+    p = subprocess.run([sys.executable, str(BENCH / "bench_generate.py"), "--preset", "small",
+                        "--tokens", "64"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "at most 63 (block_size - 1)" in p.stderr, p.stderr
 
 
 def test_bench_loop_times_the_library_loop_against_train_py_on_the_same_steps():
