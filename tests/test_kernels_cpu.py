@@ -170,13 +170,16 @@ def test_bias_relu_equals_numpy(shape, dtype):
 @pytest.mark.parametrize("op, version", [(fused.Linear, linear.NumbaLinear),
                                          (fused.LinearReLU, linear.NumbaLinearReLU)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_versions_equal_reference(op, version, bias):
-    x, w, b = rand((2, 5, 7), np.float64, 13), rand((6, 7), np.float64, 14), rand(6, np.float64, 15)
-    gy = rand((2, 5, 6), np.float64, 16)
+@pytest.mark.parametrize("rows", [1, 10, linear.SMALL_ROWS, linear.SMALL_ROWS + 1, 60])
+def test_linear_versions_equal_reference(op, version, bias, rows):
+    """Few rows (product() turns the product around) and many."""
+    x, w, b = rand((rows, 1, 7), np.float64, 13), rand((6, 7), np.float64, 14), rand(6, np.float64, 15)
+    gy = rand((rows, 1, 6), np.float64, 16)
     inputs = (x, w, b if bias else None)
     y, grads = forward_backward(version, inputs, gy)
     y_ref, grads_ref = forward_backward(op, inputs, gy)
     close(y, y_ref, np.float64, "y")
+    assert y.flags.c_contiguous
     for a, r in zip(grads, grads_ref):
         assert (a is None) == (r is None)
         if a is not None:

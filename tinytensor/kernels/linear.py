@@ -7,6 +7,11 @@ fused.LinearReLU (y = x @ w.T + b, and relu of it).
     NumbaLinear      the bias added by a compiled loop (NumPy broadcasts slowly over short
                      rows); the bias gradient as BLAS's product of a vector of ones
 
+On the CPU both compute the product of few rows (up to SMALL_ROWS: generation's one position
+per sequence) as (w @ x.T).T: OpenBLAS runs x @ w.T, whose second operand is transposed, 2-4x
+slower there (8 rows: 36 against 22 us at (128 -> 384), 231 against 123 us at (384 -> 1536)),
+and the slower one from 64 rows on (product()).
+
 The CUDA kernel, bias + ReLU + inverted dropout in one pass:
 
     forward:  y  = relu(x + b) * keep / (1 - p)
@@ -197,13 +202,24 @@ def add_bias_numba(y, b):
 
 
 # ------------------------------------------------------------------ the versions
+SMALL_ROWS = 32  # product() turns the product around up to this many rows
+
+
+def product(x2, w):
+    """x2 @ w.T for x2 (N, in) and w (out, in), a C-contiguous (N, out) array; for NumPy arrays
+    of at most SMALL_ROWS rows computed as (w @ x2.T).T (see the top of this module)."""
+    if type(x2) is np.ndarray and len(x2) <= SMALL_ROWS:
+        return np.ascontiguousarray((w @ x2.T).T)
+    return x2 @ w.T
+
+
 class _BiasReLU(fused.LinearReLU):
     """fused.LinearReLU with the bias and ReLU by bias_relu(y (N, out), b) -> y and their
     gradient by relu_grad(gy, y, need_bias) -> (g, gb)."""
 
     def forward(self, x, w, b=None):
         self.keep(x, w)
-        self.y = self.bias_relu(x.reshape(-1, x.shape[-1]) @ w.T, b)   # (N, out)
+        self.y = self.bias_relu(product(x.reshape(-1, x.shape[-1]), w), b)   # (N, out)
         return self.y.reshape(x.shape[:-1] + (w.shape[0],))            # (..., out)
 
     def backward(self, gy):
@@ -239,7 +255,7 @@ class NumbaLinear(fused.Linear):
 
     def forward(self, x, w, b=None):
         self.keep(x, w)
-        y = x.reshape(-1, x.shape[-1]) @ w.T                             # (N, out)
+        y = product(x.reshape(-1, x.shape[-1]), w)                       # (N, out)
         if b is not None:
             add_bias_numba(y, b)
         return y.reshape(x.shape[:-1] + (w.shape[0],))                   # (..., out)
