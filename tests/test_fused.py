@@ -478,6 +478,43 @@ def test_for_ranges_covers_restores_and_raises():
     assert threads.count() == before
 
 
+_QUIET_BLAS = """
+import os, sys, numpy as np
+from tinytensor.kernels import threads
+lib = [c for c in threads._controllers() if c.internal_api == "openblas"][0].dynlib
+before = lib.openblas_thread_timeout()
+threads.for_ranges(4, lambda a, b: None, parts=1)      # no split: BLAS left alone
+unsplit = (threads._quiet, lib.openblas_thread_timeout())
+threads.for_ranges(4, lambda a, b: None, parts=2)
+a = np.random.default_rng(0).standard_normal((300, 300))
+print(before, *unsplit, threads._quiet, lib.openblas_thread_timeout(), threads.count(),
+      os.environ.get("OPENBLAS_THREAD_TIMEOUT"), bool(np.allclose(a @ a, np.einsum("ij,jk", a, a))))
+"""
+
+
+@pytest.mark.parametrize("env", [None, "12"])
+def test_first_thread_split_lets_openblas_threads_sleep(env):
+    """The first for_ranges that splits work sets OpenBLAS's thread timeout to its smallest
+    (its idle threads would spin on the cores our threads need), once, leaving the environment
+    and BLAS's thread count as they were, products still right; a timeout the environment
+    sets is left alone. In a fresh process (the setting lasts for the process)."""
+    import subprocess
+    import sys
+    from threadpoolctl import threadpool_info
+    if not any(i["internal_api"] == "openblas" for i in threadpool_info()):
+        pytest.skip("NumPy's BLAS is not OpenBLAS here")
+    env_vars = dict(__import__("os").environ, OPENBLAS_NUM_THREADS="2")
+    env_vars.pop("OPENBLAS_THREAD_TIMEOUT", None)
+    if env is not None:
+        env_vars["OPENBLAS_THREAD_TIMEOUT"] = env
+    out = subprocess.run([sys.executable, "-c", _QUIET_BLAS], capture_output=True, text=True,
+                         env=env_vars, check=True).stdout.split()
+    if env is None:
+        assert out == ["0", "None", "0", "True", str(threads.BLAS_THREAD_TIMEOUT), "2", "None", "True"]
+    else:
+        assert out == [env, "None", env, "False", env, "2", env, "True"]
+
+
 def test_attention_in_parallel_parts_equals_serial(monkeypatch):
     """The accelerated attention's batch split over threads (threads.for_ranges) gives the
     serial result exactly."""
@@ -488,6 +525,7 @@ def test_attention_in_parallel_parts_equals_serial(monkeypatch):
     outs = []
     for threshold, cache in ((0, 1 << 17), (1 << 60, 1 << 17), (0, 1)):  # 1: one batch row per block
         monkeypatch.setattr(threads, "MIN_ELEMENTS", threshold)
+        monkeypatch.setattr(attention, "MIN_SCORES", threshold)
         monkeypatch.setattr(threads, "count", lambda: 2)
         monkeypatch.setattr(threads, "CACHE_ELEMENTS", cache)
         tt.manual_seed(3)

@@ -4,8 +4,8 @@
                       block masked, the softmax in place, 1 / (1 - p) applied to the (T, hs)
                       result; for T >= 2 * CHUNK the queries go in chunks, each against the
                       keys up to its own position only, so most of the masked future is never
-                      computed; large batches split over threads; backward keeps only the
-                      attention weights and a bool keep-mask
+                      computed; batches of MIN_SCORES scores and more split over threads;
+                      backward keeps only the attention weights and a bool keep-mask
 
 Its causal softmax, in place over the scores: a CUDA kernel on the GPU (one warp per row,
 below), a compiled CPU loop (kernels/_numba.py) for float32 on the CPU, else NumPy.
@@ -311,10 +311,17 @@ def _keep_mask(shape, p, xp):
     return dropout.keep_mask(shape, p) if xp is np else fused.keep_mask(shape, p, xp)
 
 
+# attention splits its batch rows over threads from this many scores on (threads.MIN_ELEMENTS
+# is for passes over memory; attention's small matmuls and softmax gain from far fewer: the
+# small preset's 196,608 scores a layer, 0.95x the step in-process with BLAS's threads asleep)
+MIN_SCORES = 1 << 16
+
+
 def _batch_rows(B, fn, per_row, xp):
-    """fn(b0, b1) over the batch rows, split over threads for large NumPy work."""
+    """fn(b0, b1) over the batch rows, split over threads for NumPy work of MIN_SCORES scores
+    and more."""
     if xp is np:
-        threads.rows(B, fn, B * per_row, block=threads.block_rows(per_row))
+        threads.rows(B, fn, B * per_row, block=threads.block_rows(per_row), min_size=MIN_SCORES)
     else:
         fn(0, B)
 
