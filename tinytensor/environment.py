@@ -7,6 +7,9 @@
     CUPY_TF32
         CuPy's switch for TF32 float32 matmuls, which CuPy reads at its first float32 matmul:
         tf32() and use_tf32()
+    OPENBLAS_THREAD_TIMEOUT
+        how long OpenBLAS's idle threads busy-wait: blas_thread_timeout_given(), and
+        with_blas_thread_timeout() for kernels/threads.py's quiet_blas()
 
 Every other run-time choice (the accelerators, the overlap and bucket size of the gradient
 reduction, BLAS threads per rank, the distributed backend, malloc tuning) is an argument of
@@ -17,6 +20,7 @@ import os
 
 MPI_LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")
 BLAS_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+BLAS_THREAD_TIMEOUT_VAR = "OPENBLAS_THREAD_TIMEOUT"
 
 
 def launched_under_mpi():
@@ -41,3 +45,18 @@ def use_tf32(flag):
     """TF32 float32 matmuls on (True) or off (False) in CuPy, through CUPY_TF32: call it before
     the first float32 matmul on the GPU, which is when CuPy reads it."""
     os.environ["CUPY_TF32"] = "1" if flag else "0"
+
+
+def blas_thread_timeout_given():
+    """Whether the user set OPENBLAS_THREAD_TIMEOUT (then tinytensor leaves it alone)."""
+    return bool(os.environ.get(BLAS_THREAD_TIMEOUT_VAR))
+
+
+def with_blas_thread_timeout(value, fn):
+    """fn() with OPENBLAS_THREAD_TIMEOUT set to value (for OpenBLAS's openblas_read_env, which
+    reads it), the environment restored afterwards."""
+    os.environ[BLAS_THREAD_TIMEOUT_VAR] = str(value)
+    try:
+        return fn()
+    finally:
+        del os.environ[BLAS_THREAD_TIMEOUT_VAR]

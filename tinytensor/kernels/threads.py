@@ -32,6 +32,8 @@ import threading
 
 import numpy as np
 
+from .. import environment
+
 # rows() splits work over threads from this many elements on: below it, handing work to a
 # thread costs more than it saves
 MIN_ELEMENTS = 1 << 20
@@ -49,7 +51,6 @@ _active = threading.local()  # set while a thread runs a part: nested calls run 
 # OpenBLAS's thread timeout that quiet_blas() sets: its threads busy-wait 2^4 cycles (its
 # smallest setting) after their work, then sleep
 BLAS_THREAD_TIMEOUT = 4
-_TIMEOUT_VAR = "OPENBLAS_THREAD_TIMEOUT"
 _quiet = None         # quiet_blas() has run: whether it changed OpenBLAS
 
 
@@ -98,7 +99,7 @@ def quiet_blas():
     if _quiet is not None:
         return _quiet
     _quiet = False
-    if os.environ.get(_TIMEOUT_VAR):
+    if environment.blas_thread_timeout_given():
         return _quiet
     for c in _controllers():
         lib = getattr(c, "dynlib", None)
@@ -106,11 +107,8 @@ def quiet_blas():
         shutdown = getattr(lib, "blas_thread_shutdown_", None) if read_env else None
         if shutdown is None:
             continue
-        os.environ[_TIMEOUT_VAR] = str(BLAS_THREAD_TIMEOUT)
-        try:
-            read_env()   # OpenBLAS reads its settings again: the timeout takes this value
-        finally:
-            del os.environ[_TIMEOUT_VAR]  # the process's environment stays as it was
+        # OpenBLAS reads its settings again, the timeout with this value; the environment stays
+        environment.with_blas_thread_timeout(BLAS_THREAD_TIMEOUT, read_env)
         shutdown()       # its threads restart, with the new timeout, at the next product
         _quiet = True
     return _quiet
