@@ -12,9 +12,9 @@
         with_blas_thread_timeout() for kernels/threads.py's quiet_blas()
 
 Every other run-time choice (the accelerators, the overlap and bucket size of the gradient
-reduction, BLAS threads per rank, the distributed backend, malloc tuning) is an argument of
-the function that makes it; train.py takes them from its config, which it prints in the run's
-header and saves in every checkpoint.
+reduction, BLAS threads per rank, the distributed backend) is an argument of the function that
+makes it, and malloc tuning is tinytensor.malloc.automatic; train.py takes them from its
+config, which it prints in the run's header and saves in every checkpoint.
 """
 import os
 
