@@ -67,18 +67,13 @@ def prompt_of(batch):
     return (np.arange(batch, dtype=np.int64) % common.VOCAB)[:, None]
 
 
-def _memory():
-    rss, peak = common.memory_mb()
-    return {"rss_mb": rss, "peak_mb": peak}
-
-
 # ----------------------------------------------------------------- workers
 def tinytensor_worker(preset, batch, seed, weights):
     import numpy as np
 
     import tinytensor as tt
     from gpt.model import GPTConfig, GPTLanguageModel
-    tt.malloc.keep_freed_memory()  # as train.py does
+    tt.malloc.keep_freed_memory()  # no optimizer here to do it (tinytensor.malloc)
     tt.manual_seed(seed)
     model = GPTLanguageModel(GPTConfig(vocab_size=common.VOCAB, **config_of(preset)))
     prompt = prompt_of(batch)
@@ -100,7 +95,7 @@ def tinytensor_worker(preset, batch, seed, weights):
         ids = model.generate(prompt, tokens, rng=np.random.default_rng(seed), use_cache=use_cache)
         return {"s": time.perf_counter() - t0, "ids": ids.tolist()}
 
-    return {"setup": setup, "greedy": greedy, "generate": generate, "memory": _memory}
+    return {"setup": setup, "greedy": greedy, "generate": generate, "memory": common.memory}
 
 
 def torch_worker(preset, batch, seed, weights, threads):
@@ -130,7 +125,7 @@ def torch_worker(preset, batch, seed, weights, threads):
         torch_kv_generate(w["model"], w["prompt"], tokens, generator=gen)
         return {"s": time.perf_counter() - t0}
 
-    return {"setup": setup, "greedy": greedy, "generate": generate, "memory": _memory}
+    return {"setup": setup, "greedy": greedy, "generate": generate, "memory": common.memory}
 
 
 def torch_kv_generate(model, idx, max_new_tokens, greedy=False, generator=None):

@@ -99,7 +99,7 @@ def tinytensor_worker(cfg, seed, lr, weights):
                                        [tuple(s) for s in shapes])
         return {"rates": rates, "best": best, "lib": _blas_name()}
 
-    return {"setup": setup, "steps": steps, "gemm": gemm, "memory": _memory}
+    return {"setup": setup, "steps": steps, "gemm": gemm, "memory": common.memory}
 
 
 def _blas_name():
@@ -109,11 +109,6 @@ def _blas_name():
         return f"{info[0]['internal_api']} {info[0]['version']}" if info else "blas"
     except ImportError:
         return "blas"
-
-
-def _memory():
-    rss, peak = common.memory_mb()
-    return {"rss_mb": rss, "peak_mb": peak}
 
 
 def torch_worker(cfg, seed, lr, weights, kind, threads):
@@ -174,7 +169,7 @@ def torch_worker(cfg, seed, lr, weights, kind, threads):
                                            [tuple(s) for s in shapes])
         return {"rates": rates, "best": best, "lib": f"torch {torch.__version__}"}
 
-    return {"setup": setup, "steps": steps, "gemm": gemm, "memory": _memory}
+    return {"setup": setup, "steps": steps, "gemm": gemm, "memory": common.memory}
 
 
 def fused_torch_model(cfg):

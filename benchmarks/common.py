@@ -84,6 +84,12 @@ def memory_mb():
         return peak, peak
 
 
+def memory():
+    """A worker's "memory" answer: {"rss_mb": current RSS, "peak_mb": peak RSS} (memory_mb)."""
+    rss, peak = memory_mb()
+    return {"rss_mb": rss, "peak_mb": peak}
+
+
 def cpu_name():
     try:
         with open("/proc/cpuinfo") as f:

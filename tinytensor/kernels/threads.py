@@ -148,8 +148,7 @@ def for_ranges(n, fn, parts=None, align=1):
         fn(0, n)
         return
     bounds = [0] + [(n * i // k) // align * align for i in range(1, k)] + [n]
-    if _quiet is None:
-        quiet_blas()
+    quiet_blas()  # once: BLAS's idle threads must not spin on the cores the parts need
     blas = _controllers()
     saved = [c.num_threads for c in blas]
     for c in blas:
