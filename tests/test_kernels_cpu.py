@@ -171,19 +171,34 @@ def test_bias_relu_equals_numpy(shape, dtype):
                                          (fused.LinearReLU, linear.NumbaLinearReLU)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("rows", [1, 10, linear.SMALL_ROWS, linear.SMALL_ROWS + 1, 60])
-def test_linear_versions_equal_reference(op, version, bias, rows):
-    """Few rows (product() turns the product around) and many."""
-    x, w, b = rand((rows, 1, 7), np.float64, 13), rand((6, 7), np.float64, 14), rand(6, np.float64, 15)
-    gy = rand((rows, 1, 6), np.float64, 16)
-    inputs = (x, w, b if bias else None)
-    y, grads = forward_backward(version, inputs, gy)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("products", ["numpy", "mkl"])
+def test_linear_versions_equal_reference(op, version, bias, rows, dtype, products):
+    """Few rows (product() turns the product around) and many; the products by NumPy and by
+    MKL (kernels/mkl.py, skipped where it is not installed), each checked to have run."""
+    from tinytensor.kernels import mkl
+    if products == "mkl" and mkl.library() is None:
+        pytest.skip(f"MKL: {mkl._why}")
+    before = kernels.use_mkl(products == "mkl")
+    calls = []
+    real = mkl.product
+    try:
+        mkl.product = lambda *a, **k: calls.append(1) or real(*a, **k)
+        x, w, b = rand((rows, 1, 7), dtype, 13), rand((6, 7), dtype, 14), rand(6, dtype, 15)
+        gy = rand((rows, 1, 6), dtype, 16)
+        inputs = (x, w, b if bias else None)
+        y, grads = forward_backward(version, inputs, gy)
+    finally:
+        mkl.product = real
+        kernels.use_mkl(before)
+    assert len(calls) == (3 if products == "mkl" else 0)    # forward, and both gradients
     y_ref, grads_ref = forward_backward(op, inputs, gy)
-    close(y, y_ref, np.float64, "y")
+    close(y, y_ref, dtype, "y")
     assert y.flags.c_contiguous
     for a, r in zip(grads, grads_ref):
         assert (a is None) == (r is None)
         if a is not None:
-            close(a, r, np.float64, "gradient")
+            close(a, r, dtype, "gradient")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

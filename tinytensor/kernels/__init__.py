@@ -6,7 +6,8 @@ reference. This package holds faster versions of them, one module per kernel fam
     module            accelerates               versions (the first that takes the arrays runs)
     layernorm.py      LayerNorm                 CUDA kernels; compiled CPU loops
     cross_entropy.py  CrossEntropy              CUDA kernels; compiled CPU loops (float32)
-    linear.py         Linear, LinearReLU        CUDA bias+ReLU kernels; compiled CPU loops
+    linear.py         Linear, LinearReLU        CUDA bias+ReLU kernels; compiled CPU loops, the
+                                                products by Intel MKL where it pays (mkl.py)
     embedding.py      Embedding                 a compiled CPU scatter-add of rows
     attention.py      CausalAttention           chunked queries over threads, with a CUDA or
                                                 compiled CPU causal softmax
@@ -15,10 +16,12 @@ reference. This package holds faster versions of them, one module per kernel fam
                                                 blocks over threads
 
 and what they share: threads.py (NumPy work split over threads), _numba.py (the compiled CPU
-loops, needs numba: `pip install -e ".[fast]"`) and _cuda.py (compiling CUDA sources with cupy).
+loops, needs numba: `pip install -e ".[fast]"`), _cuda.py (compiling CUDA sources with cupy)
+and mkl.py (Intel MKL's matrix product through ctypes: `pip install -e ".[mkl]"`).
 
     op = kernels.accelerated(fused.LayerNorm, x, w, b)   # the one dispatch point of a fused op
     kernels.use(False)                                    # every op runs its reference
+    kernels.use_mkl(False)                                # the linear layers' products by NumPy
     kernels.describe()                                    # one line for a log
 
 accelerated(Op, *args) returns the first version of Op whose takes(*args) accepts the arrays
@@ -55,6 +58,14 @@ def use(flag):
         raise ValueError(f"kernels.use() takes True, False or None (auto), got {flag!r}")
     before, _mode = _mode, flag
     return before
+
+
+def use_mkl(flag):
+    """The CPU linear layers' matrix products by Intel MKL: on (True; an error where MKL is
+    not installed), off (False: NumPy's BLAS), or auto (None, the default: MKL where the `mkl`
+    wheel is installed and the CPU is Intel's); returns the setting before. See mkl.py."""
+    from . import mkl
+    return mkl.use_mkl(flag)
 
 
 def enabled(device="cpu"):
@@ -121,7 +132,9 @@ def describe(device="cpu"):
     loops = numba_loops()
     compiled = (f"compiled CPU loops (numba {__import__('numba').__version__})" if loops
                 else "no compiled CPU loops (numba is not installed)")
-    return f"on ({setting}): {compiled}, work split over {threads.count()} thread(s)"
+    from . import mkl
+    return (f"on ({setting}): {compiled}, work split over {threads.count()} thread(s); "
+            f"linear layers multiplied by {mkl.describe()}")
 
 
 def families():

@@ -7,10 +7,12 @@ fused.LinearReLU (y = x @ w.T + b, and relu of it).
     NumbaLinear      the bias added by a compiled loop (NumPy broadcasts slowly over short
                      rows); the bias gradient as BLAS's product of a vector of ones
 
-On the CPU both compute the product of few rows (up to SMALL_ROWS: generation's one position
-per sequence) as (w @ x.T).T: OpenBLAS runs x @ w.T, whose second operand is transposed, 2-4x
-slower there (8 rows: 36 against 22 us at (128 -> 384), 231 against 123 us at (384 -> 1536)),
-and the slower one from 64 rows on (product()).
+On the CPU both multiply through matmul(): with Intel MKL where kernels/mkl.py says so (by
+default where the `mkl` wheel is installed and the CPU is Intel's), else with NumPy, which
+computes the product of few rows (up to SMALL_ROWS: generation's one position per sequence) as
+(w @ x.T).T: OpenBLAS runs x @ w.T, whose second operand is transposed, 2-4x slower there (8
+rows: 36 against 22 us at (128 -> 384), 231 against 123 us at (384 -> 1536)), and the slower
+one from 64 rows on (product()).
 
 The CUDA kernel, bias + ReLU + inverted dropout in one pass:
 
@@ -26,7 +28,7 @@ kept, so no mask is stored. CUDALinearReLU runs it with p = 0.
 import numpy as np
 
 from .. import backend, fused
-from . import _cuda, cuda_floats, numba_loops, numpy_floats, threads
+from . import _cuda, cuda_floats, mkl, numba_loops, numpy_floats, threads
 
 SOURCE = r"""
 __device__ __forceinline__ bool tt_keep(bool keep, double) { return keep; }
@@ -205,15 +207,35 @@ def add_bias_numba(y, b):
 SMALL_ROWS = 32  # product() turns the product around up to this many rows
 
 
+def matmul(a, b, ta=False, tb=False):
+    """op(a) @ op(b), op(x) being x.T where ta (tb), else x: by MKL where mkl.enabled() and it
+    takes the arrays, else by NumPy (or CuPy)."""
+    if type(a) is np.ndarray and mkl.enabled() and mkl.takes(a, b):
+        return mkl.product(a, b, ta, tb)
+    return (a.T if ta else a) @ (b.T if tb else b)
+
+
 def product(x2, w):
-    """x2 @ w.T for x2 (N, in) and w (out, in), a C-contiguous (N, out) array; for NumPy arrays
-    of at most SMALL_ROWS rows computed as (w @ x2.T).T (see the top of this module)."""
-    if type(x2) is np.ndarray and len(x2) <= SMALL_ROWS:
+    """x2 @ w.T for x2 (N, in) and w (out, in), a C-contiguous (N, out) array; with NumPy's
+    BLAS, for arrays of at most SMALL_ROWS rows computed as (w @ x2.T).T (see the top of this
+    module)."""
+    if type(x2) is np.ndarray and len(x2) <= SMALL_ROWS and not (mkl.enabled()
+                                                                  and mkl.takes(x2, w)):
         return np.ascontiguousarray((w @ x2.T).T)
-    return x2 @ w.T
+    return matmul(x2, w, tb=True)
 
 
-class _BiasReLU(fused.LinearReLU):
+class _Products:
+    """The gradients' two products by matmul() (the forward one is product())."""
+
+    def input_grads(self, g, gb):
+        x, w = self.x, self.w
+        gx = matmul(g, w).reshape(self.x_shape) if self.wants(0) else None
+        gw = matmul(g, x.reshape(-1, x.shape[-1]), ta=True) if self.wants(1) else None
+        return gx, gw, gb
+
+
+class _BiasReLU(_Products, fused.LinearReLU):
     """fused.LinearReLU with the bias and ReLU by bias_relu(y (N, out), b) -> y and their
     gradient by relu_grad(gy, y, need_bias) -> (g, gb)."""
 
@@ -247,7 +269,7 @@ class NumbaLinearReLU(_BiasReLU):
         return numpy_floats(x, w, b) and numba_loops() is not None
 
 
-class NumbaLinear(fused.Linear):
+class NumbaLinear(_Products, fused.Linear):
     device = "cpu"
     @staticmethod
     def takes(x, w, b=None):

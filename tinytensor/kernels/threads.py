@@ -65,6 +65,12 @@ def _controllers():
     return _blas
 
 
+def forget_blas():
+    """Look for the loaded BLAS libraries again at the next call (kernels/mkl.py loads one)."""
+    global _blas
+    _blas = None
+
+
 def count():
     """How many threads for_ranges uses now: the BLAS library's thread count (1 without
     threadpoolctl)."""
@@ -124,6 +130,11 @@ def _get_pool(n):
                                                           thread_name_prefix="tt-threads")
             _pool_size = n
         return _pool
+
+
+def in_part():
+    """Whether the calling thread runs a part of for_ranges now."""
+    return getattr(_active, "on", False)
 
 
 def _run_part(fn, a, b):

@@ -1,0 +1,160 @@
+"""Intel MKL's matrix product for the CPU linear layers (tinytensor/kernels/mkl.py): its
+products against NumPy's for every transpose and layout, what it refuses, the setting
+(kernels.use_mkl: auto on Intel CPUs only), its threads, and that nothing loads it at import.
+Where MKL is not installed, the tests that need it skip (CI installs the `mkl` extra); the
+linear layers through it are checked against their references in test_kernels_cpu.py and, on
+an Intel CPU, by every GPT test."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tinytensor import kernels
+from tinytensor.kernels import linear, mkl, threads
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOL = {np.float64: 1e-13, np.float32: 2e-6}     # relative to the row's scale: sums in another order
+
+
+@pytest.fixture
+def lib():
+    if mkl.library() is None:
+        pytest.skip(f"MKL: {mkl._why} (pip install -e \".[mkl]\")")
+    before = kernels.use_mkl(True)
+    yield mkl.library()
+    kernels.use_mkl(before)
+
+
+def rand(shape, dtype, seed):
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+def layouts(a):
+    """a (2-D) as a C-contiguous array, a transposed Fortran one, and rows of a wider array."""
+    wide = np.zeros((a.shape[0], a.shape[1] + 5), a.dtype)
+    wide[:, 2:2 + a.shape[1]] = a
+    return {"C": np.ascontiguousarray(a), "F": np.asfortranarray(a), "strided": wide[:, 2:2 + a.shape[1]]}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("ta", [False, True])
+@pytest.mark.parametrize("tb", [False, True])
+@pytest.mark.parametrize("m, k, n", [(1, 1, 1), (3, 5, 2), (70, 33, 9), (8, 128, 384)])
+def test_product_equals_numpy(lib, dtype, ta, tb, m, k, n):
+    a0 = rand((k, m) if ta else (m, k), dtype, 1)
+    b0 = rand((n, k) if tb else (k, n), dtype, 2)
+    ref = (a0.astype(np.float64).T if ta else a0.astype(np.float64)) @ \
+        (b0.astype(np.float64).T if tb else b0.astype(np.float64))
+    for la, a in layouts(a0).items():
+        for lb, b in layouts(b0).items():
+            assert mkl.takes(a, b)
+            c = mkl.product(a, b, ta, tb)
+            assert c.dtype == dtype and c.shape == (m, n) and c.flags.c_contiguous
+            scale = np.abs(a0).max() * np.abs(b0).max() * k
+            err = np.abs(c - ref).max() / scale
+            assert err <= TOL[dtype], f"{la} x {lb}: relative error {err:.3g}"
+
+
+def test_takes_refuses_what_it_cannot_multiply():
+    x = np.ones((4, 3), np.float32)
+    assert not mkl.takes(x.astype(np.int64), x.astype(np.int64))         # integers
+    assert not mkl.takes(x, x.astype(np.float64))                        # mixed dtypes
+    assert not mkl.takes(x.astype(np.float16), x.astype(np.float16))     # half
+    assert not mkl.takes(np.ones((0, 3), np.float32), x)                 # empty
+    assert not mkl.takes(x[:, ::2], x)                                   # no unit stride
+    assert not mkl.takes(np.broadcast_to(np.ones(3, np.float32), (4, 3)), x)   # stride 0
+    assert not mkl.takes(np.ones((2, 4, 3), np.float32), x)              # not 2-D
+    assert not mkl.takes(x.tolist(), x)                                  # not an array
+
+
+def test_matmul_falls_back_to_numpy_where_mkl_cannot(lib, monkeypatch):
+    """linear.matmul multiplies with NumPy what MKL does not take (the same values)."""
+    calls = []
+    real = mkl.product
+    monkeypatch.setattr(mkl, "product", lambda *a, **k: calls.append(1) or real(*a, **k))
+    a, b = rand((5, 6), np.float32, 3), rand((6, 4), np.float32, 4)
+    np.testing.assert_allclose(linear.matmul(a, b), a @ b, rtol=1e-6)
+    assert len(calls) == 1
+    half = linear.matmul(a.astype(np.float16), b.astype(np.float16))
+    assert half.dtype == np.float16 and len(calls) == 1
+    np.testing.assert_array_equal(linear.matmul(a[:, ::2], b[::2]), a[:, ::2] @ b[::2])
+    assert len(calls) == 1
+
+
+def test_setting(monkeypatch):
+    """auto: MKL where it loads and the CPU is Intel's; on without MKL: an error naming the fix;
+    off: NumPy's BLAS; a bad value: ValueError."""
+    before = kernels.use_mkl(None)
+    try:
+        with pytest.raises(ValueError, match=r"use_mkl\(\) takes True, False or None \(auto\), got 'yes'"):
+            kernels.use_mkl("yes")
+        monkeypatch.setattr(mkl, "_intel", False)                 # an AMD CPU, say
+        assert not mkl.enabled()
+        assert mkl.describe() in ("NumPy's BLAS (mkl auto: not an Intel CPU)",
+                                  f"NumPy's BLAS (mkl auto: {mkl._why})")
+        kernels.use_mkl(False)
+        assert not mkl.enabled() and mkl.describe() == "NumPy's BLAS (mkl off)"
+        monkeypatch.setattr(mkl, "_lib", False)                   # as if MKL were not installed
+        monkeypatch.setattr(mkl, "_why", "the mkl package is not installed (no libmkl_rt found)")
+        monkeypatch.setattr(mkl, "_intel", True)
+        kernels.use_mkl(None)
+        assert not mkl.enabled()
+        assert mkl.describe() == ("NumPy's BLAS (mkl auto: the mkl package is not installed "
+                                  "(no libmkl_rt found))")
+        with pytest.raises(RuntimeError, match=r"MKL's products were asked for, but the mkl "
+                                               r"package is not installed .*pip install -e "
+                                               r"\"\.\[mkl\]\""):
+            kernels.use_mkl(True)
+        assert mkl._mode is None                                  # the failed call changed nothing
+    finally:
+        kernels.use_mkl(before)
+
+
+def test_auto_on_an_intel_cpu(lib, monkeypatch):
+    kernels.use_mkl(None)
+    monkeypatch.setattr(mkl, "_intel", True)
+    assert mkl.enabled()
+    assert mkl.describe().startswith(f"MKL {mkl.version()} (mkl auto; ")
+    before = kernels.use(True)
+    try:
+        assert kernels.describe().endswith(f"; linear layers multiplied by {mkl.describe()}")
+    finally:
+        kernels.use(before)
+
+
+def test_threads_follow_numpys_blas_and_are_held_in_tinytensors_threads(lib):
+    """MKL runs as many threads as NumPy's BLAS; inside a for_ranges part, one."""
+    counts = {c.internal_api: c.num_threads for c in threads._controllers()}
+    assert counts.get("mkl") == threads.count(), counts
+    if threads.count() < 2:
+        pytest.skip("one BLAS thread: for_ranges does not split")
+    seen, real = [], lib.cblas_sgemm
+
+    def gemm(*args):                       # MKL's thread count while it multiplies
+        seen.append(lib.MKL_Get_Max_Threads())
+        return real(*args)
+
+    x = np.ones((4, 4), np.float32)
+    lib.cblas_sgemm = gemm
+    try:
+        mkl.product(x, x)
+        threads.for_ranges(2, lambda a, b: mkl.product(x, x))
+        mkl.product(x, x)
+    finally:
+        lib.cblas_sgemm = real
+    n = threads.count()
+    assert seen == [n, 1, 1, n], seen
+
+
+def test_importing_tinytensor_does_not_load_mkl():
+    """MKL loads at the first linear layer that would use it, never at import or model build."""
+    code = ("import sys, tinytensor, gpt.model; from gpt.model import GPTConfig, GPTLanguageModel; "
+            "GPTLanguageModel(GPTConfig(vocab_size=5, block_size=4, n_embd=8, n_head=2, n_layer=1)); "
+            "maps = open('/proc/self/maps').read(); "
+            "assert 'libmkl' not in maps, 'MKL loaded'; "
+            "assert 'tinytensor.kernels.mkl' not in sys.modules; print('ok')")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr
