@@ -69,6 +69,9 @@ class TrainConfig:
     accelerators: str = "auto"      # the faster versions of the fused ops (tinytensor/kernels/):
                                     # on | off (the plain reference) | auto (CUDA kernels on a GPU;
                                     # compiled CPU loops and threads where numba is installed)
+    mkl: str = "auto"               # the linear layers' products on the CPU by Intel MKL
+                                    # (tinytensor/kernels/mkl.py): on | off (NumPy's BLAS) | auto
+                                    # (MKL where the mkl wheel is installed and the CPU is Intel's)
     malloc_tuning: bool = True      # keep freed memory for reuse between steps (glibc; tinytensor.malloc)
     tf32: bool = False              # TF32 tensor-core float32 matmuls on a GPU (CuPy's CUPY_TF32)
     overlap: bool = True            # under mpirun: sum gradient buckets over the ranks during backward
@@ -131,6 +134,8 @@ class TrainConfig:
             raise ConfigError(f"device must be 'cpu', 'cuda' or 'auto', got {self.device!r}")
         if self.accelerators not in ACCELERATORS:
             raise ConfigError(f"accelerators must be 'auto', 'on' or 'off', got {self.accelerators!r}")
+        if self.mkl not in ACCELERATORS:
+            raise ConfigError(f"mkl must be 'auto', 'on' or 'off', got {self.mkl!r}")
         if not (math.isfinite(self.bucket_mb) and 0 <= self.bucket_mb <= 1e6):
             raise ConfigError(f"bucket_mb must be a size in MB, 0 (the default) to 1e6, got "
                               f"{self.bucket_mb}")
@@ -166,7 +171,7 @@ class TrainConfig:
                               f"the global batch, split evenly into micro-batches")
 
 
-# accelerators: tinytensor.kernels.use()'s argument for each value of the field
+# accelerators, mkl: tinytensor.kernels.use()'s and use_mkl()'s argument for each value of the field
 ACCELERATORS = {"auto": None, "on": True, "off": False}
 
 # Fields that fix the model's parameter shapes: a checkpoint can only be resumed with the same.
@@ -352,7 +357,7 @@ def make_config(preset=None, overrides=None):
 
 # Fields added after checkpoints were first written: a saved config without one gets its default.
 # Every other field must be there: a default would silently change the run (n_embd 128 -> 32).
-LATER_FIELDS = ("fused", "accelerators", "malloc_tuning", "tf32", "overlap", "bucket_mb",
+LATER_FIELDS = ("fused", "accelerators", "mkl", "malloc_tuning", "tf32", "overlap", "bucket_mb",
                 "threads_per_rank", "dist_backend", "gradient_accumulation_steps", "init_from",
                 "tokenizer", "vocab_size", "allow_data_change", "collective_timeout")
 

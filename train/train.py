@@ -106,6 +106,10 @@ def prepare_config(preset, overrides, lock):
     if cfg.data:
         data_path(cfg.data)  # on every rank: each must see the text it was told of (rank 0 reads it)
     kernels.use(ACCELERATORS[cfg.accelerators])
+    try:
+        kernels.use_mkl(ACCELERATORS[cfg.mkl])
+    except RuntimeError as e:
+        raise ConfigError(f"--mkl {cfg.mkl}: {e}") from None
     environment.use_tf32(cfg.tf32)
     if dist.is_main():
         lock.acquire()  # held until run() ends
