@@ -12,7 +12,8 @@ every model). The models, each in a worker process of its own (benchmarks/common
 why), with the weights of one initialisation:
 
     tinytensor     gpt.model's GPTLanguageModel (fused q/k/v, fused attention, flat AdamW;
-                   --accelerators: their faster versions, tinytensor/kernels/, auto|on|off)
+                   --accelerators: their faster versions, tinytensor/kernels/, auto|on|off;
+                   --mkl: the linear layers multiplied by Intel MKL, auto|on|off)
     torch          the lecture's PyTorch model, one Linear per head and per q/k/v
                    (tests/torch_gpt_reference.py), the weights copied by gpt.interop
     torch-fused    the same model written as nanoGPT writes it: one q/k/v Linear, the heads
@@ -94,21 +95,13 @@ def tinytensor_worker(cfg, seed, lr, weights):
         return {"steps": [step(i) for i in range(start, start + n)]}
 
     def gemm(shapes):
+        from tinytensor.kernels.linear import matmul  # the linear layers' product: NumPy or MKL
         rng = np.random.default_rng(0)
-        rates, best = common.gemm_peak(np.matmul, lambda s: rng.standard_normal(s, dtype=np.float32),
+        rates, best = common.gemm_peak(matmul, lambda s: rng.standard_normal(s, dtype=np.float32),
                                        [tuple(s) for s in shapes])
-        return {"rates": rates, "best": best, "lib": _blas_name()}
+        return {"rates": rates, "best": best, "lib": common.blas_name()}
 
     return {"setup": setup, "steps": steps, "gemm": gemm, "memory": common.memory}
-
-
-def _blas_name():
-    try:
-        from threadpoolctl import threadpool_info
-        info = [i for i in threadpool_info() if i["user_api"] == "blas"]
-        return f"{info[0]['internal_api']} {info[0]['version']}" if info else "blas"
-    except ImportError:
-        return "blas"
 
 
 def torch_worker(cfg, seed, lr, weights, kind, threads):
@@ -258,9 +251,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.add_argument("--accelerators", default="auto", choices=sorted(common.ACCELERATORS),
-                   help="tinytensor's faster versions of the fused ops (tinytensor/kernels/): auto "
-                        "(on where numba is installed), on, or off (the plain reference)")
+    common.add_speed_options(p)
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_weights", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -289,7 +280,7 @@ def run(args):
         weights = os.path.join(tmp, "weights.npz")
         extra = ["--preset", args.preset, "--seed", str(args.seed), "--lr", str(args.lr),
                  "--threads", str(args.threads), "--_weights", weights,
-                 "--accelerators", args.accelerators]
+                 "--accelerators", args.accelerators, "--mkl", args.mkl]
         workers = [common.Worker(script, m, extra, args.threads) for m in args.models]
         try:
             setups = {}
@@ -317,7 +308,7 @@ def run(args):
             memory = {wk.kind: wk.ask(cmd="memory") for wk in workers}
             shapes = common.gemm_shapes(cfg)
             log("measuring the fp32 GEMM peak ...")
-            gemm = {"numpy": workers[0].ask(cmd="gemm", shapes=shapes)}
+            gemm = {"tinytensor": workers[0].ask(cmd="gemm", shapes=shapes)}
             torch_workers = [wk for wk in workers if wk.kind != "tinytensor"]
             if torch_workers:
                 gemm["torch"] = torch_workers[0].ask(cmd="gemm", shapes=shapes)
@@ -345,8 +336,8 @@ def summarize(args, cfg, setups, times, losses, memory, gemm):
             "losses": losses[kind],
         }
     return {"preset": args.preset, "config": dict(cfg, vocab_size=common.VOCAB),
-            "machine": common.machine(args.threads, args.accelerators), "threads": args.threads,
-            "accelerators": args.accelerators,
+            "machine": common.machine(args.threads, args.accelerators, args.mkl),
+            "threads": args.threads, "accelerators": args.accelerators, "mkl": args.mkl,
             "iters": args.iters, "warmup": args.warmup, "block": args.block, "lead": args.lead,
             "gap_s": args.gap, "flops_per_step": flops,
             "gemm_gflops": {k: {"best": g["best"], "lib": g["lib"], "shapes": g["rates"]}
@@ -382,7 +373,7 @@ def print_table(res):
 def worker_main(args):
     cfg = common.PRESETS[args.preset]
     if args._worker == "tinytensor":
-        common.use_accelerators(args.accelerators)
+        common.use_accelerators(args.accelerators, args.mkl)
         handlers = tinytensor_worker(cfg, args.seed, args.lr, args._weights)
     else:
         handlers = torch_worker(cfg, args.seed, args.lr, args._weights, args._worker,

@@ -101,27 +101,55 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
-def machine(threads, accelerators="auto"):
+def machine(threads, accelerators="auto", mkl="auto"):
     """One line describing where the numbers come from."""
     import numpy as np
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"{cpu_name()}, {usable_cores()} cores, {threads} thread(s) per framework; "
             f"Python {platform.python_version()}, NumPy {np.__version__}; "
-            f"tinytensor's accelerators {use_accelerators(accelerators)}; load average {load:.2f}")
+            f"tinytensor's accelerators {use_accelerators(accelerators, mkl)}; "
+            f"load average {load:.2f}")
 
 
-# --accelerators of the benchmarks: tinytensor.kernels.use()'s argument for each value
+# --accelerators and --mkl of the benchmarks: tinytensor.kernels.use()'s and use_mkl()'s
+# argument for each value
 ACCELERATORS = {"auto": None, "on": True, "off": False}
 
 
-def use_accelerators(setting):
-    """Switch tinytensor's accelerators (kernels.use) as `setting` ('auto', 'on', 'off') says;
-    returns kernels.describe(): whether the fused ops run accelerated versions, and which."""
+def use_accelerators(setting, mkl="auto"):
+    """Switch tinytensor's accelerators (kernels.use) and MKL's products (kernels.use_mkl) as
+    `setting` and `mkl` ('auto', 'on', 'off') say; returns kernels.describe(): whether the fused
+    ops run accelerated versions, and which."""
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
     from tinytensor import kernels
     kernels.use(ACCELERATORS[setting])
+    kernels.use_mkl(ACCELERATORS[mkl])
     return kernels.describe()
+
+
+def add_speed_options(p):
+    """--accelerators and --mkl, as every benchmark that runs tinytensor takes them."""
+    p.add_argument("--accelerators", default="auto", choices=sorted(ACCELERATORS),
+                   help="tinytensor's faster versions of the fused ops (tinytensor/kernels/): auto "
+                        "(on where numba is installed), on, or off (the plain reference)")
+    p.add_argument("--mkl", default="auto", choices=sorted(ACCELERATORS),
+                   help="the linear layers' products by Intel MKL (tinytensor/kernels/mkl.py): "
+                        "auto (where the mkl wheel is installed and the CPU is Intel's), on, or "
+                        "off (NumPy's BLAS)")
+
+
+def blas_name():
+    """The library that multiplies tinytensor's linear layers here, with its version."""
+    from tinytensor.kernels import mkl
+    if mkl.enabled():
+        return f"mkl {mkl.version()}"
+    try:
+        from threadpoolctl import threadpool_info
+        info = [i for i in threadpool_info() if i["user_api"] == "blas" and i["internal_api"] != "mkl"]
+        return f"{info[0]['internal_api']} {info[0]['version']}" if info else "blas"
+    except ImportError:
+        return "blas"
 
 
 # ----------------------------------------------------------------- worker processes
