@@ -201,6 +201,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--no-torch", dest="torch", action="store_false", help="skip the PyTorch model")
     p.add_argument("--json", action="store_true")
+    common.add_speed_options(p)
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_weights", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -230,7 +231,8 @@ def run_one(args, preset, batch, tokens, log):
     script = os.path.abspath(__file__)
     with tempfile.TemporaryDirectory() as tmp:
         extra = ["--preset", preset, "--batch", str(batch), "--seed", str(args.seed),
-                 "--threads", str(args.threads), "--_weights", os.path.join(tmp, "weights.npz")]
+                 "--threads", str(args.threads), "--_weights", os.path.join(tmp, "weights.npz"),
+                 "--accelerators", args.accelerators, "--mkl", args.mkl]
         workers = [common.Worker(script, "tinytensor", extra, args.threads)]
         try:
             workers[0].ask(cmd="setup", tokens=tokens)  # first: it writes the weights torch loads
@@ -295,6 +297,7 @@ def print_table(res):
 def main(argv=None):
     args = parse_args(argv)
     if args._worker == "tinytensor":
+        common.use_accelerators(args.accelerators, args.mkl)
         common.serve(tinytensor_worker(args.presets[0], args.batches[0], args.seed, args._weights))
         return
     if args._worker == "torch":
@@ -309,7 +312,7 @@ def main(argv=None):
         res["presets"][preset] = {
             "config": config_of(preset), "tokens": tokens,
             "batches": {str(b): run_one(args, preset, b, tokens, log) for b in args.batches}}
-    res["machine"] = common.machine(args.threads)
+    res["machine"] = common.machine(args.threads, args.accelerators, args.mkl)
     if args.json:
         print(json.dumps(res, indent=1))
     else:

@@ -170,12 +170,14 @@ def test_bias_relu_equals_numpy(shape, dtype):
 @pytest.mark.parametrize("op, version", [(fused.Linear, linear.NumbaLinear),
                                          (fused.LinearReLU, linear.NumbaLinearReLU)])
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("rows", [1, 10, linear.SMALL_ROWS, linear.SMALL_ROWS + 1, 60])
+@pytest.mark.parametrize("rows", [1, 10, linear.SMALL_ROWS, linear.SMALL_ROWS + 1, 60,
+                                  linear.MKL_MIN_ROWS])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("products", ["numpy", "mkl"])
 def test_linear_versions_equal_reference(op, version, bias, rows, dtype, products):
-    """Few rows (product() turns the product around) and many; the products by NumPy and by
-    MKL (kernels/mkl.py, skipped where it is not installed), each checked to have run."""
+    """Few rows (product() turns the product around) and many; the products by NumPy and, from
+    MKL_MIN_ROWS rows on, by MKL (kernels/mkl.py, skipped where it is not installed), each
+    checked to have run."""
     from tinytensor.kernels import mkl
     if products == "mkl" and mkl.library() is None:
         pytest.skip(f"MKL: {mkl._why}")
@@ -191,14 +193,24 @@ def test_linear_versions_equal_reference(op, version, bias, rows, dtype, product
     finally:
         mkl.product = real
         kernels.use_mkl(before)
-    assert len(calls) == (3 if products == "mkl" else 0)    # forward, and both gradients
-    y_ref, grads_ref = forward_backward(op, inputs, gy)
-    close(y, y_ref, dtype, "y")
-    assert y.flags.c_contiguous
-    for a, r in zip(grads, grads_ref):
-        assert (a is None) == (r is None)
+    # forward and both gradients, from MKL_MIN_ROWS rows on
+    assert len(calls) == (3 if products == "mkl" and rows >= linear.MKL_MIN_ROWS else 0)
+    # against the reference in float64, within the rounding bound of a sum of k products,
+    # k * eps * sum |a_i b_i| (Higham), the sums |a_i b_i| being the reference on |inputs|
+    wide = [None if a is None else a.astype(np.float64) for a in inputs]
+    y_ref, grads_ref = forward_backward(op, wide, gy.astype(np.float64))
+    y_abs, grads_abs = forward_backward(fused.Linear, [None if a is None else np.abs(a) for a in wide],
+                                        np.abs(gy.astype(np.float64)))
+    eps = np.finfo(dtype).eps
+    terms = [7 + 1, 6, rows, rows]                  # y (+ bias), gx, gw, gb: the sums' lengths
+    for k, what, a, r, bound in zip(terms, ("y", "gx", "gw", "gb"), (y, *grads),
+                                    (y_ref, *grads_ref), (y_abs, *grads_abs)):
+        assert (a is None) == (r is None), what
         if a is not None:
-            close(a, r, dtype, "gradient")
+            assert a.dtype == dtype and a.shape == r.shape, what
+            err = np.abs(a - r) - (k + 1) * eps * bound
+            assert (err <= 0).all(), f"{what}: beyond the rounding bound by {err.max():.3g}"
+    assert y.flags.c_contiguous
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

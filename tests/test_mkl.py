@@ -74,12 +74,14 @@ def test_matmul_falls_back_to_numpy_where_mkl_cannot(lib, monkeypatch):
     calls = []
     real = mkl.product
     monkeypatch.setattr(mkl, "product", lambda *a, **k: calls.append(1) or real(*a, **k))
-    a, b = rand((5, 6), np.float32, 3), rand((6, 4), np.float32, 4)
+    n = linear.MKL_MIN_ROWS
+    a, b = rand((n, 6), np.float32, 3), rand((6, 4), np.float32, 4)
     np.testing.assert_allclose(linear.matmul(a, b), a @ b, rtol=1e-6)
     assert len(calls) == 1
     half = linear.matmul(a.astype(np.float16), b.astype(np.float16))
     assert half.dtype == np.float16 and len(calls) == 1
     np.testing.assert_array_equal(linear.matmul(a[:, ::2], b[::2]), a[:, ::2] @ b[::2])
+    np.testing.assert_array_equal(linear.matmul(a[:n - 1], b), a[:n - 1] @ b)   # too few rows
     assert len(calls) == 1
 
 

@@ -8,11 +8,14 @@ fused.LinearReLU (y = x @ w.T + b, and relu of it).
                      rows); the bias gradient as BLAS's product of a vector of ones
 
 On the CPU both multiply through matmul(): with Intel MKL where kernels/mkl.py says so (by
-default where the `mkl` wheel is installed and the CPU is Intel's), else with NumPy, which
-computes the product of few rows (up to SMALL_ROWS: generation's one position per sequence) as
+default where the `mkl` wheel is installed and the CPU is Intel's), else with NumPy. The
+product of few rows (up to SMALL_ROWS: generation's one position per sequence) is NumPy's
 (w @ x.T).T: OpenBLAS runs x @ w.T, whose second operand is transposed, 2-4x slower there (8
 rows: 36 against 22 us at (128 -> 384), 231 against 123 us at (384 -> 1536)), and the slower
-one from 64 rows on (product()).
+one from 64 rows on (product()). MKL multiplies only products of MKL_MIN_ROWS rows and more:
+on an Intel Xeon, generation with MKL for every product ran at 0.8x the speed (one row: 10
+against 3.3 us; MKL's OpenMP threads and OpenBLAS's then also take turns on the cores), and
+with it from 256 rows on, recomputing the context of 8 sequences ran at 0.85x.
 
 The CUDA kernel, bias + ReLU + inverted dropout in one pass:
 
@@ -205,22 +208,26 @@ def add_bias_numba(y, b):
 
 # ------------------------------------------------------------------ the versions
 SMALL_ROWS = 32  # product() turns the product around up to this many rows
+# matmul() hands MKL products of this many rows (its first operand's) and more: a training
+# step's (the small preset's 768, the lecture's 16,384), where it pays; generation's (1 to
+# batch x block) stay NumPy's, as MKL made them slower there (see the top of this module)
+MKL_MIN_ROWS = 512
 
 
 def matmul(a, b, ta=False, tb=False):
-    """op(a) @ op(b), op(x) being x.T where ta (tb), else x: by MKL where mkl.enabled() and it
-    takes the arrays, else by NumPy (or CuPy)."""
-    if type(a) is np.ndarray and mkl.enabled() and mkl.takes(a, b):
+    """op(a) @ op(b), op(x) being x.T where ta (tb), else x: by MKL where mkl.enabled(), a has
+    MKL_MIN_ROWS rows or more and MKL takes the arrays, else by NumPy (or CuPy)."""
+    if type(a) is np.ndarray and len(a) >= MKL_MIN_ROWS and mkl.enabled() and mkl.takes(a, b):
         return mkl.product(a, b, ta, tb)
     return (a.T if ta else a) @ (b.T if tb else b)
 
 
 def product(x2, w):
-    """x2 @ w.T for x2 (N, in) and w (out, in), a C-contiguous (N, out) array; with NumPy's
-    BLAS, for arrays of at most SMALL_ROWS rows computed as (w @ x2.T).T (see the top of this
-    module)."""
-    if type(x2) is np.ndarray and len(x2) <= SMALL_ROWS and not (mkl.enabled()
-                                                                  and mkl.takes(x2, w)):
+    """x2 @ w.T for x2 (N, in) and w (out, in), a C-contiguous (N, out) array; for NumPy arrays
+    of at most SMALL_ROWS rows computed by NumPy as (w @ x2.T).T (see the top of this module;
+    MKL, faster from 64 rows, is slower there: waking its threads costs more than the product),
+    else by matmul()."""
+    if type(x2) is np.ndarray and len(x2) <= SMALL_ROWS:
         return np.ascontiguousarray((w @ x2.T).T)
     return matmul(x2, w, tb=True)
 

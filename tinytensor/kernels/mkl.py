@@ -27,7 +27,7 @@ import sys
 import numpy as np
 
 from .. import environment
-from . import threads
+from . import threads as _threads
 
 _mode = None       # True: on, False: off, None: auto (see above)
 _lib = None        # the loaded libmkl_rt with its gemm signatures; False: could not be loaded
@@ -124,8 +124,8 @@ def _match_threads(lib):
     kernels/threads.py finds its controller from now on (to hold it to one thread while
     tinytensor's threads run)."""
     if environment.blas_threads_given() != "MKL_NUM_THREADS":
-        lib.MKL_Set_Num_Threads(threads.count())
-    threads.forget_blas()
+        lib.MKL_Set_Num_Threads(_threads.count())
+    _threads.forget_blas()
 
 
 def version():
@@ -176,7 +176,7 @@ def takes(a, b):
     return None not in ops and max(max(a.shape), max(b.shape), ops[0][1], ops[1][1]) <= _INT_MAX
 
 
-def product(a, b, ta=False, tb=False):
+def product(a, b, ta=False, tb=False, threads=None):
     """op(a) @ op(b) as a new C-contiguous array, op(x) being x.T where ta (tb), else x; a and
     b as takes() accepts them."""
     lib = library()
@@ -187,7 +187,7 @@ def product(a, b, ta=False, tb=False):
     gemm = lib.cblas_sgemm if a.dtype == np.float32 else lib.cblas_dgemm
     # inside a part of threads.for_ranges: one thread (threadpoolctl's setting reaches only the
     # thread that made it, MKL's setting being per thread)
-    before = lib.MKL_Set_Num_Threads_Local(1) if threads.in_part() else None
+    before = lib.MKL_Set_Num_Threads_Local(1) if threads == 1 or _threads.in_part() else None
     try:
         gemm(_ROW_MAJOR, fa, fb, m, n, k, 1.0, a.ctypes.data, lda, b.ctypes.data, ldb, 0.0,
              c.ctypes.data, n)
