@@ -160,3 +160,18 @@ def test_importing_tinytensor_does_not_load_mkl():
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=ROOT))
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr
+
+
+@pytest.mark.parametrize("env, want", [({}, mkl.BLOCKTIME_MS), ({"KMP_BLOCKTIME": "7"}, 7)])
+def test_intel_openmp_threads_sleep_soon_unless_the_user_says(env, want):
+    """MKL's Intel OpenMP threads wait BLOCKTIME_MS after their work, not its default 200 ms
+    (they would spin on the cores tinytensor's threads need); a KMP_BLOCKTIME given is kept."""
+    if mkl.library() is None:
+        pytest.skip(f"MKL: {mkl._why}")
+    code = ("import ctypes, os; from tinytensor.kernels import mkl; lib = mkl.library(); "
+            "omp = ctypes.CDLL(os.path.join(os.path.dirname(mkl._candidates()[0]), 'libiomp5.so')); "
+            "print(omp.kmp_get_blocktime())")
+    environ = {k: v for k, v in os.environ.items() if k != "KMP_BLOCKTIME"}
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(environ, PYTHONPATH=ROOT, **env))
+    assert p.returncode == 0 and p.stdout.split() == [str(want)], p.stderr

@@ -10,6 +10,9 @@
     OPENBLAS_THREAD_TIMEOUT
         how long OpenBLAS's idle threads busy-wait: blas_thread_timeout_given(), and
         with_blas_thread_timeout() for kernels/threads.py's quiet_blas()
+    KMP_BLOCKTIME
+        how long Intel OpenMP's idle threads (MKL's, kernels/mkl.py) busy-wait:
+        omp_blocktime_given()
 
 Every other run-time choice (the accelerators, the overlap and bucket size of the gradient
 reduction, BLAS threads per rank, the distributed backend) is an argument of the function that
@@ -50,6 +53,11 @@ def use_tf32(flag):
 def blas_thread_timeout_given():
     """Whether the user set OPENBLAS_THREAD_TIMEOUT (then tinytensor leaves it alone)."""
     return bool(os.environ.get(BLAS_THREAD_TIMEOUT_VAR))
+
+
+def omp_blocktime_given():
+    """Whether the user set KMP_BLOCKTIME (then kernels/mkl.py leaves Intel OpenMP's alone)."""
+    return bool(os.environ.get("KMP_BLOCKTIME"))
 
 
 def with_blas_thread_timeout(value, fn):

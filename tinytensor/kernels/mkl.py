@@ -13,9 +13,10 @@ multiply with MKL where it is installed and the CPU is Intel's, and with NumPy e
     mkl.product(a, b, ta, tb)  # op(a) @ op(b), op transposing where ta / tb
     mkl.describe()           # one line for a log
 
-MKL runs its own threads (GNU OpenMP, or Intel's where libgomp is missing) as many as
-NumPy's BLAS is set to use (threads.count(); MKL_NUM_THREADS, when set, is MKL's own), and
-one inside a part of threads.for_ranges, as OpenBLAS does there.
+MKL runs its own threads (Intel OpenMP, from the intel-openmp wheel that `mkl` requires) as
+many as NumPy's BLAS is set to use (threads.count(); MKL_NUM_THREADS, when set, is MKL's own),
+one inside a part of threads.for_ranges, as OpenBLAS does there; they sleep 1 ms after their
+work (BLOCKTIME_MS; KMP_BLOCKTIME, when set, is Intel OpenMP's own).
 Nothing happens at import: the library loads at the first linear layer that would use it.
 """
 import ctypes
@@ -35,7 +36,12 @@ _why = ""          # why _lib is False
 _intel = None      # whether the CPU is Intel's (read once)
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
-_THREADING = {"gnu": 3, "intel": 0}   # MKL_Set_Threading_Layer's values
+_INTEL_THREADS = 0    # MKL_Set_Threading_Layer's value for Intel OpenMP (libiomp5)
+# how long (ms) Intel OpenMP's threads wait for more work after a product before they sleep: its
+# default, 200 ms, has them spin through the rest of a training step, on the cores that
+# tinytensor's own threads need (attention, AdamW), while 0 wakes them for every product (small
+# preset on an Intel Xeon: 34.4 ms a step at 1 ms, 37.7 at 200, 39.4 at 0)
+BLOCKTIME_MS = 1
 
 
 def use_mkl(flag):
@@ -79,13 +85,17 @@ def _candidates():
     return found + ([system] if system else [])
 
 
-def _threading_layer():
-    """GNU OpenMP where libgomp loads, else Intel's (libiomp5, which the `mkl` wheel brings)."""
+def _intel_openmp(mkl_path):
+    """Intel OpenMP (libiomp5, the intel-openmp wheel that `mkl` requires), beside libmkl_rt or
+    where the loader finds it, with its threads' blocktime set (BLOCKTIME_MS, unless
+    KMP_BLOCKTIME is set); raises OSError where it is missing."""
     try:
-        ctypes.CDLL("libgomp.so.1")
-        return "gnu"
+        omp = ctypes.CDLL(os.path.join(os.path.dirname(mkl_path), "libiomp5.so"))
     except OSError:
-        return "intel"
+        omp = ctypes.CDLL("libiomp5.so")
+    if not environment.omp_blocktime_given():
+        omp.kmp_set_blocktime(BLOCKTIME_MS)
+    return omp
 
 
 def library():
@@ -97,11 +107,12 @@ def library():
         for path in _candidates():
             try:
                 lib = ctypes.CDLL(path)
+                _intel_openmp(path)
             except OSError as e:
-                _why = f"libmkl_rt could not be loaded ({e})"
+                _why = f"MKL or Intel OpenMP could not be loaded ({e})"
                 continue
-            if lib.MKL_Set_Threading_Layer(_THREADING[_threading_layer()]) < 0:
-                _why = "MKL refused its threading layer"
+            if lib.MKL_Set_Threading_Layer(_INTEL_THREADS) < 0:
+                _why = "MKL refused Intel OpenMP as its threading layer"
                 continue
             _declare(lib)
             _lib = lib
@@ -143,7 +154,7 @@ def describe():
     """One line for a log: which library multiplies the linear layers on the CPU, and why."""
     setting = {None: "auto", True: "on", False: "off"}[_mode]
     if enabled():
-        return f"MKL {version()} (mkl {setting}; {_threading_layer()} OpenMP threads)"
+        return f"MKL {version()} (mkl {setting}; Intel OpenMP threads)"
     why = "" if _mode is False else f": {_why}" if library() is None else ": not an Intel CPU"
     return f"NumPy's BLAS (mkl {setting}{why})"
 
@@ -176,7 +187,7 @@ def takes(a, b):
     return None not in ops and max(max(a.shape), max(b.shape), ops[0][1], ops[1][1]) <= _INT_MAX
 
 
-def product(a, b, ta=False, tb=False, threads=None):
+def product(a, b, ta=False, tb=False):
     """op(a) @ op(b) as a new C-contiguous array, op(x) being x.T where ta (tb), else x; a and
     b as takes() accepts them."""
     lib = library()
@@ -187,7 +198,7 @@ def product(a, b, ta=False, tb=False, threads=None):
     gemm = lib.cblas_sgemm if a.dtype == np.float32 else lib.cblas_dgemm
     # inside a part of threads.for_ranges: one thread (threadpoolctl's setting reaches only the
     # thread that made it, MKL's setting being per thread)
-    before = lib.MKL_Set_Num_Threads_Local(1) if threads == 1 or _threads.in_part() else None
+    before = lib.MKL_Set_Num_Threads_Local(1) if _threads.in_part() else None
     try:
         gemm(_ROW_MAJOR, fa, fb, m, n, k, 1.0, a.ctypes.data, lda, b.ctypes.data, ldb, 0.0,
              c.ctypes.data, n)
