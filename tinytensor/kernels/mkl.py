@@ -5,7 +5,9 @@ NumPy multiplies with the OpenBLAS it bundles. On an Intel CPU, MKL (the `mkl` w
 fp32, forward + both gradients of the small preset's four linear shapes: 2.77 against 3.25 ms;
 the lecture preset's: 502 against 577 ms); on an AMD EPYC it was 1.2-2.1x slower. So by
 default (use_mkl(None), "auto") the CPU versions of Linear and LinearReLU (kernels/linear.py)
-multiply with MKL where it is installed and the CPU is Intel's, and with NumPy elsewhere.
+multiply with MKL where it is installed and the CPU is Intel's, and with NumPy elsewhere; and
+only products of linear.MKL_MIN_ROWS rows and more (a training step's): for generation's few
+rows MKL's cost per call is larger than NumPy's.
 
     mkl.use_mkl(True)        # MKL's products on (an error where MKL is missing), False: off,
                              # None: auto (the default); returns the setting before
