@@ -175,3 +175,23 @@ def test_intel_openmp_threads_sleep_soon_unless_the_user_says(env, want):
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        env=dict(environ, PYTHONPATH=ROOT, **env))
     assert p.returncode == 0 and p.stdout.split() == [str(want)], p.stderr
+
+
+@pytest.mark.parametrize("m, k, n", [(768, 128, 384), (512, 512, 128), (8, 128, 384)])
+def test_products_do_not_depend_on_where_the_arrays_lie(lib, m, k, n):
+    """The same operands at 16 different offsets in memory give the same bits (numpy's
+    allocations differ from run to run; a resumed run must repeat the uninterrupted one)."""
+    x, w, g = rand((m, k), np.float32, 5), rand((n, k), np.float32, 6), rand((m, n), np.float32, 7)
+
+    def placed(a, offset):
+        buf = np.empty(a.size + 16, a.dtype)
+        out = buf[offset:offset + a.size].reshape(a.shape)
+        out[...] = a
+        return out
+
+    want = [mkl.product(x, w, tb=True), mkl.product(g, w), mkl.product(g, x, ta=True)]
+    for off in range(1, 16):
+        xs, ws, gs = placed(x, off), placed(w, (7 * off) % 16), placed(g, (3 * off) % 16)
+        got = [mkl.product(xs, ws, tb=True), mkl.product(gs, ws), mkl.product(gs, xs, ta=True)]
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)

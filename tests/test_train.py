@@ -192,6 +192,26 @@ def test_resume_is_exact_with_dropout(tmp_path, trained, text_file):
     assert load_checkpoint(os.path.join(half, "ckpt.npz"))[0]["step"] == 20
 
 
+def test_resume_is_exact_with_mkl(tmp_path, text_file):
+    """With the linear layers on MKL (--mkl on; a batch of 64 x 8 = 512 rows, where MKL takes
+    the products), stopped at step 4 and resumed: the losses of an uninterrupted run, bitwise."""
+    from tinytensor.kernels import mkl
+    if mkl.library() is None:
+        pytest.skip(f"MKL: {mkl._why} (pip install -e \".[mkl]\")")
+    common = [*TINY, "--batch_size", 64, "--data", text_file, "--eval_interval", 4,
+              "--log_interval", 1, "--dropout", 0.1, "--lr_decay_iters", 8, "--mkl", "on",
+              "--accelerators", "on"]
+    full, half = str(tmp_path / "full"), str(tmp_path / "half")
+    p = run_train(*common, "--out_dir", full, "--max_iters", 8)
+    assert p.returncode == 0, p.stderr
+    assert "linear layers multiplied by MKL" in p.stdout
+    assert run_train(*common, "--out_dir", half, "--max_iters", 4).returncode == 0
+    p = run_train("--out_dir", half, "--max_iters", 8, "--resume")
+    assert p.returncode == 0, p.stderr
+    assert [s for s, _ in train_losses(half)] == list(range(8))
+    assert train_losses(half) == train_losses(full)
+
+
 def test_accumulating_run_resumes_exactly_and_matches_one_micro_batch(tmp_path, text_file):
     """--gradient_accumulation_steps 4 with dropout: stopped at step 6 and resumed, the same
     losses and weights to the last bit as without the stop; and, with dropout 0, the same
