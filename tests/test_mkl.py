@@ -195,3 +195,34 @@ def test_products_do_not_depend_on_where_the_arrays_lie(lib, m, k, n):
         got = [mkl.product(xs, ws, tb=True), mkl.product(gs, ws), mkl.product(gs, xs, ta=True)]
         for a, b in zip(got, want):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("order, layer", [("torch first", "GNU"), ("torch after", "Intel")])
+def test_products_right_with_torch_imported_before_or_after(order, layer):
+    """torch puts GNU OpenMP in the global symbol scope: MKL loaded after it runs on GNU
+    OpenMP (on Intel's its threads found libgomp's omp_* and more than half the products came
+    out wrong); loaded before it, on Intel OpenMP, which torch then shares. Both multiply right,
+    over 2 threads, and so does torch."""
+    if mkl.library() is None:
+        pytest.skip(f"MKL: {mkl._why}")
+    code = f"""
+import numpy as np
+{'import torch' if order == 'torch first' else ''}
+from tinytensor.kernels import mkl
+mkl.use_mkl(True)
+mkl.library().MKL_Set_Num_Threads(2)
+g = np.random.default_rng(7).standard_normal((768, 384)).astype(np.float32)
+x = np.random.default_rng(5).standard_normal((768, 128)).astype(np.float32)
+ref = g.T.astype(np.float64) @ x.astype(np.float64)
+mkl.product(g, x, ta=True)
+import torch
+torch.set_num_threads(2)
+bad = sum(float(np.abs(mkl.product(g, x, ta=True) - ref).max()) > 1e-3 for _ in range(50))
+tg, tx = torch.from_numpy(g), torch.from_numpy(x)
+tbad = sum(float(np.abs((tg.T @ tx).numpy() - ref).max()) > 1e-3 for _ in range(20))
+print(mkl.describe(), bad, tbad)
+"""
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
+    assert p.returncode == 0, p.stderr
+    assert f"({'mkl on'}; {layer} OpenMP threads) 0 0" in p.stdout, p.stdout

@@ -543,6 +543,28 @@ def test_bad_config_is_a_one_line_error(tmp_path, text_file, args, needles):
     assert not (tmp_path / "o").exists() or not os.listdir(tmp_path / "o")
 
 
+def test_mkl_on_without_mkl_is_one_error_line(tmp_path, text_file, monkeypatch, capsys):
+    """--mkl on where MKL cannot be loaded: exit 2 and one line naming the option and the fix
+    (in this process, MKL made to look missing); nothing written."""
+    from tinytensor import kernels
+    from tinytensor.kernels import mkl
+    from train import train as T
+    monkeypatch.setattr(mkl, "_lib", False)
+    monkeypatch.setattr(mkl, "_why", "the mkl package is not installed (no libmkl_rt found)")
+    before = kernels.use_mkl(None)
+    try:
+        code = T.main([*map(str, TINY), "--data", text_file, "--out_dir", str(tmp_path / "o"),
+                       "--max_iters", "1", "--mkl", "on"])
+    finally:
+        kernels.use_mkl(before)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.strip() == ("error: --mkl on: MKL's products were asked for, but the mkl package "
+                           "is not installed (no libmkl_rt found): pip install -e \".[mkl]\", "
+                           "or leave them off")
+    assert not (tmp_path / "o" / "ckpt.npz").exists()
+
+
 def test_numbers_at_the_ends_of_their_ranges_work(tmp_path, text_file):
     """The largest seed, intervals and schedule lengths far beyond max_iters, a vanishing
     dropout and a huge clipping norm: a run of 2 steps (these used to end with a traceback)."""
@@ -567,6 +589,7 @@ def test_sizes_beyond_the_machine_or_the_data_are_one_line_errors(tmp_path, text
 
 @pytest.mark.parametrize("args, needles", [
     (["--accelerators", "yes"], ["accelerators must be 'auto', 'on' or 'off', got 'yes'"]),
+    (["--mkl", "yes"], ["mkl must be 'auto', 'on' or 'off', got 'yes'"]),
     (["--bucket_mb", "-1"], ["bucket_mb must be a size in MB", "got -1.0"]),
     (["--threads_per_rank", "100000"], ["threads_per_rank must be 0 (automatic) to 4096"]),
     (["--dist_backend", "gloo"], ["dist_backend must be 'mpi' or 'nccl', got 'gloo'"]),

@@ -15,10 +15,12 @@ rows MKL's cost per call is larger than NumPy's.
     mkl.product(a, b, ta, tb)  # op(a) @ op(b), op transposing where ta / tb
     mkl.describe()           # one line for a log
 
-MKL runs its own threads (Intel OpenMP, from the intel-openmp wheel that `mkl` requires) as
-many as NumPy's BLAS is set to use (threads.count(); MKL_NUM_THREADS, when set, is MKL's own),
-one inside a part of threads.for_ranges, as OpenBLAS does there; they sleep 1 ms after their
-work (BLOCKTIME_MS; KMP_BLOCKTIME, when set, is Intel OpenMP's own).
+MKL runs its own threads as many as NumPy's BLAS is set to use (threads.count();
+MKL_NUM_THREADS, when set, is MKL's own), one inside a part of threads.for_ranges, as OpenBLAS
+does there. They are Intel OpenMP's (the intel-openmp wheel that `mkl` requires), which sleep
+1 ms after their work (BLOCKTIME_MS; KMP_BLOCKTIME, when set, is Intel OpenMP's own); but where
+a GNU OpenMP is already in the process (`import torch` before the first linear layer), GNU
+OpenMP's, as MKL's threads must use the OpenMP whose functions they find (_GNU_THREADS).
 Nothing happens at import: the library loads at the first linear layer that would use it.
 """
 import ctypes
@@ -38,7 +40,12 @@ _why = ""          # why _lib is False
 _intel = None      # whether the CPU is Intel's (read once)
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
-_INTEL_THREADS = 0    # MKL_Set_Threading_Layer's value for Intel OpenMP (libiomp5)
+# MKL_Set_Threading_Layer's values: Intel OpenMP (libiomp5), or GNU OpenMP where a libgomp is in
+# the global symbol scope already (torch imported first): MKL's threads must use the OpenMP
+# whose omp_* functions they find there, else each thread takes itself for thread 0 and the
+# products come out wrong (seen: 117 of 200 wrong with Intel's layer after `import torch`)
+_INTEL_THREADS, _GNU_THREADS = 0, 3
+_layer = None         # the layer chosen when MKL loaded
 # how long (ms) Intel OpenMP's threads wait for more work after a product before they sleep: its
 # default, 200 ms, has them spin through the rest of a training step, on the cores that
 # tinytensor's own threads need (attention, AdamW), while 0 wakes them for every product (small
@@ -87,14 +94,21 @@ def _candidates():
     return found + ([system] if system else [])
 
 
+def _gnu_openmp_loaded():
+    """Whether a GNU OpenMP runtime (libgomp) is already in the process's global symbol scope,
+    as `import torch` puts one there."""
+    return hasattr(ctypes.CDLL(None), "GOMP_parallel")
+
+
 def _intel_openmp(mkl_path):
     """Intel OpenMP (libiomp5, the intel-openmp wheel that `mkl` requires), beside libmkl_rt or
-    where the loader finds it, with its threads' blocktime set (BLOCKTIME_MS, unless
-    KMP_BLOCKTIME is set); raises OSError where it is missing."""
+    where the loader finds it, in the global symbol scope, with its threads' blocktime set
+    (BLOCKTIME_MS, unless KMP_BLOCKTIME is set); raises OSError where it is missing."""
+    mode = ctypes.RTLD_GLOBAL
     try:
-        omp = ctypes.CDLL(os.path.join(os.path.dirname(mkl_path), "libiomp5.so"))
+        omp = ctypes.CDLL(os.path.join(os.path.dirname(mkl_path), "libiomp5.so"), mode=mode)
     except OSError:
-        omp = ctypes.CDLL("libiomp5.so")
+        omp = ctypes.CDLL("libiomp5.so", mode=mode)
     if not environment.omp_blocktime_given():
         omp.kmp_set_blocktime(BLOCKTIME_MS)
     return omp
@@ -103,19 +117,22 @@ def _intel_openmp(mkl_path):
 def library():
     """libmkl_rt, loaded once and set up (threading layer, threads), or None where it is not
     installed (see _why)."""
-    global _lib, _why
+    global _lib, _why, _layer
     if _lib is None:
         _lib, _why = False, "the mkl package is not installed (no libmkl_rt found)"
         for path in _candidates():
+            layer = _GNU_THREADS if _gnu_openmp_loaded() else _INTEL_THREADS
             try:
                 lib = ctypes.CDLL(path)
-                _intel_openmp(path)
+                if layer == _INTEL_THREADS:
+                    _intel_openmp(path)
             except OSError as e:
                 _why = f"MKL or Intel OpenMP could not be loaded ({e})"
                 continue
-            if lib.MKL_Set_Threading_Layer(_INTEL_THREADS) < 0:
-                _why = "MKL refused Intel OpenMP as its threading layer"
+            if lib.MKL_Set_Threading_Layer(layer) < 0:
+                _why = "MKL refused its threading layer"
                 continue
+            _layer = layer
             _declare(lib)
             _lib = lib
             _match_threads(lib)
@@ -156,7 +173,8 @@ def describe():
     """One line for a log: which library multiplies the linear layers on the CPU, and why."""
     setting = {None: "auto", True: "on", False: "off"}[_mode]
     if enabled():
-        return f"MKL {version()} (mkl {setting}; Intel OpenMP threads)"
+        threads = "Intel" if _layer == _INTEL_THREADS else "GNU"
+        return f"MKL {version()} (mkl {setting}; {threads} OpenMP threads)"
     why = "" if _mode is False else f": {_why}" if library() is None else ": not an Intel CPU"
     return f"NumPy's BLAS (mkl {setting}{why})"
 
