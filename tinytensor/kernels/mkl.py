@@ -100,9 +100,9 @@ def _gnu_openmp_loaded():
     return hasattr(ctypes.CDLL(None), "GOMP_parallel")
 
 
-def _intel_openmp(mkl_path):
-    """Intel OpenMP (libiomp5, the intel-openmp wheel that `mkl` requires), beside libmkl_rt or
-    where the loader finds it, in the global symbol scope, with its threads' blocktime set
+def _load_intel_openmp(mkl_path):
+    """Load Intel OpenMP (libiomp5, the intel-openmp wheel that `mkl` requires), beside libmkl_rt
+    or where the loader finds it, into the global symbol scope, and set its threads' blocktime
     (BLOCKTIME_MS, unless KMP_BLOCKTIME is set); raises OSError where it is missing."""
     mode = ctypes.RTLD_GLOBAL
     try:
@@ -111,7 +111,6 @@ def _intel_openmp(mkl_path):
         omp = ctypes.CDLL("libiomp5.so", mode=mode)
     if not environment.omp_blocktime_given():
         omp.kmp_set_blocktime(BLOCKTIME_MS)
-    return omp
 
 
 def library():
@@ -125,7 +124,7 @@ def library():
             try:
                 lib = ctypes.CDLL(path)
                 if layer == _INTEL_THREADS:
-                    _intel_openmp(path)
+                    _load_intel_openmp(path)
             except OSError as e:
                 _why = f"MKL or Intel OpenMP could not be loaded ({e})"
                 continue
@@ -175,7 +174,12 @@ def describe():
     if enabled():
         threads = "Intel" if _layer == _INTEL_THREADS else "GNU"
         return f"MKL {version()} (mkl {setting}; {threads} OpenMP threads)"
-    why = "" if _mode is False else f": {_why}" if library() is None else ": not an Intel CPU"
+    if _mode is False:
+        why = ""
+    elif _mode is None and not intel_cpu():   # auto on another CPU: MKL is not even loaded
+        why = ": not an Intel CPU"
+    else:
+        why = f": {_why}"
     return f"NumPy's BLAS (mkl {setting}{why})"
 
 

@@ -155,7 +155,7 @@ def for_ranges(n, fn, parts=None, align=1):
     part ends.
     """
     k = min(n // align, parts if parts is not None else count())
-    if k <= 1 or getattr(_active, "on", False):
+    if k <= 1 or in_part():
         fn(0, n)
         return
     bounds = [0] + [(n * i // k) // align * align for i in range(1, k)] + [n]
