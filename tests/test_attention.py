@@ -1,6 +1,7 @@
 """F.scaled_dot_product_attention against torch.nn.functional.scaled_dot_product_attention: the
 fused causal path (tinytensor.fused.CausalAttention, and its accelerated chunked version in
-tinytensor/kernels/attention.py) and the composed one (masks, scales, shapes), dropout against
+tinytensor/kernels/attention.py; causal self-attention, and queries that are the last of the
+keys, as in a generation step with a KV cache) and the composed one (masks, scales, shapes), dropout against
 the same composition of tinytensor ops, torch's errors; float64 central differences for every
 path. Every test runs with the accelerators off and on (conftest)."""
 import numpy as np
@@ -114,13 +115,70 @@ def test_causal_fused_on_views_of_a_projection_vs_torch(monkeypatch, chunk, dtyp
     ((2, 3, 5, 4), None, (2, 3, 5, 6), dict(is_causal=True), False),      # Ev != E
     ((2, 3, 5, 4), (1, 3, 5, 4), None, dict(is_causal=True), False),      # broadcast batch
     ((3, 5, 4), None, None, dict(is_causal=True), False),                 # 3-D
+    ((2, 3, 1, 4), (2, 3, 5, 4), None, dict(), True),                     # one query, every key
+    ((2, 3, 1, 4), (2, 3, 5, 4), None, dict(dropout_p=0.2, scale=0.4), True),
+    ((2, 3, 1, 4), (2, 3, 5, 4), None, dict(is_causal=True), False),      # torch: sees key 0 only
+    ((2, 3, 2, 4), (2, 3, 5, 4), None, dict(), False),                    # two queries, no mask
+    ((2, 3, 1, 4), (2, 3, 5, 4), (2, 3, 5, 6), dict(), False),            # Ev != E
+    ((2, 3, 1, 4), (1, 3, 5, 4), None, dict(), False),                    # broadcast batch
 ])
 def test_fused_path_is_taken_where_it_applies(q_shape, k_shape, v_shape, kw, is_fused):
-    """The fused op runs for causal self-attention of 4-D q, k, v of one shape, else the
-    composition (the output's creator says which)."""
+    """The fused op runs for causal self-attention of 4-D q, k, v of one shape and for one
+    query against every key of k, v of one shape, else the composition (the output's creator
+    says which)."""
     q, k, v = (tt.Tensor(a, requires_grad=True) for a in qkv(q_shape, k_shape, v_shape))
     y = F.scaled_dot_product_attention(q, k, v, **kw)
     assert isinstance(y._ctx, fused.CausalAttention) == is_fused
+
+
+def test_fused_path_not_taken_with_a_mask():
+    """One query with an attn_mask (even one keeping every key) composes ops."""
+    q, k, v = (tt.Tensor(a, requires_grad=True) for a in qkv((2, 3, 1, 4), (2, 3, 5, 4)))
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=np.ones((1, 5), dtype=bool))
+    assert not isinstance(y._ctx, fused.CausalAttention)
+
+
+# (B, nh, Tq, Tk, hs, chunk): queries that are the last Tq of Tk positions
+LAST_QUERIES = [(2, 3, 1, 1, 4, 64), (2, 3, 1, 7, 4, 64), (1, 2, 1, 130, 8, 64),
+                (2, 2, 3, 7, 4, 64), (1, 2, 5, 9, 3, 2), (2, 1, 4, 4, 2, 2)]
+
+
+@dtypes
+@pytest.mark.parametrize("scale", [None, 0.3])
+@pytest.mark.parametrize("shape", LAST_QUERIES, ids=lambda s: "x".join(map(str, s)))
+def test_last_queries_vs_torch(monkeypatch, shape, scale, dtype, device):
+    """fused.causal_attention of queries that are the last Tq of Tk positions (a generation
+    step with a KV cache) against torch given the mask that says so: query i sees keys
+    0 .. Tk - Tq + i (chunked where chunk <= Tq / 2)."""
+    B, nh, Tq, Tk, hs, chunk = shape
+    monkeypatch.setattr(attention, "CHUNK", chunk)
+    mask = np.tril(np.ones((Tq, Tk), dtype=bool), k=Tk - Tq)
+
+    def ours(q, k, v):
+        return fused.causal_attention(q, k, v, scale=scale)
+
+    def theirs(q, k, v):
+        return torch_sdpa(q, k, v, attn_mask=torch.from_numpy(mask), scale=scale)
+    check(FAMILY, ours, theirs, *qkv((B, nh, Tq, hs), (B, nh, Tk, hs)), dtype=dtype, device=device)
+
+
+@dtypes
+@pytest.mark.parametrize("shape", [(2, 3, 1, 9, 4, 64), (1, 2, 5, 9, 3, 2)])
+def test_last_queries_dropout_equals_composed_path(monkeypatch, shape, dtype, device):
+    """Queries at the end of the keys with dropout: the fused op and the composition given
+    the same mask as attn_mask draw the same keep-mask and agree, output and gradients."""
+    B, nh, Tq, Tk, hs, chunk = shape
+    monkeypatch.setattr(attention, "CHUNK", chunk)
+    arrays = [a.astype(dtype) for a in qkv((B, nh, Tq, hs), (B, nh, Tk, hs), seed=Tk)]
+    g = randn(B, nh, Tq, hs, seed=1).astype(dtype)
+    mask = np.tril(np.ones((Tq, Tk), dtype=bool), k=Tk - Tq)
+    fused_run = run(lambda q, k, v: fused.causal_attention(q, k, v, 0.3), arrays, g, device,
+                    seed=5)
+    composed_run = run(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, mask, 0.3),
+                       arrays, g, device, seed=5)
+    names = ("output", "query grad", "key grad", "value grad")
+    for name, a, r in zip(names, fused_run, composed_run):
+        close(a, r, dtype, name)
 
 
 def test_fused_output_is_a_view_of_the_heads_side_by_side():
@@ -280,6 +338,10 @@ GRADCHECKS = {  # name: (fn, inputs, kernels.attention.CHUNK)
     "fused_scale": (_sdpa(is_causal=True, scale=0.7), qkv((2, 1, 4, 3)), 64),
     "fused_dropout": (_seeded(_sdpa(is_causal=True, dropout_p=0.4)), qkv((2, 2, 4, 2)), 64),
     "fused_dropout_chunked": (_seeded(_sdpa(is_causal=True, dropout_p=0.4)), qkv((1, 2, 5, 2)), 2),
+    "fused_one_query": (_sdpa(scale=0.6), qkv((2, 2, 1, 3), (2, 2, 5, 3)), 64),
+    "fused_one_query_dropout": (_seeded(_sdpa(dropout_p=0.4)), qkv((2, 2, 1, 3), (2, 2, 4, 3)), 64),
+    "fused_last_queries_chunked": (_seeded(lambda q, k, v: fused.causal_attention(q, k, v, 0.3)),
+                                   qkv((1, 2, 5, 3), (1, 2, 7, 3)), 2),
     "plain": (_sdpa(), qkv((2, 2, 3, 4), (2, 2, 5, 4), (2, 2, 5, 3)), 64),
     "causal_L<S": (_sdpa(is_causal=True), qkv((1, 2, 3, 4), (1, 2, 5, 4), (1, 2, 5, 3)), 64),
     "causal_L>S": (_sdpa(is_causal=True, scale=0.4), qkv((2, 5, 3), (2, 3, 3), (2, 3, 2)), 64),
@@ -368,7 +430,11 @@ def test_unsupported_grouped_query_attention():
 
 def test_fused_op_bad_input():
     q = tt.Tensor(f32(2, 3, 4, 5))
-    with pytest.raises(ValueError, match="one shape"):
-        fused.causal_attention(q, tt.Tensor(f32(2, 3, 6, 5)), tt.Tensor(f32(2, 3, 6, 5)))
+    for k_shape, v_shape in [((2, 3, 3, 5), (2, 3, 3, 5)),     # more queries than keys
+                             ((2, 3, 6, 4), (2, 3, 6, 4)),     # another head size
+                             ((2, 3, 6, 5), (2, 3, 7, 5)),     # key and value differ
+                             ((1, 3, 6, 5), (1, 3, 6, 5))]:    # another batch
+        with pytest.raises(ValueError, match="Tq <= Tk"):
+            fused.causal_attention(q, tt.Tensor(f32(*k_shape)), tt.Tensor(f32(*v_shape)))
     with pytest.raises(ValueError, match="dropout probability"):
         fused.causal_attention(q, q, q, dropout_p=1.0)

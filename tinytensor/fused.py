@@ -7,7 +7,8 @@
     embedding(w, idx)                       rows of a table (F.embedding)
     dropout(x, p)                           inverted dropout with a bool keep-mask (F.dropout)
     causal_attention(q, k, v, p, scale)     softmax(scale * q @ k^T, the future masked), its
-                                            weights dropped, @ v (F.scaled_dot_product_attention)
+                                            weights dropped, @ v (F.scaled_dot_product_attention);
+                                            q may be the last few positions of k and v
     adamw_update(p, g, m, v, ...)           AdamW's update rule, in place (optim.AdamW)
 
 Each is written here once, as plain array code on NumPy or CuPy arrays (xp): its reference,
@@ -243,46 +244,53 @@ def dropout(x, p):
 
 # ---------------------------------------------------------------- causal attention
 class CausalAttention(Function):
-    """Causal attention of every head: q, k, v (B, nh, T, hs) to y (B, nh, T, hs),
+    """Causal attention of every head: q (B, nh, Tq, hs) against k, v (B, nh, Tk, hs), Tq <= Tk,
+    to y (B, nh, Tq, hs),
 
         att = softmax(scale * q @ k^T)    each query seeing the keys up to its own position
         y = dropout(att, p) @ v           the weights dropped as F.dropout drops them
 
-    in one op, equal to the composition F.scaled_dot_product_attention(is_causal=True) runs
-    without the fused path (the mask, the scaled scores and the dropped weights are not kept).
+    in one op. The queries are the last Tq of the Tk positions, so query i sees keys
+    0 .. Tk - Tq + i: Tq = Tk is a sequence attending to itself; Tq < Tk are new positions after
+    Tk - Tq earlier ones (generation with a KV cache: one query, Tq = 1, sees every key). It
+    equals the composition F.scaled_dot_product_attention runs without the fused path, with
+    is_causal=True (Tq = Tk) or with no mask (Tq = 1); the mask, the scaled scores and the
+    dropped weights are not kept.
     """
 
     def forward(self, q, k, v, p=0.0, scale=1.0):
         xp = _xp(q)
-        T = q.shape[-2]
-        att = (q @ xp.swapaxes(k, -1, -2)) * q.dtype.type(scale)   # (B, nh, T, T) scores
-        future = xp.triu(xp.ones((T, T), dtype=bool), k=1)         # (T, T) keys after the query
+        Tq, Tk = q.shape[-2], k.shape[-2]
+        att = (q @ xp.swapaxes(k, -1, -2)) * q.dtype.type(scale)   # (B, nh, Tq, Tk) scores
+        future = xp.triu(xp.ones((Tq, Tk), dtype=bool), k=Tk - Tq + 1)  # keys after the query
         att = xp.where(future, att.dtype.type(-np.inf), att)
         att = xp.exp(att - att.max(axis=-1, keepdims=True))
         att /= att.sum(axis=-1, keepdims=True)                     # softmax over the keys
         self.q, self.k, self.v, self.att = q, k, v, att
         self.keep = keep_mask(att.shape, p, xp) if p > 0 else None
         self.p, self.scale = p, q.dtype.type(scale)
-        return self.dropped(att) @ v                               # (B, nh, T, hs)
+        return self.dropped(att) @ v                               # (B, nh, Tq, hs)
 
     def dropped(self, a):
-        """a (B, nh, T, T) with the dropout of the weights applied (a itself without dropout)."""
+        """a (B, nh, Tq, Tk) with the dropout of the weights applied (a itself without dropout)."""
         return a if self.keep is None else a * self.keep * a.dtype.type(1 / (1 - self.p))
 
     def backward(self, gy):
         xp, att, q, k = _xp(gy), self.att, self.q, self.k
-        gv = xp.swapaxes(self.dropped(att), -1, -2) @ gy           # (B, nh, T, hs)
-        ga = self.dropped(gy @ xp.swapaxes(self.v, -1, -2))        # (B, nh, T, T) d(weights)
+        gv = xp.swapaxes(self.dropped(att), -1, -2) @ gy           # (B, nh, Tk, hs)
+        ga = self.dropped(gy @ xp.swapaxes(self.v, -1, -2))        # (B, nh, Tq, Tk) d(weights)
         gs = att * (ga - (ga * att).sum(axis=-1, keepdims=True)) * self.scale  # d(scores)
         return gs @ k, xp.swapaxes(gs, -1, -2) @ q, gv
 
 
 def causal_attention(q, k, v, dropout_p=0.0, scale=None):
-    """Causal attention of q, k, v (B, nh, T, hs) in one op (F.scaled_dot_product_attention's
-    fused path); scale defaults to hs ** -0.5."""
-    if not (q.ndim == 4 and q.shape == k.shape == v.shape):
-        raise ValueError(f"causal_attention needs q, k, v of one shape (B, nh, T, hs), got "
-                         f"{q.shape}, {k.shape}, {v.shape}")
+    """Causal attention of q (B, nh, Tq, hs) against k, v (B, nh, Tk, hs), Tq <= Tk, the
+    queries being the last Tq positions, in one op (F.scaled_dot_product_attention's fused
+    path); scale defaults to hs ** -0.5."""
+    if not (q.ndim == 4 and k.shape == v.shape and k.ndim == 4 and q.shape[:2] == k.shape[:2]
+            and q.shape[3] == k.shape[3] and q.shape[2] <= k.shape[2]):
+        raise ValueError(f"causal_attention needs q (B, nh, Tq, hs) and k, v of one shape "
+                         f"(B, nh, Tk, hs) with Tq <= Tk, got {q.shape}, {k.shape}, {v.shape}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {dropout_p}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

@@ -12,7 +12,8 @@ below), a compiled CPU loop (kernels/_numba.py) for float32 on the CPU, else Num
 Its layout: y (B, nh, T, hs) is a view of a contiguous (B, T, nh, hs) array, so the heads side
 by side, y.transpose(1, 2).reshape(B, T, nh * hs), cost no copy; the gradients of q, k and v
 are views of one (B, T, 3, nh, hs) array, laid out as a fused q/k/v projection's output, so
-that the views back to (B, T, C) cost none either.
+that the views back to (B, T, C) cost none either. Queries that are the last T of Tk > T
+positions (generation with a KV cache) see past = Tk - T more keys in every chunk.
 
 The CUDA causal softmax, with the scale folded in:
 
@@ -233,77 +234,87 @@ class ChunkedAttention(fused.CausalAttention):
     def forward(self, q, k, v, p=0.0, scale=1.0):
         xp = backend.get_array_module(q)
         B, nh, T, hs = q.shape
+        Tk = k.shape[2]
+        self.past = past = Tk - T                                   # positions before the queries
         dtype = q.dtype
         self.q, self.k, self.v = q, k, v
         self.scale, self.rescale = dtype.type(scale), dtype.type(1.0 / (1.0 - p))
-        self.keep = _keep_mask((B, nh, T, T), p, xp) if p > 0 else None   # (B, nh, T, T)
+        self.keep = _keep_mask((B, nh, T, Tk), p, xp) if p > 0 else None   # (B, nh, T, Tk)
         chunk = CHUNK if T >= 2 * CHUNK else T
-        # chunk (s, e): queries s..e-1, which see keys 0..e-1
+        # chunk (s, e): queries s..e-1, which see keys 0..past+e-1
         self.chunks = [(s, min(s + chunk, T)) for s in range(0, T, chunk)]
-        self.att = [xp.empty((B, nh, e - s, e), dtype=dtype) for s, e in self.chunks]
+        self.att = [xp.empty((B, nh, e - s, past + e), dtype=dtype) for s, e in self.chunks]
         y = xp.empty((B, T, nh, hs), dtype=dtype)                   # (B, T, nh, hs)
         y_heads = y.transpose(0, 2, 1, 3)                           # (B, nh, T, hs) view of y
 
         def rows(b0, b1):  # batch rows b0..b1-1, all chunks
             q_s = q[b0:b1] * self.scale                             # (b, nh, T, hs) scaled queries
             for (s, e), att in zip(self.chunks, self.att):
-                a = att[b0:b1]                                      # (b, nh, c, e) scores
-                _matmul_into(q_s[:, :, s:e], k[b0:b1, :, :e].transpose(0, 1, 3, 2), a)
+                a = att[b0:b1]                                      # (b, nh, c, past+e) scores
+                _matmul_into(q_s[:, :, s:e], k[b0:b1, :, :past + e].transpose(0, 1, 3, 2), a)
                 causal_softmax_(a)                                  # attention weights
                 out = y_heads[b0:b1, :, s:e]                        # (b, nh, c, hs)
-                _matmul_into(self._kept(a, b0, b1, s, e), v[b0:b1, :, :e], out)
+                _matmul_into(self._kept(a, b0, b1, s, e), v[b0:b1, :, :past + e], out)
                 if self.keep is not None:
                     out *= self.rescale
 
-        _batch_rows(B, rows, nh * T * T, xp)
+        _batch_rows(B, rows, nh * T * Tk, xp)
         return y_heads
 
     def _kept(self, att, b0, b1, s, e):
         """att * keep for batch rows b0..b1, chunk s..e (a new array; not yet scaled by
         1 / (1 - p)), or att itself without dropout."""
-        return att if self.keep is None else att * self.keep[b0:b1, :, s:e, :e]
+        return att if self.keep is None else att * self.keep[b0:b1, :, s:e, :self.past + e]
 
     def backward(self, gy):
-        gqkv = self._gradients(gy)                                  # (B, T, 3, nh, hs)
-        return tuple(gqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # gq, gk, gv
+        return self._gradients(gy)
 
     def _gradients(self, g):
-        """The gradients of q, k and v for the output gradient g (B, nh, T, hs), any strides,
-        in one (B, T, 3, nh, hs) array: the layout of the fused projection's output."""
+        """The gradients of q, k and v for the output gradient g (B, nh, T, hs), any strides:
+        (B, nh, T, hs) views of one (B, T, 3, nh, hs) array, the layout of the fused
+        projection's output, where q, k and v have one shape; else views of a (B, T, nh, hs)
+        and a (B, Tk, 2, nh, hs) array."""
         xp = backend.get_array_module(g)
-        q, k, v = self.q, self.k, self.v
+        q, k, v, past = self.q, self.k, self.v, self.past
         B, nh, T, hs = q.shape
-        gqkv = xp.empty((B, T, 3, nh, hs), dtype=g.dtype)           # (B, T, 3, nh, hs)
-        gq, gk, gv = (gqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (B, nh, T, hs) views
+        Tk = T + past
+        if past == 0:
+            gqkv = xp.empty((B, T, 3, nh, hs), dtype=g.dtype)       # (B, T, 3, nh, hs)
+            gq, gk, gv = (gqkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (B, nh, T, hs)
+        else:
+            gq = xp.empty((B, T, nh, hs), dtype=g.dtype).transpose(0, 2, 1, 3)   # (B, nh, T, hs)
+            gkv = xp.empty((B, Tk, 2, nh, hs), dtype=g.dtype)       # (B, Tk, 2, nh, hs)
+            gk, gv = (gkv[:, :, i].transpose(0, 2, 1, 3) for i in range(2))  # (B, nh, Tk, hs)
 
         def rows(b0, b1):
             q_s = q[b0:b1] * self.scale                             # (b, nh, T, hs) scaled queries
             # the last chunk sees every key: it writes gk and gv, the earlier ones add to them
             for (s, e), att in reversed(list(zip(self.chunks, self.att))):
-                att = att[b0:b1]                                    # (b, nh, c, e)
+                att = att[b0:b1]                                    # (b, nh, c, past+e)
+                seen = past + e                                     # keys this chunk sees
                 gc = g[b0:b1, :, s:e]                               # (b, nh, c, hs)
                 if self.keep is not None:
                     gc = gc * self.rescale                          # d(kept weights @ v)
-                kept_t = self._kept(att, b0, b1, s, e).transpose(0, 1, 3, 2)   # (b, nh, e, c)
+                kept_t = self._kept(att, b0, b1, s, e).transpose(0, 1, 3, 2)   # (b, nh, seen, c)
                 if e == T:
                     _matmul_into(kept_t, gc, gv[b0:b1])
                 else:
-                    gv[b0:b1, :, :e] += kept_t @ gc
+                    gv[b0:b1, :, :seen] += kept_t @ gc
                 del kept_t
-                ga = gc @ v[b0:b1, :, :e].transpose(0, 1, 3, 2)     # (b, nh, c, e) d(weights)
+                ga = gc @ v[b0:b1, :, :seen].transpose(0, 1, 3, 2)  # (b, nh, c, seen) d(weights)
                 if self.keep is not None:
-                    ga *= self.keep[b0:b1, :, s:e, :e]
+                    ga *= self.keep[b0:b1, :, s:e, :seen]
                 causal_softmax_backward_(ga, att)                   # d(scaled scores)
                 gq_c = gq[b0:b1, :, s:e]                            # (b, nh, c, hs)
-                _matmul_into(ga, k[b0:b1, :, :e], gq_c)
+                _matmul_into(ga, k[b0:b1, :, :seen], gq_c)
                 gq_c *= self.scale
                 if e == T:
                     _matmul_into(ga.transpose(0, 1, 3, 2), q_s[:, :, s:e], gk[b0:b1])
                 else:
-                    gk[b0:b1, :, :e] += ga.transpose(0, 1, 3, 2) @ q_s[:, :, s:e]
+                    gk[b0:b1, :, :seen] += ga.transpose(0, 1, 3, 2) @ q_s[:, :, s:e]
 
-        _batch_rows(B, rows, nh * T * T, xp)
-        return gqkv
+        _batch_rows(B, rows, nh * T * Tk, xp)
+        return gq, gk, gv
 
 
 def _keep_mask(shape, p, xp):

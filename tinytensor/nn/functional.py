@@ -242,16 +242,19 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     is no training flag; pass 0.0 to evaluate). A query with no key left by the mask gets
     all-zero weights (its output is 0), as in torch.
 
-    Causal self-attention of 4-D query, key and value of one shape (B, nh, T, hs) without a
-    mask runs as one fused op (tinytensor.fused.causal_attention); everything else composes ops.
-    enable_gqa=True (grouped-query attention) is not supported.
+    Two cases run as one fused op (tinytensor.fused.causal_attention), for 4-D query (B, nh,
+    L, hs) and key and value of one shape (B, nh, S, hs): causal self-attention (is_causal,
+    L = S) and one query against every key (L = 1, no mask: a generation step with a KV
+    cache); everything else composes ops. enable_gqa=True (grouped-query attention) is not
+    supported.
     """
     _check_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     L, S, E = query.shape[-2], key.shape[-2], query.shape[-1]
     scale = (1.0 / math.sqrt(E) if E else math.inf) if scale is None else float(scale)
     p = float(dropout_p)
-    if is_causal and query.ndim == 4 and query.shape == key.shape == value.shape and p < 1.0:
-        return fused.causal_attention(query, key, value, p, scale)      # (B, nh, T, hs)
+    if (L == S if is_causal else L == 1 and S > 0 and attn_mask is None) and p < 1.0 \
+            and query.ndim == 4 and key.shape == value.shape == query.shape[:2] + (S, E):
+        return fused.causal_attention(query, key, value, p, scale)      # (B, nh, L, hs)
     att = (query @ key.transpose(-2, -1)) * scale                       # (..., L, S) scores
     if is_causal:
         att = att.masked_fill(~np.tril(np.ones((L, S), dtype=bool)), -math.inf)  # the future
