@@ -254,6 +254,21 @@ def test_two_ellipses_are_refused_where_torch_reads_them_its_own_way():
         tt.arange(24).reshape(2, 3, 4)[..., 0, ...]
 
 
+@pytest.mark.parametrize("idx", [0, -1, (0, 1), (slice(None), slice(1, 3)), (None, 1, slice(2)),
+                                 (), (1, None, slice(-2, None), 0), (slice(None),) * 3])
+def test_plain_indices_skip_the_general_reading_with_its_result(idx):
+    """Ints, slices without a step and None (x[:, :, a:b]) skip _unwrap_index/_torch_order,
+    which read them as the same basic index; anything else (a step, an array, a bool, ...,
+    more indices than dims) is left to them."""
+    from tinytensor.ops import shape
+    items = idx if isinstance(idx, tuple) else (idx,)
+    assert shape._plain_basic(idx, 3) == items == shape._torch_order(shape._unwrap_index(idx), 3)[0]
+    assert shape._torch_order(shape._unwrap_index(idx), 3)[1] is None
+    for other in [(slice(None, None, 2),), (True,), ([0, 1],), (Ellipsis, 0), (0, 0, 0, 0),
+                  (np.int64(1),)]:
+        assert shape._plain_basic(other, 3) is None
+
+
 # ---------------------------------------------------------------- assignment
 def _low(m, x):
     """The first five elements of x (arange(24) as (2, 3, 4)) as a mask, whatever x's dtype."""

@@ -459,11 +459,29 @@ class GetItem(ViewFunction):
         return gx
 
 
+def _plain_basic(idx, ndim):
+    """idx as a tuple where it holds only ints, slices without a step and None, at most ndim
+    ints and slices (x[:, :, a:b], the common case, which NumPy reads as torch does); else None
+    (the general path, _unwrap_index and _torch_order, reads it)."""
+    items = idx if type(idx) is tuple else (idx,)
+    n = 0
+    for i in items:
+        kind = type(i)
+        if (kind is slice and i.step is None) or kind is int:
+            n += 1
+        elif i is not None:
+            return None
+    return items if n <= ndim else None
+
+
 def getitem(x, idx):
     """x[idx] as torch reads it (see above): ints, slices (step > 0), None, ..., bools, and
     index arrays (tensors, lists, tuples, nested lists, NumPy arrays; bool ones are masks of the
     dims they cover), negative indices counting from the end; an out-of-range index raises
     IndexError."""
+    basic = _plain_basic(idx, x.ndim)
+    if basic is not None:
+        return GetItem.apply(x, idx=basic)
     basic, advanced = _torch_order(_unwrap_index(idx), x.ndim)
     if advanced is None:
         return GetItem.apply(x, idx=basic)
@@ -599,7 +617,9 @@ class Split(ViewFunction):
 
     def forward(self, x, sizes, axis):
         self.shape, self.axis, self.sizes = x.shape, axis, sizes
-        return tuple(_xp(x).split(x, list(itertools.accumulate(sizes))[:-1], axis=axis))
+        lead = (slice(None),) * axis                               # the dims before axis, whole
+        ends = list(itertools.accumulate(sizes))
+        return tuple(x[lead + (slice(e - n, e),)] for n, e in zip(sizes, ends))
 
     def backward(self, gys):
         xp = next(_xp(g) for g in gys if g is not None)
@@ -661,7 +681,10 @@ def setitem(x, idx, value):
     (a Parameter's initialisation); a value that requires grad is refused unless under no_grad().
     The write counts in x's version (x._version), as every in-place write."""
     _check_assignable(x, value)
-    basic, advanced = _torch_order(_unwrap_index(idx), x.ndim)
+    basic = _plain_basic(idx, x.ndim)
+    advanced = None
+    if basic is None:
+        basic, advanced = _torch_order(_unwrap_index(idx), x.ndim)
     if advanced is None:
         x.data[basic] = _assigned(value, x, x.data[basic].shape)
         increment_version(x)
