@@ -266,10 +266,7 @@ class ChunkedAttention(fused.CausalAttention):
         1 / (1 - p)), or att itself without dropout."""
         return att if self.keep is None else att * self.keep[b0:b1, :, s:e, :self.past + e]
 
-    def backward(self, gy):
-        return self._gradients(gy)
-
-    def _gradients(self, g):
+    def backward(self, g):
         """The gradients of q, k and v for the output gradient g (B, nh, T, hs), any strides:
         (B, nh, T, hs) views of one (B, T, 3, nh, hs) array, the layout of the fused
         projection's output, where q, k and v have one shape; else views of a (B, T, nh, hs)

@@ -474,15 +474,19 @@ def _plain_basic(idx, ndim):
     return items if n <= ndim else None
 
 
+def _read_index(idx, ndim):
+    """torch's (basic, advanced) steps for an index into a tensor of ndim dims (_torch_order),
+    a plain index going straight through (_plain_basic)."""
+    basic = _plain_basic(idx, ndim)
+    return (basic, None) if basic is not None else _torch_order(_unwrap_index(idx), ndim)
+
+
 def getitem(x, idx):
     """x[idx] as torch reads it (see above): ints, slices (step > 0), None, ..., bools, and
     index arrays (tensors, lists, tuples, nested lists, NumPy arrays; bool ones are masks of the
     dims they cover), negative indices counting from the end; an out-of-range index raises
     IndexError."""
-    basic = _plain_basic(idx, x.ndim)
-    if basic is not None:
-        return GetItem.apply(x, idx=basic)
-    basic, advanced = _torch_order(_unwrap_index(idx), x.ndim)
+    basic, advanced = _read_index(idx, x.ndim)
     if advanced is None:
         return GetItem.apply(x, idx=basic)
     if not all(_whole(i) for i in basic):
@@ -681,10 +685,7 @@ def setitem(x, idx, value):
     (a Parameter's initialisation); a value that requires grad is refused unless under no_grad().
     The write counts in x's version (x._version), as every in-place write."""
     _check_assignable(x, value)
-    basic = _plain_basic(idx, x.ndim)
-    advanced = None
-    if basic is None:
-        basic, advanced = _torch_order(_unwrap_index(idx), x.ndim)
+    basic, advanced = _read_index(idx, x.ndim)
     if advanced is None:
         x.data[basic] = _assigned(value, x, x.data[basic].shape)
         increment_version(x)
