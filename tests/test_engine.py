@@ -12,7 +12,7 @@ import torch
 import tinytensor as tt
 import tinytensor.nn as nn
 import tinytensor.nn.functional as F
-from tinytensor import Function, backend
+from tinytensor import Function, backend, fused
 from torch_helper import WORST, assert_close, check, randn
 
 
@@ -131,6 +131,35 @@ def test_graph_is_freed_after_backward():
     (z * 3).sum().backward()
     with pytest.raises(RuntimeError, match="already freed"):
         (z * 5).sum().backward()   # z's graph went with the first backward
+
+
+def test_no_grad_forward_is_told_no_input_wants_a_gradient_and_keeps_nothing(monkeypatch):
+    seen = []
+
+    class Probe(Function):
+        def forward(self, a, b):
+            seen.append(list(self.needs_grad))
+            return a + b
+
+    x, c = tt.Tensor(randn(3), requires_grad=True), tt.Tensor(randn(3))
+    Probe.apply(x, c)
+    with tt.no_grad():
+        Probe.apply(x, c)
+    assert seen == [[True, False], [False, False]]
+    # a product keeps each operand only for the other's gradient: under no_grad, neither
+    w = tt.Tensor(randn(4, 3), requires_grad=True)
+    kept = []
+    keep = fused.Linear.keep
+
+    def spy(self, a, b):
+        keep(self, a, b)
+        kept.append((self.x is not None, self.w is not None))
+    monkeypatch.setattr(fused.Linear, "keep", spy)
+    fused.Linear.apply(x[None], w)
+    with tt.no_grad():
+        y = fused.Linear.apply(x[None], w)
+    assert kept == [(True, True), (False, False)]
+    assert y._ctx is None and not y.requires_grad
 
 
 def test_no_grad_inputs_get_no_gradient_and_constants_stay_leaves():

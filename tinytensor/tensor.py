@@ -502,7 +502,8 @@ class Function:
     `self.needs_grad[i]` says whether input i wants a gradient; it is set before forward runs, so
     that forward keeps only what backward will need (as torch saves an operand of a product only
     for the other operand's gradient): backward refuses to run when an array it keeps was
-    written in place since (see _check_versions).
+    written in place since (see _check_versions). Under no_grad every entry is False, so
+    forward keeps nothing (as torch saves nothing there).
 
     A Function with several outputs (split) returns a tuple of arrays from forward and gets a
     tuple of their gradients in backward (None for an output that got none); apply returns a
@@ -516,9 +517,12 @@ class Function:
     @classmethod
     def apply(cls, *inputs, **kwargs):
         ctx = cls()
-        parents = [x if isinstance(x, Tensor) else None for x in inputs]
-        ctx.needs_grad = [p is not None and p.requires_grad for p in parents]
-        out = ctx.forward(*(x.data if isinstance(x, Tensor) else x for x in inputs), **kwargs)
+        if _grad_enabled:
+            parents = [x if isinstance(x, Tensor) else None for x in inputs]
+            ctx.needs_grad = [p is not None and p.requires_grad for p in parents]
+        else:  # no_grad records nothing: no input wants a gradient, so forward keeps nothing
+            ctx.needs_grad = [False] * len(inputs)
+        out = ctx.forward(*[x.data if isinstance(x, Tensor) else x for x in inputs], **kwargs)
         record = _grad_enabled and any(ctx.needs_grad)
         results = tuple(_output(o, record and o.dtype.kind in "fc", ctx) for o in out) \
             if isinstance(out, tuple) else _output(out, record, ctx)
