@@ -261,7 +261,9 @@ def test_takes_only_numpy_floats_of_one_dtype():
     f32, f64 = np.zeros(3, np.float32), np.zeros(3, np.float64)
     assert kernels.numpy_floats(f32, None, f32) and kernels.numpy_floats(f64)
     assert not kernels.numpy_floats(f32, f64) and not kernels.numpy_floats(np.zeros(3, np.int64))
-    assert not kernels.numpy_floats()
+    assert not kernels.numpy_floats() and not kernels.numpy_floats(None, None)  # None == float64 in NumPy
+    assert not kernels.numpy_floats(f32, [0.0]) and not kernels.numpy_floats(np.zeros(3, np.float16))
+    assert not kernels.numpy_floats(f32, f32.astype(np.float16), f32)
     x = np.ones((2, 4), np.float32)
     assert kernels.accelerated(fused.LayerNorm, x, None, None) is layernorm.NumbaLayerNorm
     assert kernels.accelerated(fused.LayerNorm, x.astype(np.float16), None, None) is fused.LayerNorm

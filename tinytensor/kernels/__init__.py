@@ -106,9 +106,14 @@ def numba_loops():
 def numpy_floats(*arrays):
     """True for NumPy arrays of one float dtype, float32 or float64 (None entries skipped):
     what the compiled CPU loops take."""
-    given = [a for a in arrays if a is not None]
-    return bool(given) and given[0].dtype in _FLOATS and all(
-        type(a) is np.ndarray and a.dtype == given[0].dtype for a in given)
+    dtype = None                   # one loop, no lists: every fused op asks on every call
+    for a in arrays:
+        if a is None:
+            continue
+        if type(a) is not np.ndarray or (dtype is not None and a.dtype != dtype):
+            return False
+        dtype = a.dtype
+    return dtype is not None and dtype in _FLOATS
 
 
 def cuda_floats(*arrays):
