@@ -375,3 +375,33 @@ def test_relu_of_infinities_and_nan_as_torch(path):
         y = v.copy()
         linear.bias_relu_numba(y, None)
         np.testing.assert_array_equal(y, want)
+
+
+@pytest.mark.parametrize("path", ["reference", "accelerated"])
+@pytest.mark.filterwarnings("ignore:divide by zero", "ignore:invalid value encountered")
+def test_division_by_zero_gives_nan_as_torch(path):
+    """With eps=0 the compiled loops divide by zero: layer norm of a constant row (1 / sqrt(0))
+    and AdamW's first step on a zero gradient (0 / 0). They give NaN as torch and the
+    references do (NumPy's error model), not Python's ZeroDivisionError."""
+    import torch
+    kernels.use(path == "accelerated")
+    x = np.ones((3, 8), np.float32)
+    x[1] = np.arange(8)                                    # one row that is not constant
+    want = torch.nn.functional.layer_norm(torch.from_numpy(x), (8,), eps=0.0).numpy()
+    xt = tt.Tensor(x, requires_grad=True)
+    y = F.layer_norm(xt, (8,), eps=0.0)
+    assert (type(y._ctx) is layernorm.NumbaLayerNorm) == (path == "accelerated")
+    np.testing.assert_array_equal(np.isnan(y.numpy()), np.isnan(want))
+    np.testing.assert_allclose(y.numpy()[1], want[1], rtol=1e-5, atol=1e-6)
+    y.backward(np.ones_like(x))
+    assert np.isnan(xt.grad[[0, 2]]).all() and np.isfinite(xt.grad[1]).all()
+
+    p0 = rand((4, 3), np.float32, 1)
+    ours, theirs = tt.nn.Parameter(tt.Tensor(p0.copy())), torch.nn.Parameter(torch.from_numpy(p0.copy()))
+    opt_ours = tt.optim.AdamW([ours], lr=1e-3, eps=0.0)
+    opt_theirs = torch.optim.AdamW([theirs], lr=1e-3, eps=0.0)
+    ours.grad, theirs.grad = np.zeros_like(p0), torch.zeros(4, 3)
+    opt_ours.step()
+    opt_theirs.step()
+    assert np.isnan(theirs.detach().numpy()).all()
+    np.testing.assert_array_equal(np.isnan(ours.numpy()), np.isnan(theirs.detach().numpy()))

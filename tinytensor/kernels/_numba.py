@@ -14,9 +14,13 @@ import numpy as np
 from numba import njit
 
 _FAST = {"reassoc"}
+# error_model="numpy": a float division by zero gives inf or NaN, as in the NumPy references,
+# instead of raising ZeroDivisionError; without a check on every division, LLVM also
+# vectorises loops that divide (AdamW's)
+_JIT = dict(nogil=True, cache=True, error_model="numpy")
 
 
-@njit(nogil=True, cache=True)
+@njit(**_JIT)
 def _consts(dtype, a, b):
     """0, 1, a and b as scalars of `dtype`: mixing a float32 with a Python float or an int
     makes float64 in Numba, which would halve the SIMD width of every loop it touches."""
@@ -25,7 +29,7 @@ def _consts(dtype, a, b):
     return c[0], c[1], c[2], c[3]
 
 
-@njit(nogil=True, cache=True, fastmath=_FAST)
+@njit(fastmath=_FAST, **_JIT)
 def layer_norm_forward(x, w, b, eps, y, mean, rstd):
     """y = (x - mean) * rstd * w + b per row of x (N, D); writes y (N, D), mean and rstd (N,)."""
     n, d = x.shape
@@ -47,7 +51,7 @@ def layer_norm_forward(x, w, b, eps, y, mean, rstd):
             yr[j] = (xr[j] - m) * r * w[j] + b[j]
 
 
-@njit(nogil=True, cache=True, fastmath=_FAST)
+@njit(fastmath=_FAST, **_JIT)
 def layer_norm_backward(gy, x, w, mean, rstd, gx, gw, gb):
     """gx (N, D) of layer norm's input from gy (N, D); ADDS the rows' sums of gy * xhat and gy
     into gw and gb (D,) (float64 partial sums, exact enough over any number of rows; a caller
@@ -75,7 +79,7 @@ def layer_norm_backward(gy, x, w, mean, rstd, gx, gw, gb):
             gxr[j] = (gyr[j] * w[j] - sg - (xr[j] - m) * r * sgx) * r
 
 
-@njit(nogil=True, cache=True)
+@njit(**_JIT)
 def cross_entropy_backward(p, t, ignore_index, scale, gx):
     """gx = scale[i] * (p - onehot(t)) per row, 0 for ignored rows; scale (N,)."""
     n, c = p.shape
@@ -91,7 +95,7 @@ def cross_entropy_backward(p, t, ignore_index, scale, gx):
         gx[i, ti] -= si
 
 
-@njit(nogil=True, cache=True)
+@njit(**_JIT)
 def add_rows(target, rows, values):
     """target[rows[i]] += values[i] for each i in order (repeats accumulate), target (n, D),
     rows (N,) already in [0, n), values (N, D)."""
@@ -102,7 +106,7 @@ def add_rows(target, rows, values):
             target[r, j] += values[i, j]
 
 
-@njit(nogil=True, cache=True)
+@njit(**_JIT)
 def bias_relu_(y, b):
     """y = relu(y + b) in place, y (N, D), b (D,) (a bias-free caller passes zeros). ReLU as
     torch: max(v, 0), so -inf gives 0 and a NaN stays NaN."""
@@ -114,7 +118,7 @@ def bias_relu_(y, b):
             yr[j] = 0 if v <= 0 else v
 
 
-@njit(nogil=True, cache=True)
+@njit(**_JIT)
 def add_bias_(y, b):
     """y += b in place for every row of y (N, D)."""
     n, d = y.shape
@@ -124,7 +128,7 @@ def add_bias_(y, b):
             yr[j] += b[j]
 
 
-@njit(nogil=True, cache=True, fastmath=_FAST)
+@njit(fastmath=_FAST, **_JIT)
 def relu_backward(gy, y, g, gb):
     """g = gy * (y > 0) (N, D) from the ReLU's output y; ADDS g's column sums into gb (D,)
     (float64 partial sums, as layer_norm_backward's)."""
@@ -137,7 +141,7 @@ def relu_backward(gy, y, g, gb):
             gb[j] += v
 
 
-@njit(nogil=True, cache=True)
+@njit(**_JIT)
 def adamw_(p, g, m, v, decay, one_minus_beta1, beta2, one_minus_beta2, bias_correction2_sqrt,
            eps, step_size):
     """One AdamW step in place on 1-D p, g, m, v, each element read and written once; the
@@ -165,7 +169,7 @@ _P0, _P1, _P2 = np.float32(1.9875691500e-4), np.float32(1.3981999507e-3), np.flo
 _P3, _P4, _P5 = np.float32(4.1665795894e-2), np.float32(1.6666665459e-1), np.float32(5.0000001201e-1)
 
 
-@njit(nogil=True, cache=True)
+@njit(**_JIT)
 def exp_neg_(z, k):
     """z <- exp(z) in place for float32 z (n,) of values <= 0 (scores minus their row's max),
     k an int32 scratch (n,). exp(-inf) and anything below -87.33 give 0 (NumPy gives
@@ -186,7 +190,7 @@ def exp_neg_(z, k):
         bits[j] += k[j] << 23          # p in [0.7, 1.5) times 2^k, k in [-126, 0]
 
 
-@njit(nogil=True, cache=True, fastmath=_FAST)
+@njit(fastmath=_FAST, **_JIT)
 def causal_softmax_f32_(att, tq, tk):
     """att (rows, Tk) float32, the rows being (..., Tq) query rows of Tq-row blocks <- their
     causal softmax in place: query row i of a block sees keys 0 .. Tk - Tq + i; the rest
@@ -213,7 +217,7 @@ def causal_softmax_f32_(att, tq, tk):
             a[j] = 0 * inv                     # 0, or NaN in a NaN row (as NumPy and torch)
 
 
-@njit(nogil=True, cache=True, fastmath=_FAST)
+@njit(fastmath=_FAST, **_JIT)
 def causal_softmax_backward_(g, y):
     """g <- y * (g - sum(g * y)) per row of g, y (rows, Tk), the NumPy path's formula over the
     whole row (masked weights are 0, so their gradient is too)."""
@@ -228,7 +232,7 @@ def causal_softmax_backward_(g, y):
             gr[j] = yr[j] * (gr[j] - s)
 
 
-@njit(nogil=True, cache=True, fastmath=_FAST)
+@njit(fastmath=_FAST, **_JIT)
 def cross_entropy_f32(x, t, ignore_index, p, loss):
     """Softmax cross-entropy of float32 logits x (N, C) against class indices t (N,), one pass
     per row: max, shift, exp (exp_neg_), sum, then p (N, C) the softmax and loss (N,)
