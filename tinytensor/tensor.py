@@ -523,7 +523,7 @@ class Function:
         else:  # no_grad records nothing: no input wants a gradient, so forward keeps nothing
             ctx.needs_grad = [False] * len(inputs)
         out = ctx.forward(*[x.data if isinstance(x, Tensor) else x for x in inputs], **kwargs)
-        record = _grad_enabled and any(ctx.needs_grad)
+        record = any(ctx.needs_grad)  # the grad mode as forward began (all False under no_grad)
         results = tuple(_output(o, record and o.dtype.kind in "fc", ctx) for o in out) \
             if isinstance(out, tuple) else _output(out, record, ctx)
         if record:
