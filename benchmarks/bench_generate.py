@@ -22,22 +22,34 @@ batch x tokens / seconds. The two sides, each in a worker process of its own
                  torch.multinomial on the softmax (temperature 1), in eval mode under
                  torch.inference_mode()
 
-Both draw a token per row per step from the softmax of the last logits, so they do the same
-work per token (not the same tokens: their random streams differ). To check that both compute
+    numpy        the floor: the same decode with the KV cache written straight in NumPy from
+                 tinytensor's state_dict (numpy_kv_generate below: the products, layer norms,
+                 attention and sampling, no autograd library), in tinytensor's worker with its
+                 random stream, so it must draw the same tokens as tinytensor's cache ("same as
+                 NumPy"). "tt/NumPy" is what the library's per-op bookkeeping costs - modules,
+                 functional checks, the dispatch to a fused op's version, Function.apply and a
+                 Tensor per op - on top of the arithmetic (< 1: tinytensor is slower)
+
+tinytensor and torch draw a token per row per step from the softmax of the last logits, so
+they do the same work per token (not the same tokens: their random streams differ). To check that both compute
 the same function, each first decodes greedily (argmax; top_k=1 in tinytensor) for up to 32
 tokens from the same prompt: "same as torch" says whether the tokens are equal.
 
 Timing: after an untimed generation each of the same length (a first pass over each length is
 slower), the two take --repeat turns (the order alternating, --gap seconds of rest before each,
-so the other framework's BLAS/OpenMP threads have stopped spinning) and the table shows the
-median; "tt/torch" is tinytensor's tokens/s over torch's (> 1: tinytensor is faster). The
-recompute path runs once, after them and a short warm-up (it is slow and only gives the cache's
-speed-up). Each (preset, batch) gets fresh workers, so "peak MB" (VmHWM, which includes
-the framework) is that run's own. --no-torch times tinytensor alone.
+so the other framework's BLAS/OpenMP threads have stopped spinning; the NumPy floor runs right
+after tinytensor, in its worker) and the table shows the median; "tt/torch" is tinytensor's
+tokens/s over torch's (> 1: tinytensor is faster). The recompute path runs once, after them and
+a short warm-up (it is slow and only gives the cache's speed-up). Each (preset, batch) gets
+fresh workers, so "peak MB" (VmHWM, which includes the framework) is that run's own. Last, one
+more generation per side, profiled and untimed, counts the calls the interpreter makes
+(common.python_calls: Python functions and the C functions they call) per position: "calls per
+position". --no-torch times tinytensor alone.
 
 With the PyTorch model --tokens is at most block_size - 1: from there on tinytensor's window
 slides and its cache is refilled every step, as generate() documents, which the PyTorch model
-does not do. --no-torch allows more.
+does not do. --no-torch allows more; the NumPy floor, whose cache does not slide either, then
+is left out.
 
 Threads: --threads (default: every usable core) for both frameworks, through OMP_NUM_THREADS,
 OPENBLAS_NUM_THREADS and MKL_NUM_THREADS in the workers and torch.set_num_threads.
@@ -78,12 +90,18 @@ def tinytensor_worker(preset, batch, seed, weights):
     model = GPTLanguageModel(GPTConfig(vocab_size=common.VOCAB, **config_of(preset)))
     prompt = prompt_of(batch)
 
+    state = model.state_dict()
+    config = config_of(preset)
+
     def setup(tokens):
         """Save the weights for torch; warm-up generations: as long as the timed ones with the
-        cache (the first pass over each length is slower), a short one without."""
-        np.savez(weights, **{"ours/" + k: v for k, v in model.state_dict().items()})
+        cache (the first pass over each length is slower), a short one without, and the NumPy
+        floor's where its cache holds the tokens."""
+        np.savez(weights, **{"ours/" + k: v for k, v in state.items()})
         model.generate(prompt, tokens, rng=np.random.default_rng(0))
         model.generate(prompt, min(tokens, 5), rng=np.random.default_rng(0), use_cache=False)
+        if floor_fits(preset, tokens):
+            numpy_kv_generate(state, config, prompt, tokens, np.random.default_rng(0))
         return {"params": model.num_parameters()}
 
     def greedy(tokens):
@@ -95,7 +113,76 @@ def tinytensor_worker(preset, batch, seed, weights):
         ids = model.generate(prompt, tokens, rng=np.random.default_rng(seed), use_cache=use_cache)
         return {"s": time.perf_counter() - t0, "ids": ids.tolist()}
 
-    return {"setup": setup, "greedy": greedy, "generate": generate, "memory": common.memory}
+    def floor(tokens):
+        t0 = time.perf_counter()
+        ids = numpy_kv_generate(state, config, prompt, tokens, np.random.default_rng(seed))
+        return {"s": time.perf_counter() - t0, "ids": ids.tolist()}
+
+    def calls(tokens):
+        """Python-level calls per position, with the cache, and the NumPy floor's."""
+        got = {"tinytensor": common.python_calls(lambda: model.generate(
+            prompt, tokens, rng=np.random.default_rng(seed))) / tokens}
+        if floor_fits(preset, tokens):
+            got["numpy"] = common.python_calls(lambda: numpy_kv_generate(
+                state, config, prompt, tokens, np.random.default_rng(seed))) / tokens
+        return got
+
+    return {"setup": setup, "greedy": greedy, "generate": generate, "floor": floor,
+            "calls": calls, "memory": common.memory}
+
+
+def floor_fits(preset, tokens):
+    """Whether the NumPy floor's cache holds the sequence (it does not slide its window)."""
+    return tokens <= common.PRESETS[preset]["block_size"] - 1
+
+
+def numpy_kv_generate(state, config, idx, max_new_tokens, rng):
+    """idx (B, T) extended by max_new_tokens tokens, int64 (B, T + new): GPTLanguageModel's
+    generate with its KV cache (temperature 1, gpt.model.sample_next with the numpy Generator
+    rng), written straight in NumPy from its state_dict `state` (config: bench presets' keys) -
+    one position at a time, the prompt too, and no window sliding. The same arithmetic as
+    tinytensor's (its products as (w @ x.T).T, the attention's scale on the queries), so the
+    same tokens; what differs is only the library around it."""
+    import numpy as np
+
+    from gpt.model import sample_next
+    B, T0 = idx.shape
+    C, nh, n_layer, block = config["n_embd"], config["n_head"], config["n_layer"], config["block_size"]
+    hs = C // nh
+    p = state
+
+    def layer_norm(x, name):                                        # (B, C)
+        xc = x - x.mean(axis=-1, keepdims=True)
+        rstd = 1 / np.sqrt((xc * xc).mean(axis=-1, keepdims=True) + 1e-5)
+        return xc * rstd * p[name + ".weight"] + p[name + ".bias"]
+
+    def linear(x, name, bias=True):                                 # (B, in) -> (B, out)
+        y = (p[name + ".weight"] @ x.T).T
+        return y + p[name + ".bias"] if bias else y
+
+    dtype = p["lm_head.weight"].dtype
+    keys = np.zeros((n_layer, B, nh, block, hs), dtype)            # the KV cache
+    values = np.zeros((n_layer, B, nh, block, hs), dtype)
+    scale = dtype.type(hs ** -0.5)
+    out, token = [idx], idx[:, 0]
+    for pos in range(T0 + max_new_tokens - 1):
+        x = p["token_embedding_table.weight"][token] + p["position_embedding_table.weight"][pos]
+        for i in range(n_layer):
+            b = f"blocks.{i}."
+            q, k, v = np.split(linear(layer_norm(x, b + "ln1"), b + "sa.qkv", bias=False), 3, axis=1)
+            keys[i, :, :, pos], values[i, :, :, pos] = k.reshape(B, nh, hs), v.reshape(B, nh, hs)
+            att = (q.reshape(B, nh, 1, hs) * scale) @ keys[i, :, :, :pos + 1].transpose(0, 1, 3, 2)
+            att = np.exp(att - att.max(axis=-1, keepdims=True))      # (B, nh, 1, pos + 1)
+            y = (att / att.sum(axis=-1, keepdims=True)) @ values[i, :, :, :pos + 1]  # (B, nh, 1, hs)
+            x = x + linear(y.reshape(B, C), b + "sa.proj")
+            x = x + linear(np.maximum(linear(layer_norm(x, b + "ln2"), b + "ffwd.net.0"), 0),
+                           b + "ffwd.net.2")
+        if pos + 1 < T0:                                            # still in the prompt
+            token = idx[:, pos + 1]
+            continue
+        token = sample_next(linear(layer_norm(x, "ln_f"), "lm_head"), rng=rng)   # (B,)
+        out.append(token[:, None])
+    return np.concatenate(out, axis=1)
 
 
 def torch_worker(preset, batch, seed, weights, threads):
@@ -119,13 +206,18 @@ def torch_worker(preset, batch, seed, weights, threads):
     def greedy(tokens):
         return {"ids": torch_kv_generate(w["model"], w["prompt"], tokens, greedy=True).tolist()}
 
+    def calls(tokens):
+        return {"torch": common.python_calls(lambda: torch_kv_generate(
+            w["model"], w["prompt"], tokens, generator=torch.Generator().manual_seed(seed))) / tokens}
+
     def generate(tokens):
         gen = torch.Generator().manual_seed(seed)
         t0 = time.perf_counter()
         torch_kv_generate(w["model"], w["prompt"], tokens, generator=gen)
         return {"s": time.perf_counter() - t0}
 
-    return {"setup": setup, "greedy": greedy, "generate": generate, "memory": common.memory}
+    return {"setup": setup, "greedy": greedy, "generate": generate, "calls": calls,
+            "memory": common.memory}
 
 
 def torch_kv_generate(model, idx, max_new_tokens, greedy=False, generator=None):
@@ -241,7 +333,10 @@ def run_one(args, preset, batch, tokens, log):
                 workers[1].ask(cmd="setup", tokens=tokens)
                 check = min(tokens, CHECK_TOKENS)
                 greedy = [wk.ask(cmd="greedy", tokens=check)["ids"] for wk in workers]
+            floor = floor_fits(preset, tokens)
             times = {wk.kind: [] for wk in workers}
+            if floor:
+                times["numpy"] = []
             for r in range(args.repeat):
                 for wk in (workers if r % 2 == 0 else workers[::-1]):  # the order alternates
                     time.sleep(args.gap)  # the other side's idle threads stop spinning
@@ -250,11 +345,18 @@ def run_one(args, preset, batch, tokens, log):
                     times[wk.kind].append(got["s"])
                     if wk.kind == "tinytensor":
                         cached_ids = got["ids"]
+                        if floor:
+                            got = wk.ask(cmd="floor", tokens=tokens)
+                            times["numpy"].append(got["s"])
+                            floor_ids = got["ids"]
                 log(f"{preset} batch {batch}, turn {r + 1}/{args.repeat}: " + ", ".join(
                     f"{kind} {batch * tokens / ts[-1]:.0f} tok/s" for kind, ts in times.items()))
             time.sleep(args.gap)
             recompute = workers[0].ask(cmd="generate", tokens=tokens, use_cache=False)
             memory = {wk.kind: wk.ask(cmd="memory")["peak_mb"] for wk in workers}
+            calls = {}  # profiled, untimed runs, after the timed ones
+            for wk in workers:
+                calls.update(wk.ask(cmd="calls", tokens=tokens))
         finally:
             for wk in workers:
                 wk.close()
@@ -264,8 +366,12 @@ def run_one(args, preset, batch, tokens, log):
            "cache_s_all": times["tinytensor"],
            "recompute_tokens_per_s": new / recompute["s"],
            "same_tokens": recompute["ids"] == cached_ids,
-           "peak_mb": memory["tinytensor"]}
+           "peak_mb": memory["tinytensor"], "calls_per_position": calls}
     row["cache_speedup"] = row["cache_tokens_per_s"] / row["recompute_tokens_per_s"]
+    if floor:
+        row.update(numpy_tokens_per_s=new / common.median(times["numpy"]), numpy_s_all=times["numpy"],
+                   same_tokens_as_numpy=floor_ids == cached_ids)
+        row["tinytensor_over_numpy"] = row["cache_tokens_per_s"] / row["numpy_tokens_per_s"]
     if args.torch:
         row.update(torch_tokens_per_s=new / common.median(times["torch"]), torch_s_all=times["torch"],
                    same_tokens_as_torch=greedy[0] == greedy[1], checked_tokens=check,
@@ -280,7 +386,8 @@ def print_table(res):
           f"{res['repeat']} generations per side taking turns (recompute: 1)\n")
     print(f"{'preset':8s} {'block':>5s} {'batch':>5s} {'tokens':>6s} {'KV cache tok/s':>15s} "
           f"{'recompute tok/s':>16s} {'speed-up':>9s} {'same tokens':>12s} {'torch KV tok/s':>15s} "
-          f"{'tt/torch':>9s} {'same as torch':>14s} {'peak MB tt/torch':>17s}")
+          f"{'tt/torch':>9s} {'same as torch':>14s} {'NumPy tok/s':>12s} {'tt/NumPy':>9s} "
+          f"{'same as NumPy':>14s} {'peak MB tt/torch':>17s}  calls per position")
     for preset, p in res["presets"].items():
         for r in p["batches"].values():
             if "torch_tokens_per_s" in r:
@@ -290,9 +397,16 @@ def print_table(res):
             else:
                 torch_cols = f"{'-':>15s} {'-':>9s} {'-':>14s}"
                 memory = f"{r['peak_mb']:.0f} / -"
+            if "numpy_tokens_per_s" in r:
+                floor_cols = (f"{r['numpy_tokens_per_s']:12.0f} {r['tinytensor_over_numpy']:8.2f}x "
+                              f"{str(r['same_tokens_as_numpy']):>14s}")
+            else:
+                floor_cols = f"{'-':>12s} {'-':>9s} {'-':>14s}"
             print(f"{preset:8s} {p['config']['block_size']:5d} {r['batch']:5d} {r['tokens']:6d} "
                   f"{r['cache_tokens_per_s']:15.0f} {r['recompute_tokens_per_s']:16.0f} "
-                  f"{r['cache_speedup']:8.1f}x {str(r['same_tokens']):>12s} {torch_cols} {memory:>17s}")
+                  f"{r['cache_speedup']:8.1f}x {str(r['same_tokens']):>12s} {torch_cols} "
+                  f"{floor_cols} {memory:>17s}  "
+                  + ", ".join(f"{k} {v:,.0f}" for k, v in r["calls_per_position"].items()))
 
 def main(argv=None):
     args = parse_args(argv)

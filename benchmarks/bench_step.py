@@ -31,7 +31,9 @@ the framework itself. FLOPs per step are nanoGPT's count (common.train_flops). M
 the best fp32 GEMM rate measured in the same run by either framework, at the model's own
 matmul shapes and at 2048^3 (both rates are printed). "eval loss" is the loss of batch 0 with
 dropout off before training: equal across models up to float32 rounding, so all three compute
-the same function.
+the same function. "calls/step" counts the calls the interpreter makes in one more step, after
+the timed ones and profiled (common.python_calls: Python functions and the C functions they
+call): the per-op bookkeeping each framework does in Python around the arithmetic.
 
 Threads: --threads (default: every usable core) for both frameworks, through OMP_NUM_THREADS,
 OPENBLAS_NUM_THREADS and MKL_NUM_THREADS in the workers and torch.set_num_threads.
@@ -94,6 +96,9 @@ def tinytensor_worker(cfg, seed, lr, weights):
     def steps(start, n):
         return {"steps": [step(i) for i in range(start, start + n)]}
 
+    def calls(i):
+        return {"calls": common.python_calls(lambda: step(i))}
+
     def gemm(shapes):
         from tinytensor.kernels.linear import matmul  # the linear layers' product: NumPy or MKL
         rng = np.random.default_rng(0)
@@ -101,7 +106,7 @@ def tinytensor_worker(cfg, seed, lr, weights):
                                        [tuple(s) for s in shapes])
         return {"rates": rates, "best": best, "lib": common.blas_name()}
 
-    return {"setup": setup, "steps": steps, "gemm": gemm, "memory": common.memory}
+    return {"setup": setup, "steps": steps, "calls": calls, "gemm": gemm, "memory": common.memory}
 
 
 def torch_worker(cfg, seed, lr, weights, kind, threads):
@@ -155,6 +160,9 @@ def torch_worker(cfg, seed, lr, weights, kind, threads):
     def steps(start, n):
         return {"steps": [step(i) for i in range(start, start + n)]}
 
+    def calls(i):
+        return {"calls": common.python_calls(lambda: step(i))}
+
     def gemm(shapes):
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():
@@ -162,7 +170,7 @@ def torch_worker(cfg, seed, lr, weights, kind, threads):
                                            [tuple(s) for s in shapes])
         return {"rates": rates, "best": best, "lib": f"torch {torch.__version__}"}
 
-    return {"setup": setup, "steps": steps, "gemm": gemm, "memory": common.memory}
+    return {"setup": setup, "steps": steps, "calls": calls, "gemm": gemm, "memory": common.memory}
 
 
 def fused_torch_model(cfg):
@@ -306,6 +314,8 @@ def run(args):
                 log(f"turn {r + 1}/{turns}: " + ", ".join(
                     f"{kind} {common.median(ts[-n:]):.1f} ms" for kind, ts in times.items()))
             memory = {wk.kind: wk.ask(cmd="memory") for wk in workers}
+            # one more step each, profiled (untimed, after the timed ones): Python-level calls
+            calls = {wk.kind: wk.ask(cmd="calls", i=step)["calls"] for wk in workers}
             shapes = common.gemm_shapes(cfg)
             log("measuring the fp32 GEMM peak ...")
             gemm = {"tinytensor": workers[0].ask(cmd="gemm", shapes=shapes)}
@@ -315,10 +325,10 @@ def run(args):
         finally:
             for wk in workers:
                 wk.close()
-    return summarize(args, cfg, setups, times, losses, memory, gemm)
+    return summarize(args, cfg, setups, times, losses, memory, gemm, calls)
 
 
-def summarize(args, cfg, setups, times, losses, memory, gemm):
+def summarize(args, cfg, setups, times, losses, memory, gemm, calls):
     flops = common.train_flops(cfg)
     peak = max(g["best"] for g in gemm.values())
     tokens = cfg["batch_size"] * cfg["block_size"]
@@ -332,7 +342,7 @@ def summarize(args, cfg, setups, times, losses, memory, gemm):
             "mfu": flops / (ms / 1e3) / (peak * 1e9),
             "peak_mb": memory[kind]["peak_mb"], "setup_rss_mb": setups[kind]["rss_mb"],
             "eval_loss": setups[kind]["eval_loss"], "params": setups[kind]["params"],
-            "compile_s": setups[kind].get("compile_s"),
+            "compile_s": setups[kind].get("compile_s"), "calls_per_step": calls[kind],
             "losses": losses[kind],
         }
     return {"preset": args.preset, "config": dict(cfg, vocab_size=common.VOCAB),
@@ -356,11 +366,11 @@ def print_table(res):
     rates = ", ".join(f"{k} ({g['lib']}) {g['best']:.0f}" for k, g in res["gemm_gflops"].items())
     print(f"fp32 GEMM peak, GFLOP/s: {rates}; MFU below is against {res['peak_gflops']:.0f}\n")
     print(f"{'model':12s} {'ms/step':>9s} {'best ms':>9s} {'tt/model':>9s} {'tokens/s':>9s} "
-          f"{'GFLOP/s':>8s} {'MFU':>5s} {'peak MB':>8s} {'eval loss':>10s}")
+          f"{'GFLOP/s':>8s} {'MFU':>5s} {'peak MB':>8s} {'eval loss':>10s} {'calls/step':>11s}")
     for kind, r in res["results"].items():
         print(f"{kind:12s} {r['ms_per_step']:9.1f} {min(r['ms_all']):9.1f} {r['tinytensor_ratio']:8.2f}x "
               f"{r['tokens_per_s']:9,.0f} {r['gflops']:8.1f} {r['mfu']:5.0%} {r['peak_mb']:8.0f} "
-              f"{r['eval_loss']:10.5f}")
+              f"{r['eval_loss']:10.5f} {r['calls_per_step']:11,d}")
     names = {"torch": "the lecture's model, eager", "torch-fused": "nanoGPT-style model, eager",
              "torch-compile": "nanoGPT-style model, torch.compile"}
     print()

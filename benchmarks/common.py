@@ -90,6 +90,17 @@ def memory():
     return {"rss_mb": rss, "peak_mb": peak}
 
 
+def python_calls(fn):
+    """How many calls the interpreter makes while fn() runs - Python functions and the C
+    functions they call (builtins, NumPy's, torch's) - as cProfile counts them: the bookkeeping a
+    framework does in Python around the arithmetic. Profiling slows fn: never time this run."""
+    import cProfile
+    import pstats
+    profile = cProfile.Profile()
+    profile.runcall(fn)
+    return pstats.Stats(profile).total_calls
+
+
 def cpu_name():
     try:
         with open("/proc/cpuinfo") as f:

@@ -3,7 +3,8 @@
 These are not speed tests: no timing is asserted, only that each script finishes, reports
 what it promises, and that what it compares is the same computation (the same model,
 weights and batches give the same losses in tinytensor and PyTorch; the KV cache gives the
-same tokens as recomputing, and greedy decoding the same tokens as PyTorch's KV-cache model).
+same tokens as recomputing and as the same decode written in NumPy, and greedy decoding the
+same tokens as PyTorch's KV-cache model).
 """
 import json
 import os
@@ -40,6 +41,7 @@ def test_bench_step_compares_the_same_training_step():
     for name, m in res.items():
         assert m["ms_per_step"] > 0 and m["tokens_per_s"] > 0 and m["peak_mb"] > 0, name
         assert 0 < m["mfu"] < 1.5, name
+        assert m["calls_per_step"] > 100, name   # a profiled step: at least one call per op
         assert m["tinytensor_ratio"] == pytest.approx(
             res["tinytensor"]["ms_per_step"] / m["ms_per_step"])
     assert r["peak_gflops"] > 0 and r["flops_per_step"] > 0
@@ -65,8 +67,9 @@ def test_bench_ops_times_every_op():
 
 
 def test_bench_generate_cache_gives_the_same_tokens():
-    """The KV cache draws the same tokens as recomputing, and greedy decoding gives the same
-    tokens in tinytensor and in the PyTorch KV-cache model with the same weights."""
+    """The KV cache draws the same tokens as recomputing and as the same decode written in
+    NumPy (the floor), and greedy decoding gives the same tokens in tinytensor and in the
+    PyTorch KV-cache model with the same weights."""
     r = run_json("bench_generate.py", "--preset", "small", "--batch", "1,8", "--tokens", "8",
                  "--repeat", "1", "--gap", "0")
     batches = r["presets"]["small"]["batches"]
@@ -80,6 +83,42 @@ def test_bench_generate_cache_gives_the_same_tokens():
         assert row["tinytensor_over_torch"] == pytest.approx(
             row["cache_tokens_per_s"] / row["torch_tokens_per_s"])
         assert row["peak_mb"] > 0 and row["torch_peak_mb"] > 0
+        assert row["same_tokens_as_numpy"] is True, b
+        assert row["numpy_tokens_per_s"] > 0
+        assert row["tinytensor_over_numpy"] == pytest.approx(
+            row["cache_tokens_per_s"] / row["numpy_tokens_per_s"])
+        calls = row["calls_per_position"]
+        assert set(calls) == {"tinytensor", "torch", "numpy"}, b
+        assert min(calls.values()) > 50, calls   # dozens of ops a position, a call each at least
+
+
+def test_bench_generate_numpy_floor_is_the_models_decode():
+    """bench_generate.py's NumPy floor computes what GPTLanguageModel.generate does: the same
+    tokens from the same random stream, after a prompt of several tokens (which the floor runs
+    one position at a time, generate in one forward). The weights are random with std 0.3, so
+    every token's distribution is peaked: with the lecture's init (std 0.02) all tokens are
+    about equally likely and a wrong floor would still draw the same ones."""
+    import numpy as np
+
+    import tinytensor as tt
+    from gpt.model import GPTConfig, GPTLanguageModel
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_generate
+    finally:
+        sys.path.remove(str(BENCH))
+    config = dict(block_size=16, n_embd=32, n_head=4, n_layer=2, dropout=0.0)
+    tt.manual_seed(0)
+    model = GPTLanguageModel(GPTConfig(vocab_size=65, **config))
+    rng = np.random.default_rng(0)
+    for p in model.parameters():
+        p.data[...] = rng.normal(0.0, 0.3, p.shape)
+    prompt = rng.integers(0, 65, (3, 4))
+    ours = model.generate(prompt, 12, rng=np.random.default_rng(1))
+    floor = bench_generate.numpy_kv_generate(model.state_dict(), config, prompt, 12,
+                                             np.random.default_rng(1))
+    assert floor.shape == (3, 16) and len(np.unique(floor[:, 4:])) > 5
+    assert np.array_equal(floor, ours)
 
 
 def test_bench_generate_refuses_more_tokens_than_the_torch_cache_holds():
