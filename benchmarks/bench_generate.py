@@ -87,11 +87,10 @@ def tinytensor_worker(preset, batch, seed, weights):
     from gpt.model import GPTConfig, GPTLanguageModel
     tt.malloc.keep_freed_memory()  # no optimizer here to do it (tinytensor.malloc)
     tt.manual_seed(seed)
-    model = GPTLanguageModel(GPTConfig(vocab_size=common.VOCAB, **config_of(preset)))
-    prompt = prompt_of(batch)
-
-    state = model.state_dict()
     config = config_of(preset)
+    model = GPTLanguageModel(GPTConfig(vocab_size=common.VOCAB, **config))
+    prompt = prompt_of(batch)
+    state = model.state_dict()
 
     def setup(tokens):
         """Save the weights for torch; warm-up generations: as long as the timed ones with the
@@ -100,7 +99,7 @@ def tinytensor_worker(preset, batch, seed, weights):
         np.savez(weights, **{"ours/" + k: v for k, v in state.items()})
         model.generate(prompt, tokens, rng=np.random.default_rng(0))
         model.generate(prompt, min(tokens, 5), rng=np.random.default_rng(0), use_cache=False)
-        if floor_fits(preset, tokens):
+        if fits_without_sliding(preset, tokens):
             numpy_kv_generate(state, config, prompt, tokens, np.random.default_rng(0))
         return {"params": model.num_parameters()}
 
@@ -122,7 +121,7 @@ def tinytensor_worker(preset, batch, seed, weights):
         """Python-level calls per position, with the cache, and the NumPy floor's."""
         got = {"tinytensor": common.python_calls(lambda: model.generate(
             prompt, tokens, rng=np.random.default_rng(seed))) / tokens}
-        if floor_fits(preset, tokens):
+        if fits_without_sliding(preset, tokens):
             got["numpy"] = common.python_calls(lambda: numpy_kv_generate(
                 state, config, prompt, tokens, np.random.default_rng(seed))) / tokens
         return got
@@ -131,8 +130,9 @@ def tinytensor_worker(preset, batch, seed, weights):
             "calls": calls, "memory": common.memory}
 
 
-def floor_fits(preset, tokens):
-    """Whether the NumPy floor's cache holds the sequence (it does not slide its window)."""
+def fits_without_sliding(preset, tokens):
+    """Whether `tokens` new tokens after a 1-token prompt fit the preset's block_size, so that a
+    KV cache which never slides its window (torch_kv_generate's, the NumPy floor's) holds them."""
     return tokens <= common.PRESETS[preset]["block_size"] - 1
 
 
@@ -311,10 +311,10 @@ def parse_args(argv=None):
             or args.gap < 0:
         p.error("--tokens, --threads and --repeat must be positive, --gap not negative")
     for preset in args.presets:
-        fits = common.PRESETS[preset]["block_size"] - 1
-        if args.torch and args.tokens is not None and args.tokens > fits:
+        if args.torch and args.tokens is not None and not fits_without_sliding(preset, args.tokens):
             p.error(f"--tokens {args.tokens}: the PyTorch model's KV cache does not slide, so at "
-                    f"most {fits} (block_size - 1) for the {preset} preset; --no-torch for more")
+                    f"most {common.PRESETS[preset]['block_size'] - 1} (block_size - 1) for the "
+                    f"{preset} preset; --no-torch for more")
     return args
 
 
@@ -333,7 +333,7 @@ def run_one(args, preset, batch, tokens, log):
                 workers[1].ask(cmd="setup", tokens=tokens)
                 check = min(tokens, CHECK_TOKENS)
                 greedy = [wk.ask(cmd="greedy", tokens=check)["ids"] for wk in workers]
-            floor = floor_fits(preset, tokens)
+            floor = fits_without_sliding(preset, tokens)
             times = {wk.kind: [] for wk in workers}
             if floor:
                 times["numpy"] = []
